@@ -1,1 +1,4 @@
-"""adapters."""
+"""Per-family adapters from the HF/torch world to ms_mm: config translation and conversion specs.
+
+Each `adapters/<family>.py` exposes `SPEC` (an `adapters.spec.FamilySpec`) and `config_from_hf`.
+"""

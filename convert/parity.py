@@ -1,0 +1,208 @@
+"""``mm-parity``: run an HF-layout checkpoint through ms-mm and write what the reference wrote.
+
+    mm-parity qwen2_5_vl --hf-dir DIR --inputs inputs.npz --out out.npz [--grad HF_NAME ...]
+                         [--reference outputs.npz]
+
+The checkpoint goes through the project's own converter (``convert.load_hf_as_mm``), the
+model runs in MindSpore graph mode in fp32, and gradients are mapped back to HF tensor names
+(``convert.mm_grads_to_hf``: fused qkv / gate-up split exactly). With ``--reference`` each
+written array is compared with the same key there, with the suggested fp32 tolerances, and the
+exit status says whether all of them hold.
+
+Families register a runner in ``FAMILIES`` (``"module:function"``, imported on demand):
+``runner(hf_dir, inputs: dict[str, np.ndarray], grad_names: list[str]) -> dict[str, np.ndarray]``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import sys
+import tempfile
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+FAMILIES: Dict[str, str] = {
+    "qwen2_5_vl": "convert.parity:run_qwen2_5_vl",
+}
+
+# (atol, rtol) per output kind; integer outputs are compared exactly
+TOLERANCES = {
+    "logits": (1e-4, 1e-4),
+    "image_embeds": (1e-4, 1e-4),
+    "loss": (1e-5, 0.0),
+    "grad": (1e-5, 1e-3),
+}
+
+
+class ParityError(ValueError):
+    """Bad family, input file, key or shape: the message names it."""
+
+
+def register_family(name: str, runner: str) -> None:
+    """Add (or replace) a family runner given as ``"module:function"``."""
+    FAMILIES[name] = runner
+
+
+def _runner(family: str):
+    if family not in FAMILIES:
+        raise ParityError(f"unknown model family {family!r} for mm-parity; known: {', '.join(sorted(FAMILIES))}")
+    module, func = FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def load_inputs(path: str, required: Sequence[str] = ("input_ids",)) -> Dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise ParityError(f"--inputs {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ParityError(f"--inputs {path}: not a readable .npz file ({type(e).__name__}: {e})") from e
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise ParityError(f"--inputs {path}: missing key(s) {missing}; it has {sorted(arrays)}")
+    return arrays
+
+
+def _canonical_hf_name(spec, name: str) -> str:
+    for pattern, repl in getattr(spec, "hf_aliases", ()) or ():
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def _select_grads(family, config, mm_grads, grad_names):
+    import convert
+
+    spec = convert.get_spec(family)
+    hf_grads = convert.mm_grads_to_hf(family, config, mm_grads)
+    out = {}
+    for name in grad_names:
+        key = _canonical_hf_name(spec, name)
+        if key not in hf_grads:
+            close = [k for k in sorted(hf_grads) if k.split(".")[-1] == name.split(".")[-1]][:5]
+            raise ParityError(f"--grad {name}: not a trainable {family} checkpoint tensor"
+                              + (f" (e.g. {', '.join(close)})" if close else ""))
+        out[f"grad.{name}"] = hf_grads[key]
+    return out
+
+
+def run_qwen2_5_vl(hf_dir, inputs: Dict[str, np.ndarray], grad_names: List[str]) -> Dict[str, np.ndarray]:
+    import mindspore as ms
+
+    import convert
+    from ms_mm.models import load_state_dict
+    from ms_mm.models.qwen2_5_vl import (MODEL_INPUT_NAMES, VISION_INPUT_NAMES,
+                                         Qwen2_5_VLForConditionalGeneration, build_model_inputs, get_rope_index)
+
+    config, state = convert.load_hf_as_mm(hf_dir, "qwen2_5_vl")
+    for key in ("input_ids", "pixel_values", "image_grid_thw"):
+        if key not in inputs:
+            raise ParityError(f"inputs: missing key {key!r} (have {sorted(inputs)})")
+    try:
+        model_inputs = build_model_inputs(inputs, config)
+        position_ids, rope_deltas = get_rope_index(inputs["input_ids"], inputs.get("attention_mask"),
+                                                   inputs["image_grid_thw"], config)
+    except ValueError as e:
+        raise ParityError(f"inputs: {e}") from e
+    net = Qwen2_5_VLForConditionalGeneration(config)
+    load_state_dict(net, state)
+    args = [ms.Tensor(model_inputs[k]) for k in MODEL_INPUT_NAMES]
+    vision_args = [ms.Tensor(model_inputs[k]) for k in VISION_INPUT_NAMES]
+    out = {"position_ids": position_ids.astype(np.int64), "rope_deltas": rope_deltas.astype(np.int64)}
+    out["image_embeds"] = net.image_encoder(*vision_args).asnumpy()
+    if grad_names:
+        weights = net.trainable_params()
+        step = ms.jit(ms.value_and_grad(net, None, weights, has_aux=True))
+        (loss, logits), grads = step(*args)
+        mm_grads = {p.name: g.asnumpy() for p, g in zip(weights, grads)}
+        out.update(_select_grads("qwen2_5_vl", config, mm_grads, grad_names))
+    else:
+        loss, logits = net(*args)
+    out["loss"] = np.asarray(loss.asnumpy(), np.float32).reshape(())
+    out["logits"] = logits.asnumpy()
+    return out
+
+
+def run_parity(family: str, hf_dir, inputs: Dict[str, np.ndarray], grad_names: Sequence[str] = ()):
+    """Python entry of ``mm-parity``: {output key: array} for one checkpoint and one input batch."""
+    if not os.path.isdir(hf_dir):
+        raise ParityError(f"--hf-dir {hf_dir}: no such directory")
+    return _runner(family)(hf_dir, inputs, list(grad_names))
+
+
+def compare(outputs: Dict[str, np.ndarray], reference: Dict[str, np.ndarray]):
+    """[(key, ok, message)] for every output key also present in ``reference``."""
+    rows = []
+    for key in sorted(outputs):
+        if key not in reference:
+            continue
+        got, want = np.asarray(outputs[key]), np.asarray(reference[key])
+        if got.shape != want.shape:
+            rows.append((key, False, f"shape {list(got.shape)} vs reference {list(want.shape)}"))
+            continue
+        if np.issubdtype(want.dtype, np.integer):
+            ok = np.array_equal(got, want)
+            rows.append((key, ok, "exact" if ok else f"{int((got != want).sum())} entries differ"))
+            continue
+        atol, rtol = TOLERANCES["grad" if key.startswith("grad.") else key] if (
+            key.startswith("grad.") or key in TOLERANCES) else TOLERANCES["logits"]
+        diff = np.abs(got.astype(np.float64) - want)
+        ok = bool(np.all(diff <= atol + rtol * np.abs(want)))
+        rows.append((key, ok, f"max|diff| {diff.max() if diff.size else 0.0:.3g} (atol {atol:g}, rtol {rtol:g})"))
+    return rows
+
+
+def _save_npz_atomic(path: str, arrays: Dict[str, np.ndarray]) -> None:
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mm-parity", description=__doc__.split("\n\n")[0])
+    parser.add_argument("family", help=f"model family ({', '.join(sorted(FAMILIES))})")
+    parser.add_argument("--hf-dir", required=True, help="checkpoint directory in the upstream HF layout")
+    parser.add_argument("--inputs", required=True, help=".npz with the processor outputs (fixture format)")
+    parser.add_argument("--out", required=True, help=".npz to write")
+    parser.add_argument("--grad", action="append", default=[], metavar="HF_NAME",
+                        help="also write d(loss)/d(HF_NAME) as grad.HF_NAME (repeatable)")
+    parser.add_argument("--reference", help="compare the outputs with this .npz; exit 1 if out of tolerance")
+    args = parser.parse_args(argv)
+    try:
+        _runner(args.family)  # unknown family fails before anything is loaded
+        reference = None
+        if args.reference:
+            reference = load_inputs(args.reference, required=())
+        inputs = load_inputs(args.inputs)
+        import mindspore as ms
+        ms.set_context(mode=ms.GRAPH_MODE)
+        outputs = run_parity(args.family, args.hf_dir, inputs, args.grad)
+        _save_npz_atomic(args.out, outputs)
+    except (ParityError, ValueError, KeyError, FileNotFoundError) as e:
+        print(f"mm-parity: error: {e}", file=sys.stderr)
+        return 2
+    print(f"mm-parity: wrote {args.out} ({', '.join(sorted(outputs))})")
+    if reference is None:
+        return 0
+    rows = compare(outputs, reference)
+    for key, ok, msg in rows:
+        print(f"  {'ok  ' if ok else 'FAIL'} {key}: {msg}")
+    if not rows:
+        print("mm-parity: no output key is in the reference", file=sys.stderr)
+        return 1
+    return 0 if all(ok for _, ok, _ in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,442 @@
+"""Batching and the training data loader: order, sharding, prefetch, resume, bad samples.
+
+- `collate(samples, pad_token_id, pad_to)`: right-pads `input_ids` (pad id), `attention_mask`
+  (0) and `labels` (-100) to the longest sample, to a fixed length, or up to a multiple (bucket),
+  and concatenates `pixel_values` / `image_grid_thw` in sample order. A fixed length keeps the
+  graph-mode step from recompiling on every new sequence length.
+- `MllmDataLoader` / `build_dataloader(...)`: an endless stream of micro-batches (epoch after
+  epoch; `num_epochs` bounds it). The order is a function of `(seed, epoch)` only: epoch e is
+  a seeded permutation of all records, cut to a multiple of `world_size` and dealt out
+  round-robin, rank r taking every world_size-th record from offset r. A producer thread keeps up
+  to `prefetch_batches` batches ready, with `num_workers` workers processing samples (decode,
+  resize, tokenize) in parallel and results re-ordered, so the order never depends on timing.
+  Workers are threads by default (PIL, numpy and the tokenizer spend most of their time outside
+  the GIL, and nothing is forked after MindSpore has started); `worker_type="process"` uses
+  spawned processes instead (the entry script then needs an `if __name__ == "__main__":` guard). `state_dict()` is the position *after the last batch handed out* (epoch, cursor in
+  this rank's shard, bad samples skipped so far): a loader given it with `load_state_dict`
+  yields exactly the batches an uninterrupted run would have yielded next.
+- Bad samples: by default the first one raises its `BadSampleError` (file + line/index + what
+  is wrong) at the position it occurs, after every good batch before it was delivered. With
+  `skip_bad_samples=True` it is logged, counted (`.skipped`) and the batch is filled from the
+  following samples.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections import deque
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ms_mm.data.errors import BadSampleError
+from ms_mm.data.processor import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def padded_length(lengths: Sequence[int], pad_to=None, pad_multiple: int | None = None) -> int:
+    """Target length of a batch: `pad_to` an int (fixed) or None/"longest"; then rounded up
+    to a multiple of `pad_multiple` (buckets)."""
+    longest = max(lengths)
+    if pad_to in (None, "longest"):
+        target = longest
+    elif isinstance(pad_to, (int, np.integer)):
+        if longest > pad_to:
+            raise ValueError(f"a sample has {longest} tokens, more than the fixed length pad_to={pad_to} "
+                             "(set cutoff_len <= pad_to)")
+        target = int(pad_to)
+    else:
+        raise ValueError(f"pad_to must be an int, None or 'longest', got {pad_to!r}")
+    if pad_multiple:
+        target = -(-target // pad_multiple) * pad_multiple
+    return target
+
+
+def collate(samples: Sequence[dict], pad_token_id: int, pad_to=None,
+            pad_multiple: int | None = None) -> dict[str, np.ndarray]:
+    """Processor dicts → one batch: `input_ids/attention_mask/labels [B, S]` (right padding),
+    `pixel_values [sum N, D]`, `image_grid_thw [sum I, 3]`."""
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    length = padded_length([len(s["input_ids"]) for s in samples], pad_to, pad_multiple)
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    batch = {}
+    for key in SEQUENCE_KEYS:
+        out = np.full((len(samples), length), fill[key], dtype=np.int64)
+        for i, s in enumerate(samples):
+            out[i, :len(s[key])] = s[key]
+        batch[key] = out
+    batch["pixel_values"] = np.concatenate([s["pixel_values"] for s in samples], axis=0)
+    batch["image_grid_thw"] = np.concatenate([s["image_grid_thw"] for s in samples], axis=0)
+    return batch
+
+
+def epoch_shard(num_records: int, epoch: int, seed: int, rank: int, world_size: int,
+                shuffle: bool = True) -> np.ndarray:
+    """Record indices rank `rank` reads in epoch `epoch`, in order (same length on every rank)."""
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(num_records)
+    else:
+        order = np.arange(num_records)
+    usable = (num_records // world_size) * world_size
+    return order[:usable][rank::world_size]
+
+
+class _Failure:
+    """A bad sample travelling down the prefetch queue to be raised at its position."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_END = object()
+
+
+class MllmDataLoader:
+    """Iterator of micro-batches over an indexable dataset; see the module docstring.
+
+    `dataset[i]` returns a processor dict or raises `BadSampleError`; `collate_fn(list)` makes
+    the batch; `model_inputs_fn(batch)` (optional) turns it into model inputs."""
+
+    def __init__(self, dataset, micro_batch_size: int, collate_fn: Callable, *, seed: int = 1234,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True, drop_last: bool = True,
+                 num_workers: int = 2, prefetch_batches: int = 4, skip_bad_samples: bool = False,
+                 num_epochs: int | None = None, model_inputs_fn: Callable | None = None,
+                 worker_type: str = "thread"):
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        if len(dataset) < world_size:
+            raise ValueError(f"dataset has {len(dataset)} records, fewer than world_size={world_size}")
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.collate_fn = collate_fn
+        self.model_inputs_fn = model_inputs_fn
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.shuffle, self.drop_last = shuffle, drop_last
+        if worker_type not in ("thread", "process"):
+            raise ValueError(f"worker_type must be 'thread' or 'process', got {worker_type!r}")
+        self.num_workers = max(0, int(num_workers))
+        self.worker_type = worker_type
+        self._pool = None
+        self.prefetch_batches = max(1, int(prefetch_batches))
+        self.skip_bad_samples = skip_bad_samples
+        self.num_epochs = num_epochs
+        self._position = {"epoch": 0, "cursor": 0, "skipped": 0, "batches": 0}
+        self._queue: queue.Queue | None = None
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._failed: BaseException | None = None
+
+    # --------------------------------------------------------------- public
+    @property
+    def samples_per_epoch(self) -> int:
+        """Records this rank reads per epoch (before skipping bad ones)."""
+        return len(self.dataset) // self.world_size
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch on this rank (assuming no bad samples)."""
+        n = self.samples_per_epoch
+        return n // self.micro_batch_size if self.drop_last else -(-n // self.micro_batch_size)
+
+    @property
+    def skipped(self) -> int:
+        """Bad samples skipped before the last batch handed out."""
+        return self._position["skipped"]
+
+    @property
+    def epoch(self) -> int:
+        return self._position["epoch"]
+
+    @property
+    def prefetched(self) -> int:
+        """Batches ready and waiting (0 before iteration starts)."""
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def state_dict(self) -> dict:
+        """Position after the last delivered batch, plus what it is only valid for."""
+        return {**self._position, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "micro_batch_size": self.micro_batch_size, "num_records": len(self.dataset),
+                "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (from `state_dict()` of a loader with the same data, seed,
+        world size and shuffle setting; the micro batch size may differ)."""
+        for key, mine in (("seed", self.seed), ("world_size", self.world_size),
+                          ("num_records", len(self.dataset)), ("shuffle", self.shuffle)):
+            if key in state and state[key] != mine:
+                raise ValueError(f"data loader state was saved with {key}={state[key]!r}, this loader "
+                                 f"has {key}={mine!r}: the data position cannot be restored exactly")
+        self._stop_producer()
+        self._failed = None
+        self._position = {k: int(state[k]) for k in ("epoch", "cursor", "skipped", "batches")}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._failed is not None:
+            raise self._failed
+        if self._thread is None:
+            self._start()
+        item = self._queue.get()
+        if item is _END:
+            self._queue.put(_END)  # stay exhausted
+            raise StopIteration
+        if isinstance(item, _Failure):
+            self._failed = item.error
+            self._stop_producer()
+            raise item.error
+        batch, position = item
+        self._position = position
+        return batch
+
+    def close(self) -> None:
+        """Stop the background threads and worker pool (iterating again restarts them from the
+        current position)."""
+        self._stop_producer()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def _stop_producer(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            try:  # unblock a producer waiting on a full queue
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=30)
+        self._thread = self._queue = self._stop = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------- producer
+    def _submit(self, index: int) -> Future:
+        """Process sample `index` in a worker (or right here with num_workers=0)."""
+        if self.num_workers == 0:
+            fut = Future()
+            try:
+                fut.set_result(self.dataset[index])
+            except BaseException as e:
+                fut.set_exception(e)
+            return fut
+        if self._pool is None:
+            if self.worker_type == "process":
+                # spawn, not fork: the parent may already run MindSpore and other threads
+                self._pool = ProcessPoolExecutor(self.num_workers, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_init_worker, initargs=(self.dataset,))
+            else:
+                self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="ms_mm-data")
+        if self.worker_type == "process":
+            return self._pool.submit(_worker_getitem, index)
+        return self._pool.submit(self.dataset.__getitem__, index)
+
+    def _start(self) -> None:
+        self._queue = queue.Queue(maxsize=self.prefetch_batches)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(dict(self._position),),
+                                        name="ms_mm-data-producer", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _sample_stream(self, position: dict):
+        """Yield `(epoch, cursor_after, index)` from `position` on, forever or num_epochs."""
+        epoch, cursor = position["epoch"], position["cursor"]
+        while self.num_epochs is None or epoch < self.num_epochs:
+            shard = epoch_shard(len(self.dataset), epoch, self.seed, self.rank, self.world_size,
+                                self.shuffle)
+            for c in range(cursor, len(shard)):
+                yield epoch, c + 1, int(shard[c])
+            yield epoch, len(shard), None  # epoch boundary marker
+            epoch, cursor = epoch + 1, 0
+
+    def _produce(self, position: dict) -> None:
+        pending = deque()
+        try:
+            stream = self._sample_stream(position)
+            # Enough samples in flight to keep every worker busy while batches are assembled.
+            window = max(2 * self.num_workers, self.micro_batch_size)
+            skipped, batches = position["skipped"], position["batches"]
+            samples = []
+            exhausted = False
+            while not self._stop.is_set():
+                while not exhausted and len(pending) < window:
+                    nxt = next(stream, None)
+                    if nxt is None:
+                        exhausted = True
+                        break
+                    epoch, cursor, index = nxt
+                    fut = self._submit(index) if index is not None else None
+                    pending.append((epoch, cursor, index, fut))
+                if not pending:
+                    self._put(_END)
+                    return
+                epoch, cursor, index, fut = pending.popleft()
+                if index is None:  # end of an epoch: a partial batch is dropped or emitted
+                    if samples and not self.drop_last:
+                        batches += 1
+                        if not self._emit(samples, epoch + 1, 0, skipped, batches):
+                            return
+                    samples = []
+                    continue
+                try:
+                    samples.append(fut.result())
+                except BadSampleError as e:
+                    if not self.skip_bad_samples:
+                        self._put(_Failure(e))
+                        return
+                    skipped += 1
+                    logger.warning("skipping bad sample (%d so far): %s", skipped, e)
+                if len(samples) == self.micro_batch_size:
+                    batches += 1
+                    if not self._emit(samples, epoch, cursor, skipped, batches):
+                        return
+                    samples = []
+        except BaseException as e:  # anything unexpected reaches the consumer, not a dead thread
+            self._put(_Failure(e))
+        finally:
+            for *_, fut in pending:  # work prefetched for a stopped stream is not needed
+                if fut is not None:
+                    fut.cancel()
+
+    def _emit(self, samples, epoch, cursor, skipped, batches) -> bool:
+        batch = self.collate_fn(samples)
+        if self.model_inputs_fn is not None:
+            batch = self.model_inputs_fn(batch)
+        position = {"epoch": epoch, "cursor": cursor, "skipped": skipped, "batches": batches}
+        return self._put((batch, position))
+
+
+_WORKER_DATASET = None
+
+
+def _init_worker(dataset) -> None:
+    global _WORKER_DATASET
+    _WORKER_DATASET = dataset
+
+
+def _worker_getitem(index: int):
+    return _WORKER_DATASET[index]
+
+
+# ------------------------------------------------------------------ config
+def _default_model_inputs_fn(model_config):
+    from ms_mm.models.qwen2_5_vl.inputs import build_model_inputs
+
+    return lambda batch: build_model_inputs(batch, model_config)
+
+
+def build_processor(data_cfg: dict):
+    """The `Qwen2VLDataProcessor` a `data_*.json` dict describes."""
+    from ms_mm.data.processor import Qwen2VLDataProcessor
+
+    dp = _section(data_cfg, "dataset_param")
+    pre = _section(dp, "preprocess_parameters", "dataset_param.")
+    basic = _section(dp, "basic_parameters", "dataset_param.")
+    if "model_name_or_path" not in pre:
+        raise KeyError("data config: dataset_param.preprocess_parameters.model_name_or_path is required")
+    return Qwen2VLDataProcessor(
+        pre["model_name_or_path"], pre.get("image_min_pixels"), pre.get("image_max_pixels"),
+        template=basic.get("template", "qwen2vl"), cutoff_len=basic.get("cutoff_len", 1024),
+        train_on_prompt=bool(basic.get("train_on_prompt", False)),
+        mask_history=bool(basic.get("mask_history", False)))
+
+
+def build_dataset(data_cfg: dict, processor=None):
+    """The `MllmDataset` a `data_*.json` dict describes."""
+    from ms_mm.data.mllm_dataset import MllmDataset, resolve_dataset_files
+
+    dp = _section(data_cfg, "dataset_param")
+    basic = _section(dp, "basic_parameters", "dataset_param.")
+    if "dataset" not in basic:
+        raise KeyError("data config: dataset_param.basic_parameters.dataset is required")
+    dataset_dir = basic.get("dataset_dir")
+    files = resolve_dataset_files(basic["dataset"], dataset_dir)
+    return MllmDataset(files, processor or build_processor(data_cfg), dataset_dir=dataset_dir,
+                       attr=dp.get("attr"), max_samples=basic.get("max_samples"))
+
+
+def build_dataloader(data_cfg: dict, model_config=None, micro_batch_size: int = 1, seed: int = 1234,
+                     rank: int = 0, world_size: int = 1, num_workers: int | None = None,
+                     skip_bad_samples: bool = False, *, model_inputs_fn: Callable | None = None,
+                     num_epochs: int | None = None, worker_type: str | None = None) -> MllmDataLoader:
+    """The training loader for a `data_*.json` dict (MindSpeed-MM layout).
+
+    Batches go through `ms_mm.models.qwen2_5_vl.inputs.build_model_inputs(batch, model_config)`
+    when `model_config` is given (or through `model_inputs_fn` if given); with neither they are
+    the plain processor batches. `dataloader_param` supplies `shuffle` (default true),
+    `drop_last` (true), `num_workers` (2; the argument wins when not None), `prefetch_batches`
+    (4), `worker_type` ("thread" or "process"; the argument wins), and the padding policy: `pad_to` = "longest" (default), "cutoff_len" or an int, and
+    `pad_multiple` (bucket rounding). `data_cfg` may also be the path of the json file."""
+    if isinstance(data_cfg, (str, os.PathLike)):
+        data_cfg = load_data_config(data_cfg)
+    dl = data_cfg.get("dataloader_param", {}) or {}
+    dataset = build_dataset(data_cfg)
+    processor = dataset.processor
+    pad_to = dl.get("pad_to", "longest")
+    if pad_to == "cutoff_len":
+        if processor.cutoff_len is None:
+            raise ValueError("dataloader_param.pad_to is 'cutoff_len' but no cutoff_len is set")
+        pad_to = processor.cutoff_len
+    pad_multiple = dl.get("pad_multiple")
+    pad_id = processor.pad_token_id
+    padded_length([1], pad_to, pad_multiple)  # validate now, not in the producer thread
+
+    def collate_fn(samples):
+        return collate(samples, pad_id, pad_to, pad_multiple)
+
+    if model_inputs_fn is None and model_config is not None:
+        model_inputs_fn = _default_model_inputs_fn(model_config)
+    return MllmDataLoader(
+        dataset, micro_batch_size, collate_fn, seed=seed, rank=rank, world_size=world_size,
+        shuffle=bool(dl.get("shuffle", True)), drop_last=bool(dl.get("drop_last", True)),
+        num_workers=num_workers if num_workers is not None else int(dl.get("num_workers", 2)),
+        prefetch_batches=int(dl.get("prefetch_batches", 4)), skip_bad_samples=skip_bad_samples,
+        num_epochs=num_epochs, model_inputs_fn=model_inputs_fn,
+        worker_type=worker_type or dl.get("worker_type", "thread"))
+
+
+def load_data_config(path: str | os.PathLike) -> dict:
+    """Read a `data_*.json` file (errors name the file)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed json at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def _section(cfg: dict, key: str, prefix: str = "") -> dict:
+    sec = cfg.get(key)
+    if not isinstance(sec, dict):
+        raise KeyError(f"data config: {prefix}{key} (an object) is required")
+    return sec

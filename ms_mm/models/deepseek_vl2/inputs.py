@@ -1,0 +1,181 @@
+"""Host-side (numpy only) input preparation for DeepSeek-VL2.
+
+Everything data-dependent lives here so the Cell compiles with static shapes in graph mode:
+which tiles are real (the processor pads ``images`` per sample), the dynamic tiling grid chosen
+from ``candidate_resolutions``, where each image token takes its embedding from (tile token,
+``image_newline`` or ``view_seperator``), positions and the causal/padding attention bias.
+
+Token layout of one image (tile_tag "2D", grid h = w = ceil((image_size/patch)/downsample)):
+global view h rows of (w tokens + newline), one view separator, then the local tiles stitched
+into (th*h) rows of (tw*w tokens + newline); ``global_view_pos: tail`` swaps global and local.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from .config import DeepseekVL2Config
+from .modeling import MODEL_INPUT_NAMES
+
+__all__ = ["MODEL_INPUT_NAMES", "select_best_resolution", "tile_grid", "num_image_tokens",
+           "image_token_rows", "build_model_inputs", "tile_image"]
+
+
+def select_best_resolution(image_size: Tuple[int, int], candidate_resolutions) -> Tuple[int, int]:
+    """(width, height) of the candidate that keeps the most of the image after an aspect-preserving
+    resize, ties broken by the least padding (upstream processor rule, first best wins)."""
+    width, height = image_size
+    best, best_effective, best_wasted = None, 0, float("inf")
+    for cand_w, cand_h in candidate_resolutions:
+        scale = min(cand_w / width, cand_h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = cand_w * cand_h - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (cand_w, cand_h), effective, wasted
+    return best
+
+
+def tile_grid(image_size: Tuple[int, int], config: DeepseekVL2Config, cropping: bool = True) -> Tuple[int, int]:
+    """(num_width_tiles, num_height_tiles) for an image of (width, height) pixels."""
+    tile = config.vision_config.image_size
+    if not cropping:
+        return 1, 1
+    w, h = select_best_resolution(image_size, config.candidate_resolutions)
+    return w // tile, h // tile
+
+
+def num_image_tokens(num_width_tiles: int, num_height_tiles: int, config: DeepseekVL2Config) -> int:
+    side = config.tokens_per_tile_side
+    return side * (side + 1) + 1 + (num_height_tiles * side) * (num_width_tiles * side + 1)
+
+
+def image_token_rows(num_width_tiles: int, num_height_tiles: int, first_tile: int, num_tiles_total: int,
+                     config: DeepseekVL2Config) -> np.ndarray:
+    """Row indices into the gather table [all tile tokens (tile-major); newline; separator] for the
+    tokens of one image whose global tile is ``first_tile`` (local tiles follow row-major)."""
+    side = config.tokens_per_tile_side
+    hw = side * side
+    newline = num_tiles_total * hw
+    separator = newline + 1
+    rows = np.arange(side)[:, None]
+    cols = np.arange(side)[None, :]
+    glob = first_tile * hw + rows * side + cols  # [h, w]
+    glob = np.concatenate([glob, np.full((side, 1), newline)], 1).reshape(-1)
+    th, tw = num_height_tiles, num_width_tiles
+    # local grid [(th h), (tw w)]: tile (i, j) at row-major index i*tw + j after the global tile
+    r = np.arange(th * side)[:, None]
+    c = np.arange(tw * side)[None, :]
+    tile_idx = first_tile + 1 + (r // side) * tw + (c // side)
+    local = tile_idx * hw + (r % side) * side + (c % side)
+    local = np.concatenate([local, np.full((th * side, 1), newline)], 1).reshape(-1)
+    if config.global_view_pos == "head":
+        parts = [glob, [separator], local]
+    else:
+        parts = [local, [separator], glob]
+    return np.concatenate([np.asarray(p, np.int64) for p in parts])
+
+
+def build_model_inputs(batch: Dict[str, np.ndarray], config: DeepseekVL2Config) -> Dict[str, np.ndarray]:
+    """Processor batch -> the model's inputs, keys in ``MODEL_INPUT_NAMES`` order.
+
+    ``batch``: ``input_ids [B, S]``, ``attention_mask [B, S]`` (optional, default all ones),
+    ``labels [B, S]`` (optional, default all -100), ``images [B, max_tiles, 3, T, T]``,
+    ``images_seq_mask [B, S]`` bool, ``images_spatial_crop [B, max_images, 2]`` (w_tiles, h_tiles;
+    (0, 0) ends a sample's images) - the ``DeepseekVLV2Processor`` batch layout.
+    """
+    for key in ("input_ids", "images", "images_seq_mask", "images_spatial_crop"):
+        if key not in batch:
+            raise KeyError(f"build_model_inputs: batch has no {key!r} (got {sorted(batch)})")
+    input_ids = np.asarray(batch["input_ids"])
+    if input_ids.ndim != 2:
+        raise ValueError(f"build_model_inputs: input_ids must be [B, S], got shape {input_ids.shape}")
+    b, s = input_ids.shape
+    attention_mask = np.asarray(batch.get("attention_mask", np.ones((b, s))), bool)
+    labels = np.asarray(batch["labels"]) if batch.get("labels") is not None else np.full((b, s), -100)
+    seq_mask = np.asarray(batch["images_seq_mask"], bool)
+    images = np.asarray(batch["images"], np.float32)
+    crops = np.asarray(batch["images_spatial_crop"]).reshape(b, -1, 2)
+    tile = config.vision_config.image_size
+    for key, arr, shape in (("attention_mask", attention_mask, (b, s)), ("labels", labels, (b, s)),
+                            ("images_seq_mask", seq_mask, (b, s))):
+        if arr.shape != shape:
+            raise ValueError(f"build_model_inputs: {key} has shape {arr.shape}, expected {shape}")
+    if images.ndim != 5 or images.shape[0] != b or images.shape[2:] != (3, tile, tile):
+        raise ValueError(f"build_model_inputs: images has shape {images.shape}, expected "
+                         f"[{b}, max_tiles, 3, {tile}, {tile}]")
+
+    # which tiles are real, and each image's (w, h) tiles, sample by sample
+    per_sample: List[List[Tuple[int, int]]] = []
+    tiles = []
+    for i in range(b):
+        grids = []
+        n_tiles = 0
+        for w_t, h_t in crops[i]:
+            if w_t == 0 or h_t == 0:
+                break
+            grids.append((int(w_t), int(h_t)))
+            n_tiles += 1 + int(w_t) * int(h_t)
+        if n_tiles > images.shape[1]:
+            raise ValueError(f"build_model_inputs: sample {i} needs {n_tiles} tiles by images_spatial_crop "
+                             f"but images holds {images.shape[1]}")
+        tiles.append(images[i, :n_tiles])
+        per_sample.append(grids)
+    total_tiles = sum(t.shape[0] for t in tiles)
+    if total_tiles == 0:
+        # text-only batch: one blank tile keeps the graph identical; no token reads it
+        pixel_values = np.zeros((1, 3, tile, tile), np.float32)
+        total_tiles = 1
+    else:
+        pixel_values = np.concatenate(tiles, 0)
+
+    index = np.zeros((b, s), np.int32)
+    first = 0
+    for i in range(b):
+        rows = []
+        for w_t, h_t in per_sample[i]:
+            rows.append(image_token_rows(w_t, h_t, first, total_tiles, config))
+            first += 1 + w_t * h_t
+        rows = np.concatenate(rows) if rows else np.zeros((0,), np.int64)
+        n_mask = int(seq_mask[i].sum())
+        if n_mask != rows.size:
+            raise ValueError(f"build_model_inputs: sample {i} has {n_mask} positions in images_seq_mask but "
+                             f"its images_spatial_crop {per_sample[i]} implies {rows.size} image tokens")
+        index[i, seq_mask[i]] = rows
+
+    causal = np.tril(np.ones((s, s), bool))
+    allowed = causal[None] & attention_mask[:, None, :]  # [B, S(q), S(k)]
+    attention_bias = np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32)[:, None]
+
+    out = {
+        "input_ids": input_ids.astype(np.int32),
+        "position_ids": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
+        "attention_bias": attention_bias,
+        "pixel_values": pixel_values.astype(np.float32),
+        "image_token_index": index,
+        "images_seq_mask": seq_mask,
+        "labels": labels.astype(np.int32),
+    }
+    return {k: out[k] for k in MODEL_INPUT_NAMES}
+
+
+def tile_image(image, config: DeepseekVL2Config, cropping: bool = True):
+    """PIL image -> (tiles [1 + tw*th, 3, T, T] float32, (tw, th)): the global view padded to T x T,
+    then the local tiles (row-major) of the image padded to the best candidate resolution. Padding
+    colour is the mean (127), pixels are normalised with mean = std = 0.5, as the upstream processor."""
+    from PIL import ImageOps
+
+    tile = config.vision_config.image_size
+    tw, th = tile_grid(image.size, config, cropping)
+    fill = (127, 127, 127)
+
+    def to_array(img):
+        x = np.asarray(img.convert("RGB"), np.float32) / 255.0
+        return ((x - 0.5) / 0.5).transpose(2, 0, 1)
+
+    out = [to_array(ImageOps.pad(image, (tile, tile), color=fill))]
+    local = ImageOps.pad(image, (tw * tile, th * tile), color=fill)
+    for y in range(0, th * tile, tile):
+        for x in range(0, tw * tile, tile):
+            out.append(to_array(local.crop((x, y, x + tile, y + tile))))
+    return np.stack(out).astype(np.float32), (tw, th)

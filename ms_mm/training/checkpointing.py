@@ -1,0 +1,207 @@
+"""Training checkpoints: model weights + optimizer, RNG, data-loader and step state, saved atomically.
+
+Layout (docs/internals.md), one commit per iteration through `mm_checkpoint.staged_iteration`:
+
+    SAVE/iter_0000010/
+        parallel_layout.json, mp_rank_00/model.safetensors    model weights (mm_checkpoint)
+        optim.safetensors     AdamW moments + global_step      (unless --no-save-optim)
+        rng.json              python / numpy / MindSpore RNG   (unless --no-save-rng)
+        data_state.json       data-loader position
+        train_state.json      iteration, consumed samples, loss-scaler state, args summary
+    SAVE/latest_checkpointed_iteration.txt                     written last
+
+Everything is written into a hidden staging dir that is renamed into place only when complete, so a
+process killed mid-save leaves the previous checkpoint as the latest one. `--load` accepts a
+converter output (`release`: weights only, training starts at iteration 0) or a training save dir.
+Only rank 0 writes: under data parallel every rank holds the same model and optimizer state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import mindspore as ms
+import numpy as np
+
+from ms_mm.training import mm_checkpoint as mmc
+
+OPTIM_FILE = "optim.safetensors"
+RNG_FILE = "rng.json"
+DATA_STATE_FILE = "data_state.json"
+TRAIN_STATE_FILE = "train_state.json"
+# Test hook: "<iteration>:<marker file>" makes the save of that iteration create the marker and
+# stall inside the staged write (before the commit), so a test can kill the process there.
+STALL_ENV = "MS_MM_TEST_STALL_IN_SAVE"
+
+
+class TrainCheckpointError(RuntimeError):
+    """A training checkpoint cannot be loaded; the message names the file or key."""
+
+
+@dataclass
+class LoadedState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    release: bool = True
+    data_state: Optional[Dict[str, Any]] = None
+    train_state: Optional[Dict[str, Any]] = None
+
+
+# --- model weights ------------------------------------------------------------------------------
+
+def model_state(model) -> Dict[str, np.ndarray]:
+    return {p.name: p.asnumpy() for p in model.get_parameters()}
+
+
+def load_model_weights(model, path: str) -> None:
+    """Load full-MM-name weights into `model`; every model parameter must be present."""
+    try:
+        weights = mmc.load_model(path, float32=True)
+    except mmc.CheckpointError as e:
+        raise TrainCheckpointError(f"--load {path}: {e}") from e
+    params = {p.name: p for p in model.get_parameters()}
+    missing = sorted(set(params) - set(weights))
+    unexpected = sorted(set(weights) - set(params))
+    if missing or unexpected:
+        raise TrainCheckpointError(
+            f"--load {path}: checkpoint does not match the model json: "
+            + (f"{len(missing)} model parameter(s) missing from the checkpoint, e.g. {missing[:3]}; " if missing else "")
+            + (f"{len(unexpected)} checkpoint tensor(s) unknown to the model, e.g. {unexpected[:3]}" if unexpected else ""))
+    for name, p in params.items():
+        arr = weights[name]
+        if tuple(arr.shape) != tuple(p.shape):
+            raise TrainCheckpointError(f"--load {path}: tensor {name!r} has shape {list(arr.shape)}, "
+                                       f"the model expects {list(p.shape)}")
+        p.set_data(ms.Tensor(arr, dtype=p.dtype))
+
+
+# --- optimizer ----------------------------------------------------------------------------------
+
+def _optimizer_state(optimizer, model_param_names) -> Dict[str, np.ndarray]:
+    return {p.name: p.asnumpy() for p in optimizer.get_parameters() if p.name not in model_param_names}
+
+
+def _load_optimizer_state(optimizer, model_param_names, path: Path) -> None:
+    saved = mmc.read_safetensors(path)
+    own = {p.name: p for p in optimizer.get_parameters() if p.name not in model_param_names}
+    missing = sorted(set(own) - set(saved))
+    if missing:
+        raise TrainCheckpointError(f"{path}: optimizer state has no entry for {missing[:3]} "
+                                   f"({len(missing)} missing; was the model json's freeze set changed? "
+                                   f"then resume with --no-load-optim)")
+    for name, p in own.items():
+        arr = saved[name]
+        if tuple(arr.shape) != tuple(p.shape):
+            raise TrainCheckpointError(f"{path}: {name!r} has shape {list(arr.shape)}, expected {list(p.shape)}")
+        p.set_data(ms.Tensor(arr, dtype=p.dtype))
+
+
+# --- RNG ----------------------------------------------------------------------------------------
+
+def rng_state() -> Dict[str, Any]:
+    algo, keys, pos, has_gauss, cached = np.random.get_state()
+    py = random.getstate()
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {"algo": algo, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "mindspore": ms.get_rng_state().asnumpy().tolist(),
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["algo"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    ms.set_rng_state(ms.Tensor(np.asarray(state["mindspore"], dtype=np.uint8)))
+
+
+# --- save / load --------------------------------------------------------------------------------
+
+def save_checkpoint(save_dir: str, iteration: int, model, optimizer, *, family: str, data_state, train_state,
+                    save_optim: bool = True, save_rng: bool = True) -> Path:
+    """Commit one iteration atomically; returns the iteration dir."""
+    layout = mmc.ParallelLayout(family=family)
+    names = {p.name for p in model.get_parameters()}
+    with mmc.staged_iteration(save_dir, iteration) as stage:
+        mmc.write_model_files(stage, model_state(model), layout)
+        if save_optim:
+            mmc.write_safetensors(stage / OPTIM_FILE, _optimizer_state(optimizer, names))
+        if save_rng:
+            _write_json(stage / RNG_FILE, rng_state())
+        _write_json(stage / DATA_STATE_FILE, data_state)
+        _write_json(stage / TRAIN_STATE_FILE, train_state)
+        _maybe_stall(iteration, stage)
+    return mmc.iteration_dir(save_dir, iteration)
+
+
+def load_checkpoint(load_dir: str, model, optimizer, *, load_optim: bool = True, load_rng: bool = True,
+                    finetune: bool = False) -> LoadedState:
+    """Restore from a converter output (release) or a training save dir (its latest iteration)."""
+    root = Path(load_dir)
+    if not root.exists():
+        raise TrainCheckpointError(f"--load {load_dir}: no such directory")
+    try:
+        latest = mmc.latest_iteration(root)
+    except mmc.CheckpointError as e:
+        raise TrainCheckpointError(f"--load {load_dir}: {e}") from e
+    iter_dir = root if latest is None else mmc.iteration_dir(root, latest)
+    if latest is not None and not iter_dir.is_dir():
+        raise TrainCheckpointError(f"{root / mmc.LATEST_FILE} names iteration {latest!r} but {iter_dir} is missing")
+    load_model_weights(model, str(iter_dir))
+    train_file = iter_dir / TRAIN_STATE_FILE
+    if latest == "release" or finetune or not train_file.is_file():
+        return LoadedState()
+    train_state = _read_json(train_file)
+    names = {p.name for p in model.get_parameters()}
+    optim_file = iter_dir / OPTIM_FILE
+    if load_optim:
+        if not optim_file.is_file():
+            raise TrainCheckpointError(f"{optim_file} is missing (saved with --no-save-optim?); "
+                                       f"resume with --no-load-optim to start a fresh optimizer")
+        _load_optimizer_state(optimizer, names, optim_file)
+    # the LR schedule is a function of the optimizer step: keep it in line with the iteration
+    optimizer.global_step.set_data(ms.Tensor([int(train_state["iteration"])], dtype=optimizer.global_step.dtype))
+    rng_file = iter_dir / RNG_FILE
+    if load_rng:
+        if not rng_file.is_file():
+            raise TrainCheckpointError(f"{rng_file} is missing (saved with --no-save-rng?); "
+                                       f"resume with --no-load-rng")
+        set_rng_state(_read_json(rng_file))
+    data_file = iter_dir / DATA_STATE_FILE
+    return LoadedState(iteration=int(train_state["iteration"]),
+                       consumed_samples=int(train_state.get("consumed_samples", 0)), release=False,
+                       data_state=_read_json(data_file) if data_file.is_file() else None,
+                       train_state=train_state)
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrainCheckpointError(f"{path}: cannot read ({e})") from e
+
+
+def _maybe_stall(iteration: int, stage: Path) -> None:
+    spec = os.environ.get(STALL_ENV)
+    if not spec:
+        return
+    it, _, marker = spec.partition(":")
+    if int(it) == int(iteration):
+        Path(marker).write_text(str(stage))
+        while True:  # wait to be killed
+            time.sleep(1)

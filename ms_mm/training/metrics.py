@@ -1,0 +1,113 @@
+"""Training log output: Megatron-style iteration lines, a progress bar on terminals, TensorBoard.
+
+The line format is Megatron's (`iteration  N/ T | consumed samples: ... | elapsed time per iteration
+(ms): ... | learning rate: ... | lm loss: ... | grad norm: ...`) so the post-processing in
+MindSpeed-MM's scripts (grep "elapsed time per iteration", "tokens per sample") works unchanged.
+Only rank 0 prints.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional
+
+
+class MetricsLogger:
+    def __init__(self, *, train_iters: int, start_iteration: int, global_batch_size: int, log_interval: int,
+                 log_tps: bool, tensorboard_dir: Optional[str], is_rank0: bool, stream=None):
+        self.train_iters, self.gbs = train_iters, global_batch_size
+        self.log_interval, self.log_tps = max(1, log_interval), log_tps
+        self.is_rank0 = is_rank0
+        self.stream = stream or sys.stdout
+        self.writer = None
+        if tensorboard_dir and is_rank0:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(tensorboard_dir)
+        self.bar = None
+        if is_rank0 and self.stream.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=train_iters, initial=start_iteration, unit="it", dynamic_ncols=True,
+                            file=sys.stderr)
+        self._window = []        # (loss, step_time, tokens) since the last log line
+        self.total_time = 0.0
+        self.total_tokens = 0
+        self.total_samples = 0
+        self.skipped_iters = 0
+        self.nan_iters = 0
+
+    def print(self, msg: str) -> None:
+        if not self.is_rank0:
+            return
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def step(self, *, iteration: int, consumed_samples: int, loss: float, lr: float, grad_norm: float,
+             finite: bool, step_time: float, tokens: int, loss_scale: Optional[float],
+             skipped_samples: int = 0) -> None:
+        self.total_time += step_time
+        self.total_tokens += tokens
+        self.total_samples += self.gbs
+        if not finite:
+            self.skipped_iters += 1
+            if loss != loss:
+                self.nan_iters += 1
+        self._window.append((loss, step_time, tokens))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if self.writer is not None:
+            self.writer.add_scalar("lm loss", loss, iteration)
+            self.writer.add_scalar("learning-rate", lr, iteration)
+            self.writer.add_scalar("grad-norm", grad_norm, iteration)
+            self.writer.add_scalar("samples per second", self.gbs / step_time, iteration)
+            if self.log_tps:
+                self.writer.add_scalar("tokens per second", tokens / step_time, iteration)
+            if loss_scale is not None:
+                self.writer.add_scalar("loss-scale", loss_scale, iteration)
+        if iteration % self.log_interval and iteration != self.train_iters:
+            return
+        n = len(self._window)
+        mean_loss = sum(w[0] for w in self._window) / n
+        mean_time = sum(w[1] for w in self._window) / n
+        mean_tokens = sum(w[2] for w in self._window) / n
+        self._window = []
+        parts = [
+            f"iteration {iteration:8d}/{self.train_iters:8d}",
+            f"consumed samples: {consumed_samples:12d}",
+            f"elapsed time per iteration (ms): {mean_time * 1000:.1f}",
+            f"learning rate: {lr:.6E}",
+            f"global batch size: {self.gbs:5d}",
+            f"lm loss: {mean_loss:.6E}",
+        ]
+        if loss_scale is not None:
+            parts.append(f"loss scale: {loss_scale:.1f}")
+        parts += [
+            f"grad norm: {grad_norm:.3f}",
+            f"number of skipped iterations: {self.skipped_iters:3d}",
+            f"number of nan iterations: {self.nan_iters:3d}",
+            f"samples per second: {self.gbs / mean_time:.3f}",
+        ]
+        if self.log_tps:
+            parts += [f"tokens per sample: {mean_tokens / self.gbs:.1f}",
+                      f"tokens per second: {mean_tokens / mean_time:.1f}"]
+        if skipped_samples:
+            parts.append(f"skipped bad samples: {skipped_samples}")
+        self.print(" " + " | ".join(parts) + " |")
+
+    def summary(self) -> None:
+        if self.total_time <= 0:
+            return
+        msg = (f"training done: {self.total_samples} samples in {self.total_time:.1f} s "
+               f"({self.total_samples / self.total_time:.3f} samples/s")
+        if self.log_tps:
+            msg += f", {self.total_tokens / self.total_time:.1f} tokens/s"
+        self.print(msg + ")")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,713 @@
+"""The MM checkpoint directory: file format, parallel layout and atomic commits.
+
+This module owns everything on disk under a MindSpeed-MM style checkpoint root
+(`docs/internals.md`, "MM checkpoint directory layout")::
+
+    <root>/latest_checkpointed_iteration.txt      "release" or an integer
+    <root>/release/ | <root>/iter_0000005/
+        parallel_layout.json                      tp / pp layout + the rules to undo it
+        mp_rank_{tp:02d}[_{pp:03d}]/model.safetensors
+        ...                                       extra files written by training
+
+It needs only numpy (no MindSpore, no torch), and it has three parts:
+
+* **safetensors streaming I/O** (`SafetensorsFile`, `SafetensorsWriter`): tensors are read one at a
+  time from their byte range and written one at a time behind a header computed up front, so
+  converting or saving never holds more than one (full) tensor. We parse the format ourselves
+  because the `safetensors` numpy backend cannot materialise bf16 / fp8; here such tensors are
+  numpy arrays of a one-field structured dtype (`BF16`, ...) that reshape, slice and concatenate
+  like any array and round-trip bit-exactly. `to_float32` widens them.
+* **parallel layout** (`ParallelLayout`): which tensors are split on which dim across TP ranks and
+  which pipeline stage holds which layers. The rules travel inside `parallel_layout.json`, so a
+  checkpoint can be merged back without knowing its model family (ms_mm never imports the
+  converter). `MEGATRON_TP_RULES` / `VLM_PP_STAGES` are the defaults for MindSpeed-MM names.
+* **commit protocol** (`staged_iteration`, `save_model`, `load_model`, `open_model`): an iteration
+  is written into a hidden temp dir, renamed into place, and only then is
+  `latest_checkpointed_iteration.txt` replaced (temp file + rename), so a process killed mid-save
+  leaves the previous good checkpoint as the latest one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import struct
+from dataclasses import dataclass, field
+from itertools import accumulate
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = [
+    "BF16", "F8_E4M3", "F8_E5M2", "SafetensorsFile", "SafetensorsWriter", "LazyTensor", "to_float32",
+    "dtype_to_st", "st_to_dtype", "write_safetensors", "read_safetensors",
+    "ParallelLayout", "MEGATRON_TP_RULES", "VLM_PP_STAGES", "CheckpointError",
+    "LATEST_FILE", "LAYOUT_FILE", "MODEL_FILE", "iteration_dir", "latest_iteration",
+    "staged_iteration", "save_model", "load_model", "open_model", "MMCheckpointReader", "read_layout",
+    "tp_split", "tp_merge",
+]
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+LAYOUT_FILE = "parallel_layout.json"
+MODEL_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or directory is missing, malformed or inconsistent (message names it)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors streaming I/O
+# ---------------------------------------------------------------------------------------------
+
+# numpy has no bf16/fp8: a one-field structured dtype keeps the bytes and the identity of the type
+BF16 = np.dtype([("bf16", "<u2")])
+F8_E4M3 = np.dtype([("f8_e4m3", "u1")])
+F8_E5M2 = np.dtype([("f8_e5m2", "u1")])
+
+_ST_TO_NP = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": BF16,
+    "F8_E4M3": F8_E4M3, "F8_E5M2": F8_E5M2,
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_NP_TO_ST = {v: k for k, v in _ST_TO_NP.items()}
+
+
+def st_to_dtype(name: str) -> np.dtype:
+    try:
+        return _ST_TO_NP[name]
+    except KeyError:
+        raise CheckpointError(f"unsupported safetensors dtype {name!r}") from None
+
+
+def dtype_to_st(dtype) -> str:
+    dt = np.dtype(dtype)
+    if dt.byteorder == ">":
+        raise CheckpointError(f"big-endian dtype {dt} cannot be stored in safetensors")
+    key = dt.newbyteorder("<") if dt.byteorder == "=" else dt
+    for cand in (dt, key):
+        if cand in _NP_TO_ST:
+            return _NP_TO_ST[cand]
+    raise CheckpointError(f"numpy dtype {dt} has no safetensors equivalent")
+
+
+def to_float32(arr: np.ndarray) -> np.ndarray:
+    """Widen any floating array (bf16 structured dtype included) to float32; bf16 → f32 is exact."""
+    if arr.dtype == BF16:
+        return (arr.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    if arr.dtype in (F8_E4M3, F8_E5M2):
+        raise CheckpointError("fp8 tensors need their scales to be widened; not supported here")
+    return arr.astype(np.float32, copy=False)
+
+
+class SafetensorsFile:
+    """Lazily opened safetensors file: the header is parsed once, each tensor read on demand."""
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) != 8:
+                    raise CheckpointError(f"{self.path}: not a safetensors file (shorter than 8 bytes)")
+                (n,) = struct.unpack("<Q", head)
+                size = self.path.stat().st_size
+                if n > size - 8:
+                    raise CheckpointError(f"{self.path}: header length {n} exceeds the file size {size}")
+                header = json.loads(f.read(n))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{self.path}: cannot read safetensors header ({e})") from e
+        self.metadata: Dict[str, str] = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        self._entries: Dict[str, Tuple[np.dtype, Tuple[int, ...], int, int]] = {}
+        data_len = size - self._data_start
+        for name, info in header.items():
+            try:
+                dtype = st_to_dtype(info["dtype"])
+                shape = tuple(int(s) for s in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{self.path}: bad header entry for tensor {name!r} ({e})") from e
+            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or end > data_len:
+                raise CheckpointError(f"{self.path}: tensor {name!r} byte range [{begin},{end}) does not "
+                                      f"match shape {list(shape)} {info['dtype']} / file size")
+            self._entries[name] = (dtype, shape, begin, end)
+
+    def keys(self) -> List[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return self._entry(name)[1]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._entry(name)[0]
+
+    def nbytes(self, name: str) -> int:
+        _, _, b, e = self._entry(name)
+        return e - b
+
+    def get(self, name: str) -> np.ndarray:
+        dtype, shape, begin, end = self._entry(name)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            buf = bytearray(end - begin)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{self.path}: truncated data for tensor {name!r}")
+        return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def lazy(self, name: str) -> "LazyTensor":
+        return LazyTensor(self.shape(name), self.dtype(name), lambda: self.get(name))
+
+    def _entry(self, name):
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+
+
+@dataclass
+class LazyTensor:
+    """A tensor known by shape and dtype whose data is produced on demand (once per call)."""
+    shape: Tuple[int, ...]
+    dtype: np.dtype
+    load: Callable[[], np.ndarray]
+
+
+def _as_lazy(value) -> LazyTensor:
+    if isinstance(value, LazyTensor):
+        return value
+    arr = np.asarray(value)
+    return LazyTensor(tuple(arr.shape), arr.dtype, lambda: arr)
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file tensor by tensor, in the order its header was declared.
+
+    The header (names, dtypes, shapes) must be known up front; `write` then appends raw bytes,
+    so only the tensor being written is in memory. The file appears under its final name only
+    after `close()` succeeded.
+    """
+
+    def __init__(self, path, entries: Sequence[Tuple[str, Tuple[int, ...], np.dtype]],
+                 metadata: Optional[Dict[str, str]] = None):
+        self.path = Path(path)
+        header: Dict[str, Any] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        self._order = []
+        for name, shape, dtype in entries:
+            if name in header:
+                raise CheckpointError(f"{self.path}: tensor {name!r} declared twice")
+            dtype = np.dtype(dtype)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            header[name] = {"dtype": dtype_to_st(dtype), "shape": [int(s) for s in shape],
+                            "data_offsets": [offset, offset + nbytes]}
+            self._order.append((name, tuple(int(s) for s in shape), dtype))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # 8-byte aligned data start, as the reference writer does
+        self._tmp = self.path.with_name(self.path.name + ".partial")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self._tmp, "wb")
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def write(self, name: str, arr: np.ndarray) -> None:
+        if self._next >= len(self._order):
+            raise CheckpointError(f"{self.path}: unexpected extra tensor {name!r}")
+        want_name, shape, dtype = self._order[self._next]
+        if name != want_name:
+            raise CheckpointError(f"{self.path}: expected tensor {want_name!r} next, got {name!r}")
+        arr = np.asarray(arr)
+        if tuple(arr.shape) != shape or arr.dtype != dtype:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is {list(arr.shape)} {arr.dtype}, "
+                                  f"header says {list(shape)} {dtype}")
+        self._f.write(np.ascontiguousarray(arr).data)
+        self._next += 1
+
+    def close(self) -> None:
+        if self._f is None:
+            return
+        if self._next != len(self._order):
+            self.abort()
+            raise CheckpointError(f"{self.path}: closed after {self._next} of {len(self._order)} tensors")
+        self._f.close()
+        self._f = None
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_safetensors(path, tensors: Mapping[str, Union[np.ndarray, LazyTensor]],
+                      metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write a dict of arrays / LazyTensors, loading each lazy tensor only while it is written."""
+    lazies = {k: _as_lazy(v) for k, v in tensors.items()}
+    with SafetensorsWriter(path, [(k, t.shape, t.dtype) for k, t in lazies.items()], metadata) as w:
+        for k, t in lazies.items():
+            w.write(k, t.load())
+
+
+def read_safetensors(path) -> Dict[str, np.ndarray]:
+    f = SafetensorsFile(path)
+    return {k: f.get(k) for k in f.keys()}
+
+
+# ---------------------------------------------------------------------------------------------
+# parallel layout: TP split rules and pipeline stages
+# ---------------------------------------------------------------------------------------------
+
+# (regex on the full MM name, kind); first match wins, no match = replicated on every TP rank.
+# kinds: "col" split dim 0; "col_gated" dim 0 with the [gate; up] halves split separately;
+#        "row" split dim 1 (row-parallel weights; their biases stay replicated).
+MEGATRON_TP_RULES: List[Tuple[str, str]] = [
+    (r".*\.projector\.encoder\.linear_fc1\.(weight|bias)$", "col"),
+    (r".*\.self_attention\.linear_qkv\.(weight|bias)$", "col"),
+    (r".*\.mlp\.linear_fc1\.(weight|bias)$", "col_gated"),
+    (r".*\.word_embeddings\.weight$", "col"),
+    (r".*\.output_layer\.weight$", "col"),
+    (r".*\.linear_proj\.weight$", "row"),
+    (r".*\.linear_fc2\.weight$", "row"),
+]
+
+# One entry per pipelined module: its layer prefix, which `<key>_pp_layers` splits it, and the
+# non-layer tensors that live on its first / last non-empty stage (MindSpeed-MM's convention).
+VLM_PP_STAGES: List[Dict[str, Any]] = [
+    {"key": "vit", "layers": "image_encoder.encoder.blocks.layers.",
+     "firsts": ["image_encoder.encoder.patch_embed."], "lasts": ["image_encoder.projector."]},
+    {"key": "llm", "layers": "text_decoder.decoder.layers.",
+     "firsts": ["text_decoder.embedding."],
+     "lasts": ["text_decoder.decoder.final_layernorm.", "text_decoder.output_layer."]},
+]
+
+
+def tp_split(arr: np.ndarray, kind: Optional[str], tp: int, name: str = "?") -> List[np.ndarray]:
+    """Split one full tensor into `tp` rank pieces according to its rule kind."""
+    if tp == 1 or kind is None or (kind == "row" and arr.ndim < 2):
+        return [arr] * tp
+    if kind == "row":
+        if arr.shape[1] % tp:
+            raise CheckpointError(f"tensor {name!r} dim 1 ({arr.shape[1]}) is not divisible by tp_size {tp}")
+        return np.split(arr, tp, axis=1)
+    if kind == "col":
+        if arr.shape[0] % tp:
+            raise CheckpointError(f"tensor {name!r} dim 0 ({arr.shape[0]}) is not divisible by tp_size {tp}")
+        return np.split(arr, tp, axis=0)
+    if kind == "col_gated":
+        if arr.shape[0] % (2 * tp):
+            raise CheckpointError(f"tensor {name!r} gate/up halves ({arr.shape[0]} rows) are not divisible "
+                                  f"by tp_size {tp}")
+        gate, up = np.split(arr, 2, axis=0)
+        return [np.concatenate([g, u], axis=0) for g, u in zip(np.split(gate, tp), np.split(up, tp))]
+    raise CheckpointError(f"unknown TP split kind {kind!r} for tensor {name!r}")
+
+
+def tp_merge(pieces: Sequence[np.ndarray], kind: Optional[str]) -> np.ndarray:
+    """Inverse of `tp_split`."""
+    if len(pieces) == 1 or kind is None or (kind == "row" and pieces[0].ndim < 2):
+        return pieces[0]
+    if kind == "row":
+        return np.concatenate(pieces, axis=1)
+    if kind == "col":
+        return np.concatenate(pieces, axis=0)
+    if kind == "col_gated":
+        halves = [np.split(p, 2, axis=0) for p in pieces]
+        return np.concatenate([h[0] for h in halves] + [h[1] for h in halves], axis=0)
+    raise CheckpointError(f"unknown TP split kind {kind!r}")
+
+
+def _split_shape(shape, kind, tp):
+    if tp == 1 or kind is None or (kind == "row" and len(shape) < 2):
+        return tuple(shape)
+    axis = 1 if kind == "row" else 0
+    out = list(shape)
+    out[axis] //= tp
+    return tuple(out)
+
+
+@dataclass
+class ParallelLayout:
+    """How a full MM state dict is spread over TP ranks and PP stages.
+
+    `pp_layers` maps a module key of `pp_stages` ("vit", "llm") to its layers per stage, e.g.
+    {"llm": [1, 10, 10, 7], "vit": [32, 0, 0, 0]}; all lists have pp_size entries. Stored as
+    `parallel_layout.json` ({"tp_size", "llm_pp_layers", "vit_pp_layers", "family", "tp_rules",
+    "pp_stages"}).
+    """
+    tp_size: int = 1
+    pp_layers: Dict[str, List[int]] = field(default_factory=dict)
+    family: str = ""
+    tp_rules: List[Tuple[str, str]] = field(default_factory=lambda: list(MEGATRON_TP_RULES))
+    pp_stages: List[Dict[str, Any]] = field(default_factory=lambda: [dict(s) for s in VLM_PP_STAGES])
+    # [src, dst]: dst is a copy of src stored only when pp > 1 (a tied output layer on the last stage)
+    tied: List[List[str]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not isinstance(self.tp_size, int) or self.tp_size < 1:
+            raise CheckpointError(f"tp_size must be a positive integer, got {self.tp_size!r}")
+        sizes = {k: len(v) for k, v in self.pp_layers.items()}
+        if len(set(sizes.values())) > 1:
+            raise CheckpointError(f"pipeline layer lists have different numbers of stages: {sizes}")
+        for k, v in self.pp_layers.items():
+            if any((not isinstance(n, int)) or n < 0 for n in v):
+                raise CheckpointError(f"{k}_pp_layers must be non-negative integers, got {v}")
+        known = {s["key"] for s in self.pp_stages}
+        for k in self.pp_layers:
+            if k not in known:
+                raise CheckpointError(f"{k}_pp_layers given but no pipeline stage schema has key {k!r} "
+                                      f"(known: {sorted(known)})")
+        self._compiled = [(re.compile(p), kind) for p, kind in self.tp_rules]
+
+    @property
+    def pp_size(self) -> int:
+        return max((len(v) for v in self.pp_layers.values()), default=1) or 1
+
+    def tp_kind(self, name: str) -> Optional[str]:
+        for pat, kind in self._compiled:
+            if pat.match(name):
+                return kind
+        return None
+
+    def rank_dir(self, tp_rank: int, pp_rank: int) -> str:
+        return f"mp_rank_{tp_rank:02d}" if self.pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+    # --- pipeline placement -----------------------------------------------------------------
+    def _ranges(self, key):
+        counts = self.pp_layers.get(key)
+        if counts is None:
+            return None
+        ends = list(accumulate(counts))
+        nonzero = [i for i, c in enumerate(counts) if c]
+        first, last = (nonzero[0], nonzero[-1]) if nonzero else (0, 0)
+        return [0] + ends[:-1], ends, first, last
+
+    def place(self, name: str) -> Tuple[int, str]:
+        """Full MM name → (pp_rank, stage-local name)."""
+        if self.pp_size == 1:
+            return 0, name
+        for st in self.pp_stages:
+            rng = self._ranges(st["key"])
+            if rng is None:
+                continue
+            starts, ends, first, last = rng
+            if name.startswith(st["layers"]):
+                idx_s, _, rest = name[len(st["layers"]):].partition(".")
+                idx = int(idx_s)
+                for pp, (s, e) in enumerate(zip(starts, ends)):
+                    if s <= idx < e:
+                        return pp, f"{st['layers']}{idx - s}.{rest}"
+                raise CheckpointError(f"tensor {name!r}: layer {idx} is beyond the {sum(ends[-1:])} layers "
+                                      f"of {st['key']}_pp_layers {self.pp_layers[st['key']]}")
+            if any(name.startswith(p) for p in st["firsts"]):
+                return first, name
+            if any(name.startswith(p) for p in st["lasts"]):
+                return last, name
+        raise CheckpointError(f"tensor {name!r} belongs to no pipeline stage (pp_size={self.pp_size}); "
+                              f"its module is not in the layout's pp_stages")
+
+    def unplace(self, pp_rank: int, local: str) -> str:
+        """Stage-local name → full MM name."""
+        if self.pp_size == 1:
+            return local
+        for st in self.pp_stages:
+            if local.startswith(st["layers"]) and st["key"] in self.pp_layers:
+                starts = self._ranges(st["key"])[0]
+                idx_s, _, rest = local[len(st["layers"]):].partition(".")
+                return f"{st['layers']}{int(idx_s) + starts[pp_rank]}.{rest}"
+        return local
+
+    def check_layers(self, key: str, total: int, what: str) -> None:
+        """Raise unless `<key>_pp_layers` sums to the model's `total` layers of `what`."""
+        counts = self.pp_layers.get(key)
+        if counts is not None and sum(counts) != total:
+            raise CheckpointError(f"{key}_pp_layers {counts} sums to {sum(counts)} but the {what} has "
+                                  f"{total} layers")
+
+    # --- json ---------------------------------------------------------------------------------
+    def to_json(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"family": self.family, "tp_size": self.tp_size}
+        for k, v in self.pp_layers.items():
+            d[f"{k}_pp_layers"] = list(v)
+        d["tp_rules"] = [list(r) for r in self.tp_rules]
+        d["pp_stages"] = self.pp_stages
+        d["tied"] = [list(t) for t in self.tied]
+        return d
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> "ParallelLayout":
+        pp = {k[:-len("_pp_layers")]: list(v) for k, v in d.items() if k.endswith("_pp_layers")}
+        kw: Dict[str, Any] = {}
+        if "tp_rules" in d:
+            kw["tp_rules"] = [tuple(r) for r in d["tp_rules"]]
+        if "pp_stages" in d:
+            kw["pp_stages"] = d["pp_stages"]
+        if "tied" in d:
+            kw["tied"] = [list(t) for t in d["tied"]]
+        return cls(tp_size=int(d.get("tp_size", 1)), pp_layers=pp, family=d.get("family", ""), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# directory protocol
+# ---------------------------------------------------------------------------------------------
+
+def _iter_name(iteration: Union[str, int]) -> str:
+    if iteration == "release":
+        return "release"
+    if isinstance(iteration, (int, np.integer)) and not isinstance(iteration, bool) and iteration >= 0:
+        return f"iter_{int(iteration):07d}"
+    raise CheckpointError(f"iteration must be 'release' or a non-negative int, got {iteration!r}")
+
+
+def iteration_dir(root, iteration: Union[str, int]) -> Path:
+    """`root/release` or `root/iter_0000005`."""
+    return Path(root) / _iter_name(iteration)
+
+
+def latest_iteration(root) -> Optional[Union[str, int]]:
+    """What `latest_checkpointed_iteration.txt` says ('release' or an int); None if absent."""
+    path = Path(root) / LATEST_FILE
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if text == "release":
+        return "release"
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: expected 'release' or an integer, found {text[:40]!r}") from None
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def staged_iteration(root, iteration: Union[str, int], update_latest: bool = True) -> Iterator[Path]:
+    """Yield an empty temp dir for one iteration; on clean exit it becomes `iteration_dir(root, it)`.
+
+    Everything an iteration holds (model shards, optimizer, rng, data state ...) is written into
+    the yielded dir. On exit the dir is renamed into place and then, last,
+    `latest_checkpointed_iteration.txt` is replaced. On an exception the temp dir is removed and
+    the previous checkpoint is untouched. Re-saving an existing iteration replaces it (there is a
+    short window, between two renames, where that one iteration dir is missing).
+    """
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp_{final.name}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = root / f".old_{final.name}_{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    if update_latest:
+        _write_text_atomic(root / LATEST_FILE, str(iteration) if iteration == "release" else str(int(iteration)))
+
+
+def write_model_files(iter_dir, state: Mapping[str, Union[np.ndarray, LazyTensor]], layout: ParallelLayout,
+                      metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write the TP/PP shards + parallel_layout.json of `state` (full MM names) into `iter_dir`.
+
+    Each full tensor is loaded once and sliced into its TP pieces, so memory stays at one full
+    tensor (LazyTensors are produced one at a time).
+    """
+    iter_dir = Path(iter_dir)
+    tp = layout.tp_size
+    lazies = {k: _as_lazy(v) for k, v in state.items()}
+    for src, dst in layout.tied:
+        if layout.pp_size > 1 and dst not in lazies and src in lazies:
+            lazies[dst] = lazies[src]
+        elif layout.pp_size == 1 and src in lazies:
+            lazies.pop(dst, None)
+    stages: List[List[Tuple[str, str]]] = [[] for _ in range(layout.pp_size)]
+    for name in lazies:
+        pp, local = layout.place(name)
+        stages[pp].append((name, local))
+    for pp, members in enumerate(stages):
+        specs = []
+        for name, local in members:
+            t = lazies[name]
+            kind = layout.tp_kind(name)
+            shape = _split_shape(t.shape, kind, tp)
+            if tp > 1 and kind is not None and tuple(shape) != tuple(t.shape):
+                axis = 1 if kind == "row" else 0
+                div = 2 * tp if kind == "col_gated" else tp
+                if t.shape[axis] % div:
+                    raise CheckpointError(f"tensor {name!r} {list(t.shape)}: dim {axis} is not divisible by "
+                                          f"tp_size {tp}" + (" (gate and up halves)" if kind == "col_gated" else ""))
+            specs.append((local, shape, t.dtype))
+        writers = [SafetensorsWriter(iter_dir / layout.rank_dir(r, pp) / MODEL_FILE, specs, metadata)
+                   for r in range(tp)]
+        try:
+            for name, local in members:
+                pieces = tp_split(lazies[name].load(), layout.tp_kind(name), tp, name)
+                for w, piece in zip(writers, pieces):
+                    w.write(local, piece)
+                del pieces
+            for w in writers:
+                w.close()
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
+    (iter_dir / LAYOUT_FILE).write_text(json.dumps(layout.to_json(), indent=1))
+
+
+def save_model(root, state: Mapping[str, Union[np.ndarray, LazyTensor]], layout: Optional[ParallelLayout] = None,
+               iteration: Union[str, int] = "release", metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Atomically save one iteration's model weights (full MM names) under `root`; returns its dir.
+
+    Use `staged_iteration` + `write_model_files` directly to add other files to the same commit.
+    """
+    layout = layout or ParallelLayout()
+    with staged_iteration(root, iteration) as d:
+        write_model_files(d, state, layout, metadata)
+    return iteration_dir(root, iteration)
+
+
+def read_layout(iter_dir) -> ParallelLayout:
+    path = Path(iter_dir) / LAYOUT_FILE
+    if not path.is_file():
+        # a checkpoint written without a layout file: only unsplit single-rank dirs can be read
+        if (Path(iter_dir) / "mp_rank_00" / MODEL_FILE).is_file():
+            return ParallelLayout()
+        raise CheckpointError(f"{iter_dir}: neither {LAYOUT_FILE} nor mp_rank_00/{MODEL_FILE} found")
+    try:
+        return ParallelLayout.from_json(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: malformed layout ({e})") from e
+
+
+def _resolve_iter_dir(path, iteration=None) -> Path:
+    path = Path(path)
+    if iteration is not None:
+        return iteration_dir(path, iteration)
+    if (path / LAYOUT_FILE).is_file() or (path / "mp_rank_00").is_dir():
+        return path  # already an iteration dir
+    it = latest_iteration(path)
+    if it is None:
+        raise CheckpointError(f"{path}: no {LATEST_FILE} and not an iteration dir (no {LAYOUT_FILE})")
+    d = iteration_dir(path, it)
+    if not d.is_dir():
+        raise CheckpointError(f"{path / LATEST_FILE} names iteration {it!r} but {d} does not exist")
+    return d
+
+
+class MMCheckpointReader:
+    """Full-MM-name view of one iteration dir; TP pieces and PP stages are merged per tensor on `get`."""
+
+    def __init__(self, iter_dir):
+        self.iter_dir = Path(iter_dir)
+        self.layout = read_layout(self.iter_dir)
+        tp, pp = self.layout.tp_size, self.layout.pp_size
+        self._where: Dict[str, Tuple[List[SafetensorsFile], str]] = {}
+        for p in range(pp):
+            files = []
+            for r in range(tp):
+                path = self.iter_dir / self.layout.rank_dir(r, p) / MODEL_FILE
+                if not path.is_file():
+                    raise CheckpointError(f"{path} is missing (layout tp_size={tp}, pp_size={pp})")
+                files.append(SafetensorsFile(path))
+            names0 = set(files[0].keys())
+            for r, f in enumerate(files[1:], 1):
+                if set(f.keys()) != names0:
+                    diff = sorted(names0.symmetric_difference(f.keys()))[:5]
+                    raise CheckpointError(f"{f.path}: tensor names differ from tp rank 0 ({diff} ...)")
+            for local in files[0].keys():
+                full = self.layout.unplace(p, local)
+                if full in self._where:
+                    raise CheckpointError(f"{files[0].path}: tensor {full!r} is also stored in "
+                                          f"{self._where[full][0][0].path} (overlapping pipeline stages)")
+                self._where[full] = (files, local)
+
+    def keys(self) -> List[str]:
+        return list(self._where)
+
+    def __contains__(self, name):
+        return name in self._where
+
+    def _files(self, name):
+        try:
+            return self._where[name]
+        except KeyError:
+            raise CheckpointError(f"{self.iter_dir}: no tensor {name!r} in the checkpoint") from None
+
+    def shape(self, name) -> Tuple[int, ...]:
+        files, local = self._files(name)
+        shape = list(files[0].shape(local))
+        kind = self.layout.tp_kind(name)
+        tp = self.layout.tp_size
+        if tp > 1 and kind is not None and not (kind == "row" and len(shape) < 2):
+            shape[1 if kind == "row" else 0] *= tp
+        return tuple(shape)
+
+    def dtype(self, name) -> np.dtype:
+        files, local = self._files(name)
+        return files[0].dtype(local)
+
+    def get(self, name) -> np.ndarray:
+        files, local = self._files(name)
+        kind = self.layout.tp_kind(name)
+        if kind is None or self.layout.tp_size == 1:
+            return files[0].get(local)
+        return tp_merge([f.get(local) for f in files], kind)
+
+    def lazy(self, name) -> LazyTensor:
+        return LazyTensor(self.shape(name), self.dtype(name), lambda: self.get(name))
+
+
+def open_model(path, iteration: Union[str, int, None] = None) -> MMCheckpointReader:
+    """Open a checkpoint root (follows latest_checkpointed_iteration.txt) or an iteration dir."""
+    return MMCheckpointReader(_resolve_iter_dir(path, iteration))
+
+
+def load_model(path, iteration: Union[str, int, None] = None, float32: bool = False) -> Dict[str, np.ndarray]:
+    """Load all model weights with full MM names (stages and TP ranks merged).
+
+    `float32=True` widens every floating tensor (bf16 included) to float32.
+    """
+    reader = open_model(path, iteration)
+    out = {}
+    for name in reader.keys():
+        arr = reader.get(name)
+        if float32 and (arr.dtype == BF16 or np.issubdtype(arr.dtype, np.floating)):
+            arr = to_float32(arr)
+        out[name] = arr
+    return out

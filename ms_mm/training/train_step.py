@@ -1,0 +1,106 @@
+"""One optimizer step in graph mode: micro-batch forward/backward, accumulation, reduction, update.
+
+    micro batch  -> value_and_grad(loss * scale / accum)          (jit, once per micro batch)
+    accumulate   -> grads += micro grads                          (jit, accum > 1 only)
+    apply        -> DP all-reduce (mean) -> unscale -> all_finite -> grad norm -> clip -> AdamW
+                                                                  (jit, once per step)
+
+The pieces are MindSpore's own: `ms.value_and_grad`, `nn.DistributedGradReducer(mean=True)`,
+`ms.amp.DynamicLossScaler` / `StaticLossScaler` + `ms.amp.all_finite` (the fused TrainOneStep
+cells need NPU float-status ops that CPU lacks), `ops.clip_by_global_norm`. A step whose
+gradients overflow (fp16) leaves the parameters untouched and lowers the loss scale.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import mindspore as ms
+from mindspore import nn, ops
+
+_hyper_map = ops.HyperMap()
+
+
+def _square_sum(g):
+    return ops.reduce_sum(ops.square(ops.cast(g, ms.float32)))
+
+
+def global_norm(grads):
+    return ops.sqrt(ops.addn(_hyper_map(_square_sum, grads)))
+
+
+class TrainStep:
+    """Call with a list of micro-batches (tuples of Tensors in the model's input order).
+
+    Returns (mean loss over the micro-batches, grad norm before clipping, finite flag).
+    """
+
+    def __init__(self, model: nn.Cell, optimizer: nn.Optimizer, *, accum_steps: int = 1, clip_grad: float = 0.0,
+                 loss_scaler=None, data_parallel: bool = False):
+        self.model, self.optimizer = model, optimizer
+        self.params = optimizer.parameters
+        self.accum_steps = int(accum_steps)
+        self.loss_scaler = loss_scaler
+        inv_accum = 1.0 / self.accum_steps
+        scaler = loss_scaler
+
+        def forward(*inputs):
+            loss = model(*inputs)[0]
+            scaled = loss * inv_accum
+            if scaler is not None:
+                scaled = scaler.scale(scaled)
+            return scaled, loss
+
+        grad_fn = ms.value_and_grad(forward, None, self.params, has_aux=True)
+
+        @ms.jit
+        def micro_step(*inputs):
+            (_, loss), grads = grad_fn(*inputs)
+            return loss, grads
+
+        @ms.jit
+        def accumulate(acc, grads):
+            return _hyper_map(ops.add, acc, grads)
+
+        reducer = nn.DistributedGradReducer(self.params, mean=True) if data_parallel else None
+        clip = float(clip_grad)
+
+        @ms.jit
+        def apply(grads):
+            if reducer is not None:
+                grads = reducer(grads)
+            if scaler is not None:
+                grads = scaler.unscale(grads)
+                finite = ms.amp.all_finite(grads)
+                scaler.adjust(finite)
+            else:
+                finite = ms.Tensor(True)
+            norm = global_norm(grads)
+            if clip > 0:
+                grads = ops.clip_by_global_norm(grads, clip)
+            if finite:
+                optimizer(grads)
+            return norm, finite
+
+        self._micro_step, self._accumulate, self._apply = micro_step, accumulate, apply
+
+    def __call__(self, micro_batches: Sequence[Sequence[ms.Tensor]]):
+        if len(micro_batches) != self.accum_steps:
+            raise ValueError(f"expected {self.accum_steps} micro-batches per step, got {len(micro_batches)}")
+        losses, acc = [], None
+        for inputs in micro_batches:
+            loss, grads = self._micro_step(*inputs)
+            losses.append(loss)
+            acc = grads if acc is None else self._accumulate(ms.mutable(acc), ms.mutable(grads))
+        # mutable: a tuple of tensors passed to a jit function is otherwise a constant (recompiles)
+        norm, finite = self._apply(ms.mutable(acc))
+        mean_loss = sum(float(l.asnumpy()) for l in losses) / len(losses)
+        return mean_loss, float(norm.asnumpy()), bool(finite.asnumpy())
+
+
+def build_loss_scaler(args) -> Optional[object]:
+    """fp16 needs a loss scale; fp32 does not; bf16 (Ascend) keeps fp32 range and needs none."""
+    if not args.fp16:
+        return None
+    if args.loss_scale:
+        return ms.amp.StaticLossScaler(float(args.loss_scale))
+    return ms.amp.DynamicLossScaler(float(args.initial_loss_scale), 2.0, int(args.loss_scale_window))

@@ -1,0 +1,267 @@
+"""The training loop: set up the runtime, build model / optimizer / data from the jsons, train, save.
+
+    args -> runtime (device, msrun data parallel, seeds) -> model json -> family (registry)
+         -> model (+ freeze, + --load) -> AdamW + LR -> TrainStep -> data loader (+ resume position)
+         -> loop: global batch = accum micro-batches -> step -> log -> save every --save-interval
+
+`train(args)` returns the list of per-iteration losses (used by tests); `main(argv)` is the
+command-line entry (`pretrain_vlm.py`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from ms_mm.training.arguments import ArgumentError, TrainArgs, parse_args
+from ms_mm.training.registry import ModelFamily, get_family
+
+DEVICE_ENV = "MS_MM_DEVICE_TARGET"
+
+
+def device_target() -> str:
+    """MS_MM_DEVICE_TARGET (exported by auto_convert.sh), else Ascend when CANN is installed, else CPU."""
+    value = os.environ.get(DEVICE_ENV)
+    if value:
+        if value.upper() not in ("CPU", "ASCEND", "GPU"):
+            raise ArgumentError(f"{DEVICE_ENV}={value!r}: expected CPU or Ascend")
+        return "Ascend" if value.upper() == "ASCEND" else value.upper()
+    if os.environ.get("ASCEND_HOME_PATH") or os.path.isfile("/usr/local/Ascend/ascend-toolkit/set_env.sh"):
+        return "Ascend"
+    return "CPU"
+
+
+def launched_world_size() -> int:
+    """Number of processes msrun started (1 when run directly)."""
+    for key in ("MS_WORKER_NUM", "WORLD_SIZE", "RANK_SIZE"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return 1
+
+
+def read_json(path: Optional[str], flag: str) -> dict:
+    if not path:
+        raise ArgumentError(f"{flag} is required")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ArgumentError(f"{flag} {path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ArgumentError(f"{flag} {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def _lookup(d: dict, dotted: str):
+    for key in dotted.split("."):
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def apply_freeze(model, model_json: dict, family: ModelFamily, log) -> List:
+    """Set requires_grad=False on the groups model.json marks `"freeze": true`; return trainable params."""
+    frozen_prefixes = []
+    for path, prefixes in family.freeze_groups.items():
+        flag = _lookup(model_json, path + ".freeze")
+        if flag is None:
+            continue
+        if not isinstance(flag, bool):
+            raise ArgumentError(f"model json: {path}.freeze must be true or false, got {flag!r}")
+        if flag:
+            frozen_prefixes += list(prefixes)
+            log(f"freezing {path} (parameters {', '.join(prefixes)}*)")
+    for p in model.get_parameters():
+        if any(p.name.startswith(pre) for pre in frozen_prefixes):
+            p.requires_grad = False
+    trainable = model.trainable_params()
+    if not trainable:
+        raise ArgumentError("model json freezes every parameter group: nothing to train")
+    return trainable
+
+
+def setup_runtime(args: TrainArgs):
+    """Device, graph mode, msrun data parallel and seeds; returns (device, rank, world_size)."""
+    import mindspore as ms
+
+    device = device_target()
+    world = launched_world_size()
+    args.validate(world, device)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device(device)
+    rank = 0
+    if world > 1:
+        from mindspore.communication import get_group_size, get_rank, init
+
+        init()
+        rank, world = get_rank(), get_group_size()
+        args.validate(world, device)
+        if args.model_parallel_size > 1:
+            raise ArgumentError(
+                f"tensor/pipeline/expert parallel sizes (tp {args.tensor_model_parallel_size}, pp "
+                f"{args.pipeline_model_parallel_size}, ep {args.expert_model_parallel_size}) need the "
+                f"ms_mm.parallel sharding plans, which the trainer does not apply yet; check the plan with "
+                f"DRY_RUN=1 and train with tp=pp=1 (pure data parallel)")
+        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
+                                     device_num=world)
+    elif args.model_parallel_size > 1:
+        raise ArgumentError(f"WORLD_SIZE=1 cannot hold tensor-model-parallel-size "
+                            f"{args.tensor_model_parallel_size} * pipeline-model-parallel-size "
+                            f"{args.pipeline_model_parallel_size}")
+    # identical seeds on every rank keep initial weights identical under data parallel
+    ms.set_seed(args.seed)
+    np.random.seed(args.seed)
+    import random
+    random.seed(args.seed)
+    return device, rank, world
+
+
+def _to_tensors(batch: dict, names: Sequence[str]):
+    import mindspore as ms
+
+    missing = [n for n in names if n not in batch]
+    if missing:
+        raise KeyError(f"data loader batch lacks model input(s) {missing}")
+    return tuple(ms.Tensor(np.asarray(batch[n])) for n in names)
+
+
+def train(args: TrainArgs, stream=None) -> List[float]:
+    import mindspore as ms
+
+    from ms_mm.training import checkpointing as ckpt
+    from ms_mm.training.metrics import MetricsLogger
+    from ms_mm.training.optimizer import build_optimizer, current_lr
+    from ms_mm.training.train_step import TrainStep, build_loss_scaler
+
+    device, rank, world = setup_runtime(args)
+    is_rank0 = rank == 0
+    model_json = read_json(args.mm_model, "--mm-model")
+    data_json = read_json(args.mm_data, "--mm-data")
+    model_id = model_json.get("model_id")
+    if not model_id:
+        raise ArgumentError(f"--mm-model {args.mm_model}: no \"model_id\" key")
+    try:
+        family = get_family(model_id, where=f"--mm-model {args.mm_model}")
+    except KeyError as e:
+        raise ArgumentError(str(e.args[0])) from None
+    try:
+        config = family.config_from_model_json(model_json)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ArgumentError(f"--mm-model {args.mm_model}: {e}") from e
+
+    def log(msg):
+        if is_rank0:
+            print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", file=stream, flush=True)
+
+    log(f"ms-mm training: family {family.name}, device {device}, world size {world} "
+        f"(dp {args.data_parallel_size}), micro batch {args.micro_batch_size}, global batch "
+        f"{args.global_batch_size}, gradient accumulation {args.grad_accum_steps}, "
+        f"precision {'fp16' if args.fp16 else 'bf16' if args.bf16 else 'fp32'}")
+    if args.ignored_flags:
+        log(f"accepted for MindSpeed-MM compatibility, no effect here: {' '.join(args.ignored_flags)}")
+
+    # activations in fp16/bf16, parameters (the optimizer's master copy) stay fp32
+    compute_dtype = ms.float16 if args.fp16 else ms.bfloat16 if args.bf16 else ms.float32
+    model = family.build_model(config, compute_dtype)
+    trainable = apply_freeze(model, model_json, family, log)
+    n_total = sum(int(np.prod(p.shape)) for p in model.get_parameters())
+    n_train = sum(int(np.prod(p.shape)) for p in trainable)
+    log(f"parameters: {n_total:,} total, {n_train:,} trainable")
+    optimizer = build_optimizer(args, trainable, device)
+    loss_scaler = build_loss_scaler(args)
+    step_fn = TrainStep(model, optimizer, accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad,
+                        loss_scaler=loss_scaler, data_parallel=world > 1)
+
+    state = ckpt.LoadedState()
+    if args.load:
+        state = ckpt.load_checkpoint(args.load, model, optimizer, load_optim=not args.no_load_optim,
+                                     load_rng=not args.no_load_rng, finetune=args.finetune)
+        log(f"loaded {args.load}: " + ("model weights (release), starting at iteration 0" if state.release
+                                        else f"iteration {state.iteration}"))
+        if state.train_state and loss_scaler is not None and "loss_scale" in state.train_state:
+            loss_scaler.scale_value.set_data(ms.Tensor(state.train_state["loss_scale"], ms.float32))
+            if hasattr(loss_scaler, "counter") and "loss_scale_counter" in state.train_state:
+                loss_scaler.counter.set_data(ms.Tensor(state.train_state["loss_scale_counter"], ms.int32))
+
+    loader = family.build_dataloader(data_json, config, args.micro_batch_size, args.seed, rank, world,
+                                     args.num_workers, args.skip_bad_samples)
+    if state.data_state is not None:
+        loader.load_state_dict(state.data_state)
+
+    logger = MetricsLogger(train_iters=args.train_iters, start_iteration=state.iteration,
+                           global_batch_size=args.global_batch_size, log_interval=args.log_interval,
+                           log_tps=args.log_tps, tensorboard_dir=args.tensorboard_dir, is_rank0=is_rank0,
+                           stream=stream)
+    iteration, consumed = state.iteration, state.consumed_samples
+    losses: List[float] = []
+
+    last_saved = None if state.release else iteration
+
+    def save():
+        nonlocal last_saved
+        last_saved = iteration
+        if not is_rank0:
+            return
+        train_state = {"iteration": iteration, "consumed_samples": consumed, "world_size": world,
+                       "global_batch_size": args.global_batch_size, "family": family.name}
+        if loss_scaler is not None:
+            train_state["loss_scale"] = float(loss_scaler.scale_value.asnumpy())
+            if hasattr(loss_scaler, "counter"):
+                train_state["loss_scale_counter"] = int(loss_scaler.counter.asnumpy())
+        t0 = time.time()
+        path = ckpt.save_checkpoint(args.save, iteration, model, optimizer, family=family.name,
+                                    data_state=loader.state_dict(), train_state=train_state,
+                                    save_optim=not args.no_save_optim, save_rng=not args.no_save_rng)
+        log(f"saved checkpoint {path} in {time.time() - t0:.1f} s")
+
+    try:
+        while iteration < args.train_iters:
+            t0 = time.time()
+            lr = current_lr(optimizer)
+            micro, tokens = [], 0
+            for _ in range(args.grad_accum_steps):
+                try:
+                    batch = next(loader)
+                except StopIteration:
+                    raise RuntimeError(f"the data loader ran out of samples at iteration {iteration}") from None
+                if family.count_tokens is not None:
+                    tokens += family.count_tokens(batch)
+                micro.append(_to_tensors(batch, family.input_names))
+            loss, grad_norm, finite = step_fn(micro)
+            iteration += 1
+            consumed += args.global_batch_size
+            losses.append(loss)
+            logger.step(iteration=iteration, consumed_samples=consumed, loss=loss, lr=lr, grad_norm=grad_norm,
+                        finite=finite, step_time=time.time() - t0, tokens=tokens * args.data_parallel_size,
+                        loss_scale=float(loss_scaler.scale_value.asnumpy()) if loss_scaler is not None else None,
+                        skipped_samples=getattr(loader, "skipped", 0))
+            if args.save and args.save_interval and iteration % args.save_interval == 0:
+                save()
+            if args.exit_interval and iteration % args.exit_interval == 0:
+                log(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
+                break
+        # Megatron saves at the end of training too
+        if args.save and last_saved != iteration:
+            save()
+    finally:
+        logger.close()
+    logger.summary()
+    return losses
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import sys
+
+    from ms_mm.training.checkpointing import TrainCheckpointError
+
+    try:
+        args = parse_args(argv)
+        train(args)
+    except (ArgumentError, TrainCheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
