@@ -13,7 +13,7 @@ from PIL import Image
 from ms_mm.data import IGNORE_INDEX, Qwen2VLDataProcessor, build_dataset
 from ms_mm.data import demo
 from ms_mm.data.tiny_tokenizer import (NON_SPECIAL_ADDED_TOKENS, SPECIAL_TOKENS, asset_dir, build_tiny_tokenizer,
-                                       special_ids)
+                                       copy_assets, special_ids)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +44,16 @@ def test_bundled_tokenizer_builder_is_deterministic(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == stored
     for name in stored:
         assert filecmp.cmp(tmp_path / name, asset_dir() / name, shallow=False), name
+
+
+def test_copied_assets_form_a_processor_dir(tmp_path):
+    copied = copy_assets(tmp_path / "hf")
+    assert {p.name for p in copied} >= {"tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+                                        "vocab.json", "merges.txt", "chat_template.jinja"}
+    assert not (tmp_path / "hf" / "special_ids.json").exists()
+    proc = Qwen2VLDataProcessor(tmp_path / "hf")
+    assert (proc.min_pixels, proc.max_pixels) == (56 * 56, 112 * 112)
+    assert proc.image_token_id == special_ids()["image_token_id"]
 
 
 def test_python_template_equals_bundled_jinja_template(tmp_path):

@@ -63,7 +63,7 @@ def test_epoch_shards_partition_and_reshuffle():
     shards = [epoch_shard(11, 0, seed=5, rank=r, world_size=2) for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == 5
     assert not set(shards[0]) & set(shards[1])
-    e0, e1 = (np.concatenate([epoch_shard(11, e, 5, r, 1) for r in range(1)]) for e in (0, 1))
+    e0, e1 = (epoch_shard(11, e, seed=5, rank=0, world_size=1) for e in (0, 1))
     assert sorted(e0) == sorted(e1) == list(range(11)) and list(e0) != list(e1)
     np.testing.assert_array_equal(epoch_shard(11, 0, 5, 0, 1), epoch_shard(11, 0, 5, 0, 1))
     np.testing.assert_array_equal(epoch_shard(6, 0, 5, 0, 1, shuffle=False), np.arange(6))
@@ -106,6 +106,10 @@ def test_padding_policy(demo):
     assert bucket["input_ids"].shape[1] % 32 == 0
     fixed = first(_cfg(demo))  # demo default: pad to cutoff_len
     assert fixed["labels"].shape == (3, 128)
+    path = demo / "data_demo.json"  # a data_*.json file path works too
+    path.write_text(json.dumps(_cfg(demo)))
+    with build_dataloader(path, micro_batch_size=3, seed=0) as loader:
+        np.testing.assert_array_equal(next(loader)["input_ids"], fixed["input_ids"])
 
 
 # ----------------------------------------------------------------- resume

@@ -141,3 +141,20 @@ def test_text_only_sample(case):
     assert out["pixel_values"].shape == (0, 1176) and out["image_grid_thw"].shape == (0, 3)
     tok = case["processor"].tokenizer
     assert tok.decode(out["labels"][out["labels"] != IGNORE_INDEX]) == "The box is red.<|im_end|>"
+
+
+def test_release_style_preprocessor_config(case, tmp_path):
+    """Released Qwen2.5-VL checkpoints give min/max_pixels at top level, without `size`."""
+    import shutil
+
+    d = tmp_path / "proc"
+    shutil.copytree(case["dir"] / "hf_processor", d)
+    cfg = json.loads((d / "preprocessor_config.json").read_text())
+    del cfg["size"]
+    cfg["processor_class"] = "Qwen2_5_VLProcessor"
+    (d / "preprocessor_config.json").write_text(json.dumps(cfg))
+    proc = Qwen2VLDataProcessor(d)
+    assert (proc.min_pixels, proc.max_pixels) == (3136, 12544)
+    _check_equal(proc(case["messages"], [case["image"]]), case["expected"])
+    with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
+        Qwen2VLDataProcessor(tmp_path)

@@ -46,7 +46,7 @@ def convert(input_path: str, image_dir: str, output_path: str, overwrite: bool =
     if os.path.exists(output_path) and not overwrite:
         raise FileExistsError(f"{output_path} already exists; remove or rename it, or pass --overwrite")
     try:
-        with open(input_path, encoding="utf-8") as f:
+        with open(input_path, encoding="utf-8-sig") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{input_path}: malformed json at line {e.lineno} column {e.colno}: {e.msg}") from None

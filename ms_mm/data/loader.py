@@ -22,6 +22,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -169,12 +170,19 @@ class MllmDataLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` (from `state_dict()` of a loader with the same data, seed,
-        world size and shuffle setting; the micro batch size may differ)."""
+        world size and shuffle setting; the micro batch size may differ). Ranks share one
+        position unless bad samples were skipped, so a single saved state fits every rank in
+        the common case; with `skip_bad_samples`, save and load one state per rank."""
         for key, mine in (("seed", self.seed), ("world_size", self.world_size),
                           ("num_records", len(self.dataset)), ("shuffle", self.shuffle)):
             if key in state and state[key] != mine:
                 raise ValueError(f"data loader state was saved with {key}={state[key]!r}, this loader "
                                  f"has {key}={mine!r}: the data position cannot be restored exactly")
+        if state.get("rank", self.rank) != self.rank and state.get("skipped", 0):
+            # Without skipped samples every rank stands at the same cursor; with them it does not.
+            logger.warning("data loader state of rank %s loaded on rank %s after %s skipped samples: "
+                           "the position is approximate; save one state per rank", state.get("rank"),
+                           self.rank, state.get("skipped"))
         self._stop_producer()
         self._failed = None
         self._position = {k: int(state[k]) for k in ("epoch", "cursor", "skipped", "batches")}
@@ -426,10 +434,8 @@ def build_dataloader(data_cfg: dict, model_config=None, micro_batch_size: int = 
 
 def load_data_config(path: str | os.PathLike) -> dict:
     """Read a `data_*.json` file (errors name the file)."""
-    import json
-
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: malformed json at line {e.lineno} column {e.colno}: {e.msg}") from None

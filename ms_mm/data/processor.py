@@ -173,6 +173,9 @@ class Qwen2VLDataProcessor:
         if not messages:
             raise BadSampleError("empty conversation")
         msgs = list(messages)
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                raise BadSampleError(f"message {i} is a {type(m).__name__}, expected an object")
         if msgs[0].get("role") == "system":
             system = msgs[0].get("content")
             msgs = msgs[1:]

@@ -197,6 +197,20 @@ def special_ids() -> dict:
         return json.load(f)
 
 
+def copy_assets(dst_dir: str | os.PathLike) -> list[Path]:
+    """Copy the tokenizer + preprocessor files (everything but `special_ids.json`) into an HF
+    checkpoint directory, as a released Qwen2.5-VL checkpoint carries them; returns the copies."""
+    import shutil
+
+    dst_dir = Path(dst_dir)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for src in sorted(asset_dir().iterdir()):
+        if src.is_file() and src.name != "special_ids.json":
+            copied.append(Path(shutil.copy2(src, dst_dir / src.name)))
+    return copied
+
+
 if __name__ == "__main__":
     target = sys.argv[1] if len(sys.argv) > 1 else ASSET_DIR
     rec = build_tiny_tokenizer(target)
