@@ -21,7 +21,7 @@ import re
 import sys
 from typing import Any, Dict, List, Optional
 
-from convert.framework import ConversionError, _check_layout_args, hf_to_mm, mm_to_hf, resplit
+from convert.framework import ConversionError, check_layout_args, hf_to_mm, mm_to_hf, resplit
 from convert.registry import UnknownFamilyError, get_spec, known_specs
 from ms_mm.training.mm_checkpoint import CheckpointError, open_model
 
@@ -91,10 +91,10 @@ def _parallel(cfg: Dict[str, Any], prefix: str, pp_keys) -> Dict[str, Any]:
     if tp is not None and tp < 1:
         raise UsageError(f"--cfg.{prefix}.tp_size must be >= 1, got {tp}")
     ep = _take(cfg, f"{prefix}.ep_size", kind=int)
-    if ep not in (None, 1):
-        raise UsageError(f"--cfg.{prefix}.ep_size {ep}: this converter has no experts to split (use 1)")
+    if ep is not None and ep < 1:
+        raise UsageError(f"--cfg.{prefix}.ep_size must be >= 1, got {ep}")
     pp = {k: _take(cfg, f"{prefix}.{k}_pp_layers") for k in pp_keys}
-    return {"tp_size": tp, "pp_layers": {k: v for k, v in pp.items() if v is not None}}
+    return {"tp_size": tp, "ep_size": ep, "pp_layers": {k: v for k, v in pp.items() if v is not None}}
 
 
 def run(argv: List[str]) -> int:
@@ -114,16 +114,27 @@ def run(argv: List[str]) -> int:
         raise UsageError(f"unknown action {action!r} for {spec.converter}; choose one of {', '.join(ACTIONS)}")
     cfg = parse_cfg(rest)
     pp_keys = list(spec.pp_modules)
+    # MindSpeed-MM's guides pass --cfg.trust_remote_code True; config.json is only read as data here
+    # and no code from the checkpoint directory is ever run, so the option changes nothing
     trust = cfg.pop("trust_remote_code", False)
-    if trust not in (False, "false", "False"):
-        raise UsageError("--cfg.trust_remote_code: remote code is never executed by mm-convert; drop the option")
+    if trust not in (False, True, "false", "False", "true", "True"):
+        raise UsageError(f"--cfg.trust_remote_code: expected True or False, got {trust!r}")
+    if trust in (True, "true", "True"):
+        print("mm-convert: note: --cfg.trust_remote_code is accepted but unused: no checkpoint code is executed",
+              file=sys.stderr)
+    # BAGEL / Lumina guides name the directories source_path / target_path
+    for alias, key in (("source_path", "hf_config.hf_dir"), ("target_path", "mm_dir")):
+        if alias in cfg and action == "hf_to_mm":
+            if key in cfg:
+                raise UsageError(f"--cfg.{alias} and --cfg.{key} name the same directory; give one")
+            cfg[key] = cfg.pop(alias)
 
     if action == "hf_to_mm":
         mm_dir = _take(cfg, "mm_dir", True, str)
         hf_dir = _take(cfg, "hf_config.hf_dir", True, str)
         par = _parallel(cfg, "parallel_config", pp_keys)
         _no_leftovers(cfg, spec, action)
-        out = hf_to_mm(hf_dir, mm_dir, spec, par["tp_size"] or 1, par["pp_layers"])
+        out = hf_to_mm(hf_dir, mm_dir, spec, par["tp_size"] or 1, par["pp_layers"], ep_size=par["ep_size"] or 1)
         print(f"mm-convert: wrote {out}")
     elif action == "mm_to_hf":
         mm_dir = _take(cfg, "mm_dir", True, str)
@@ -134,7 +145,8 @@ def run(argv: List[str]) -> int:
         par = _parallel(cfg, "parallel_config", pp_keys)
         _no_leftovers(cfg, spec, action)
         kw = {"max_shard_bytes": _parse_size(shard, "max_shard_size")} if shard is not None else {}
-        out = mm_to_hf(mm_dir, hf_dir, save, spec, par["tp_size"], par["pp_layers"], iteration, **kw)
+        out = mm_to_hf(mm_dir, hf_dir, save, spec, par["tp_size"], par["pp_layers"], iteration,
+                       ep_size=par["ep_size"], **kw)
         print(f"mm-convert: wrote {out}")
     else:
         src = _take(cfg, "source_dir", True, str)
@@ -147,18 +159,20 @@ def run(argv: List[str]) -> int:
             layout = open_model(src, iteration).layout
         except CheckpointError as e:
             raise ConversionError(str(e)) from e
-        _check_layout_args(layout, source["tp_size"], source["pp_layers"], src)
-        out = resplit(src, dst, target["tp_size"] or 1, target["pp_layers"], iteration, spec)
+        check_layout_args(layout, source["tp_size"], source["pp_layers"], src, source["ep_size"])
+        out = resplit(src, dst, target["tp_size"] or 1, target["pp_layers"], iteration, spec,
+                      ep_size=target["ep_size"] or 1)
         print(f"mm-convert: wrote {out}")
     return 0
 
 
 _KNOWN = {
-    "hf_to_mm": ["mm_dir", "hf_config.hf_dir", "parallel_config.tp_size", "parallel_config.<m>_pp_layers"],
+    "hf_to_mm": ["mm_dir (alias target_path)", "hf_config.hf_dir (alias source_path)", "parallel_config.tp_size",
+                 "parallel_config.ep_size", "parallel_config.<m>_pp_layers", "trust_remote_code"],
     "mm_to_hf": ["mm_dir", "hf_config.hf_dir", "save_hf_dir", "iteration", "max_shard_size",
-                 "parallel_config.tp_size", "parallel_config.<m>_pp_layers"],
-    "resplit": ["source_dir", "target_dir", "iteration", "source_parallel_config.tp_size",
-                "source_parallel_config.<m>_pp_layers", "target_parallel_config.tp_size",
+                 "parallel_config.tp_size", "parallel_config.ep_size", "parallel_config.<m>_pp_layers"],
+    "resplit": ["source_dir", "target_dir", "iteration", "source_parallel_config.{tp_size,ep_size}",
+                "source_parallel_config.<m>_pp_layers", "target_parallel_config.{tp_size,ep_size}",
                 "target_parallel_config.<m>_pp_layers"],
 }
 

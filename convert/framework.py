@@ -172,7 +172,7 @@ def normalize_pp_layers(value, what: str) -> Optional[List[int]]:
 
 
 def make_layout(spec: FamilySpec, config, tp_size: int = 1,
-                pp_layers: Optional[Mapping[str, Any]] = None) -> ParallelLayout:
+                pp_layers: Optional[Mapping[str, Any]] = None, ep_size: int = 1) -> ParallelLayout:
     """Validate the parallel arguments against the model and build its `ParallelLayout`."""
     if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
         raise ConversionError(f"tp_size must be a positive integer, got {tp_size!r}")
@@ -200,10 +200,12 @@ def make_layout(spec: FamilySpec, config, tp_size: int = 1,
         for what, n in spec.tp_checks(config):
             if n % tp_size:
                 raise ConversionError(f"tp_size {tp_size} does not divide the {what} = {n}")
+    if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
+        raise ConversionError(f"ep_size must be a positive integer, got {ep_size!r}")
     return ParallelLayout(tp_size=tp_size, pp_layers=norm, family=spec.family,
                           tp_rules=spec.tp_rules or ParallelLayout().tp_rules,
                           pp_stages=spec.pp_stages or ParallelLayout().pp_stages,
-                          tied=[list(t) for t in spec.tied_copies(config)])
+                          tied=[list(t) for t in spec.tied_copies(config)], ep_size=ep_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,11 +213,12 @@ def make_layout(spec: FamilySpec, config, tp_size: int = 1,
 # ---------------------------------------------------------------------------------------------
 
 def hf_to_mm(hf_dir, mm_dir, family: Union[str, FamilySpec], tp_size: int = 1,
-             pp_layers: Optional[Mapping[str, Any]] = None, iteration: Union[str, int] = "release") -> Path:
+             pp_layers: Optional[Mapping[str, Any]] = None, iteration: Union[str, int] = "release",
+             ep_size: int = 1) -> Path:
     """Convert an HF weight dir into `mm_dir/<iteration>/...` (+ latest_checkpointed_iteration.txt)."""
     spec = get_spec(family)
     config = spec.config_from_hf(read_hf_config(hf_dir))
-    layout = make_layout(spec, config, tp_size, pp_layers)
+    layout = make_layout(spec, config, tp_size, pp_layers, ep_size)
     plan = _plan_hf_to_mm(spec, config, HFCheckpoint(hf_dir, spec))
     try:
         return save_model(mm_dir, plan, layout, iteration, metadata={"format": "ms-mm", "family": spec.family})
@@ -231,11 +234,14 @@ def _copy_extra_files(spec: FamilySpec, hf_dir: Path, out: Path) -> None:
             shutil.copy2(p, out / p.name)
 
 
-def _check_layout_args(layout: ParallelLayout, tp_size, pp_layers, mm_dir) -> None:
+def check_layout_args(layout: ParallelLayout, tp_size, pp_layers, mm_dir, ep_size=None) -> None:
     """If the user restated the parallel config, it must match what the checkpoint says."""
     if tp_size is not None and tp_size != layout.tp_size:
         raise ConversionError(f"--cfg.parallel_config.tp_size {tp_size} does not match tp_size "
                               f"{layout.tp_size} recorded in {mm_dir}")
+    if ep_size is not None and ep_size != layout.ep_size:
+        raise ConversionError(f"--cfg.parallel_config.ep_size {ep_size} does not match ep_size "
+                              f"{layout.ep_size} recorded in {mm_dir}")
     for key, value in (pp_layers or {}).items():
         if value is None:
             continue
@@ -250,7 +256,7 @@ def _check_layout_args(layout: ParallelLayout, tp_size, pp_layers, mm_dir) -> No
 
 def mm_to_hf(mm_dir, hf_dir, save_hf_dir, family: Union[str, FamilySpec], tp_size: Optional[int] = None,
              pp_layers: Optional[Mapping[str, Any]] = None, iteration: Union[str, int, None] = None,
-             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, ep_size: Optional[int] = None) -> Path:
     """Write an MM checkpoint (merged over TP/PP) back as HF safetensors into `save_hf_dir`.
 
     `hf_dir` supplies config.json (the shapes) and the tokenizer/processor files copied along.
@@ -263,7 +269,7 @@ def mm_to_hf(mm_dir, hf_dir, save_hf_dir, family: Union[str, FamilySpec], tp_siz
         reader = open_model(mm_dir, iteration)
     except CheckpointError as e:
         raise ConversionError(str(e)) from e
-    _check_layout_args(reader.layout, tp_size, pp_layers, mm_dir)
+    check_layout_args(reader.layout, tp_size, pp_layers, mm_dir, ep_size)
     rules = _rules_for(spec, config)
     missing = [r.mm for r in rules if r.mm not in reader]
     if missing:
@@ -347,7 +353,8 @@ def mm_to_hf(mm_dir, hf_dir, save_hf_dir, family: Union[str, FamilySpec], tp_siz
 
 
 def resplit(source_dir, target_dir, tp_size: int = 1, pp_layers: Optional[Mapping[str, Any]] = None,
-            iteration: Union[str, int, None] = None, family: Union[str, FamilySpec, None] = None) -> Path:
+            iteration: Union[str, int, None] = None, family: Union[str, FamilySpec, None] = None,
+            ep_size: int = 1) -> Path:
     """Re-split an MM checkpoint to a new TP size / pipeline split (same iteration name)."""
     try:
         reader = open_model(source_dir, iteration)
@@ -371,8 +378,12 @@ def resplit(source_dir, target_dir, tp_size: int = 1, pp_layers: Optional[Mappin
     for key, v in src.pp_layers.items():
         if norm and key not in norm:
             norm[key] = [sum(v)] + [0] * (pp - 1)
-    layout = ParallelLayout(tp_size=tp_size, pp_layers=norm, family=src.family, tp_rules=src.tp_rules,
-                            pp_stages=src.pp_stages, tied=src.tied)
+    try:
+        layout = ParallelLayout(tp_size=tp_size, pp_layers=norm, family=src.family, tp_rules=src.tp_rules,
+                                pp_stages=src.pp_stages, tied=src.tied, ep_size=ep_size,
+                                expert_pattern=src.expert_pattern)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from e
     it = iteration if iteration is not None else reader.iter_dir.name
     it = "release" if it == "release" else int(str(it).replace("iter_", ""))
     state = OrderedDict((k, reader.lazy(k)) for k in reader.keys())

@@ -25,7 +25,7 @@ import numpy as np
 from adapters.spec import expand_rules
 from convert.framework import INDEX_FILE
 from convert.registry import get_spec
-from ms_mm.training.mm_checkpoint import BF16, LazyTensor, SafetensorsWriter
+from ms_mm.training.mm_checkpoint import BF16, SafetensorsWriter
 
 __all__ = ["QWEN2_5_VL_TINY", "write_random_hf", "build_tiny", "ASSETS"]
 
@@ -66,10 +66,14 @@ def qwen2_5_vl_tiny_config(special: Dict[str, Any]) -> Dict[str, Any]:
             **ids, "text_config": text, "vision_config": vision}
 
 
+def _fast_fill(shape, dtype) -> np.ndarray:
+    # content does not matter (benchmarks, memory tests): one allocation, not constant
+    if dtype == BF16:
+        return np.resize(np.arange(0x3C00, 0x3C00 + 1021, dtype=np.uint16), shape).view(BF16)
+    return np.resize((np.arange(1021, dtype=np.float32) / 1021 - 0.5), shape)
+
+
 def _init(name: str, shape, rng: np.random.Generator, fill: str) -> np.ndarray:
-    if fill == "fast":  # content does not matter (benchmarks): cheap but not constant
-        n = int(np.prod(shape))
-        return (np.arange(n, dtype=np.float32) % 251 / 251 - 0.5).reshape(shape)
     if name.endswith(".bias"):
         return np.zeros(shape, np.float32)
     if len(shape) == 1:  # RMSNorm weights
@@ -90,11 +94,18 @@ def _to_bf16(x: np.ndarray) -> np.ndarray:
 def write_random_hf(out_dir, hf_config: Dict[str, Any], family: str = "qwen2_5_vl", seed: int = 0,
                     dtype: str = "float32", fill: str = "random", max_shard_bytes: Optional[int] = None) -> Path:
     """Write `config.json` + random weights (every tensor the family spec expects, HF names)."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if fill not in ("random", "fast"):
+        raise ValueError(f"fill must be 'random' or 'fast', got {fill!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = get_spec(family)
     config = spec.config_from_hf(hf_config)
     rules = expand_rules(spec.rules(config), spec.layer_counts(config))
+    unshaped = [r.mm for r in rules if r.hf_shapes is None]
+    if unshaped:
+        raise ValueError(f"the {family} spec gives no hf_shapes for {unshaped[:3]}: cannot make random weights")
     rng = np.random.default_rng(seed)
     item = 2 if dtype == "bfloat16" else 4
     np_dtype = BF16 if dtype == "bfloat16" else np.dtype(np.float32)
@@ -112,6 +123,9 @@ def write_random_hf(out_dir, hf_config: Dict[str, Any], family: str = "qwen2_5_v
     for fname, shard in zip(names, shards):
         with SafetensorsWriter(out / fname, [(h, s, np_dtype) for h, s in shard], {"format": "pt"}) as w:
             for h, s in shard:
+                if fill == "fast":
+                    w.write(h, _fast_fill(s, np_dtype))
+                    continue
                 arr = _init(h, s, rng, fill)
                 w.write(h, _to_bf16(arr) if dtype == "bfloat16" else arr)
     if n > 1:

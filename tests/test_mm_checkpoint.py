@@ -165,3 +165,27 @@ def test_bad_inputs_are_named(tmp_path):
         save_model(tmp_path / "q", small_state(), ParallelLayout(tp_size=5))
     with pytest.raises(CheckpointError, match=r"rogue\.weight' belongs to no pipeline stage"):
         save_model(tmp_path / "r", {"rogue.weight": np.zeros(2)}, ParallelLayout(pp_layers={"llm": [1, 0]}))
+
+
+def test_expert_parallel_split_and_merge(tmp_path):
+    state = small_state()
+    rng = np.random.default_rng(5)
+    for i in (2, 3):
+        for e in range(4):
+            state[f"{L}{i}.mlp.experts.local_experts.{e}.linear_fc1.weight"] = rng.standard_normal((8, 4)).astype(np.float32)
+    layout = ParallelLayout(tp_size=2, ep_size=2, pp_layers={"vit": [3, 0], "llm": [2, 2]})
+    d = save_model(tmp_path / "ck", state, layout)
+    s = read_safetensors(d / "mp_rank_01_001_001" / "model.safetensors")
+    # EP rank 1 holds experts 2, 3 renumbered 0, 1 (stage-local layer 1 = global 3), TP rank 1's gate/up rows
+    w = state[f"{L}3.mlp.experts.local_experts.3.linear_fc1.weight"]
+    np.testing.assert_array_equal(s[f"{L}1.mlp.experts.local_experts.1.linear_fc1.weight"], np.r_[w[2:4], w[6:8]])
+    assert not any("local_experts.2" in k for k in s)
+    assert f"{L}1.input_layernorm.weight" in s  # non-expert tensors are on every EP rank
+    back = load_model(tmp_path / "ck")
+    assert sorted(back) == sorted(state)
+    for k in state:
+        np.testing.assert_array_equal(back[k], state[k])
+    with pytest.raises(CheckpointError, match="ep_size 3 does not divide the number of experts 4"):
+        save_model(tmp_path / "bad", state, ParallelLayout(ep_size=3))
+    with pytest.raises(CheckpointError, match="ep_size 2 given but the model has no expert tensors"):
+        save_model(tmp_path / "bad2", small_state(), ParallelLayout(ep_size=2))

@@ -37,7 +37,7 @@ import struct
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -285,12 +285,14 @@ def read_safetensors(path) -> Dict[str, np.ndarray]:
 MEGATRON_TP_RULES: List[Tuple[str, str]] = [
     (r".*\.projector\.encoder\.linear_fc1\.(weight|bias)$", "col"),
     (r".*\.self_attention\.linear_qkv\.(weight|bias)$", "col"),
-    (r".*\.mlp\.linear_fc1\.(weight|bias)$", "col_gated"),
+    (r".*\.linear_fc1\.(weight|bias)$", "col_gated"),  # MLPs, shared and routed experts
     (r".*\.word_embeddings\.weight$", "col"),
     (r".*\.output_layer\.weight$", "col"),
     (r".*\.linear_proj\.weight$", "row"),
     (r".*\.linear_fc2\.weight$", "row"),
 ]
+
+EXPERT_PATTERN = r"^(.*\.local_experts\.)(\d+)(\..*)$"
 
 # One entry per pipelined module: its layer prefix, which `<key>_pp_layers` splits it, and the
 # non-layer tensors that live on its first / last non-empty stage (MindSpeed-MM's convention).
@@ -363,10 +365,20 @@ class ParallelLayout:
     pp_stages: List[Dict[str, Any]] = field(default_factory=lambda: [dict(s) for s in VLM_PP_STAGES])
     # [src, dst]: dst is a copy of src stored only when pp > 1 (a tied output layer on the last stage)
     tied: List[List[str]] = field(default_factory=list)
+    # expert parallelism: experts (names matching expert_pattern: prefix, global index, suffix) are
+    # dealt out in contiguous blocks of num_experts / ep_size per EP rank and renumbered locally
+    ep_size: int = 1
+    num_experts: int = 0
+    expert_pattern: str = EXPERT_PATTERN
 
     def __post_init__(self):
         if not isinstance(self.tp_size, int) or self.tp_size < 1:
             raise CheckpointError(f"tp_size must be a positive integer, got {self.tp_size!r}")
+        if not isinstance(self.ep_size, int) or self.ep_size < 1:
+            raise CheckpointError(f"ep_size must be a positive integer, got {self.ep_size!r}")
+        if self.num_experts and self.num_experts % self.ep_size:
+            raise CheckpointError(f"ep_size {self.ep_size} does not divide the number of experts {self.num_experts}")
+        self._expert_re = re.compile(self.expert_pattern)
         sizes = {k: len(v) for k, v in self.pp_layers.items()}
         if len(set(sizes.values())) > 1:
             raise CheckpointError(f"pipeline layer lists have different numbers of stages: {sizes}")
@@ -390,8 +402,35 @@ class ParallelLayout:
                 return kind
         return None
 
-    def rank_dir(self, tp_rank: int, pp_rank: int) -> str:
-        return f"mp_rank_{tp_rank:02d}" if self.pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    def rank_dir(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
+        """MindSpeed-MM's naming: mp_rank_{tp:02d}[_{pp:03d} if pp > 1][_{ep:03d} if ep > 1]."""
+        name = f"mp_rank_{tp_rank:02d}"
+        if self.pp_size > 1:
+            name += f"_{pp_rank:03d}"
+        if self.ep_size > 1:
+            name += f"_{ep_rank:03d}"
+        return name
+
+    # --- expert placement -------------------------------------------------------------------
+    def expert_index(self, name: str) -> Optional[int]:
+        m = self._expert_re.match(name)
+        return int(m.group(2)) if m else None
+
+    def ep_place(self, name: str) -> Tuple[Optional[int], str]:
+        """Full name → (EP rank holding it or None for every rank, EP-local name)."""
+        m = self._expert_re.match(name)
+        if self.ep_size == 1 or not m:
+            return None, name
+        per = self.num_experts // self.ep_size
+        idx = int(m.group(2))
+        return idx // per, f"{m.group(1)}{idx % per}{m.group(3)}"
+
+    def ep_unplace(self, ep_rank: int, local: str) -> str:
+        m = self._expert_re.match(local)
+        if self.ep_size == 1 or not m:
+            return local
+        per = self.num_experts // self.ep_size
+        return f"{m.group(1)}{int(m.group(2)) + ep_rank * per}{m.group(3)}"
 
     # --- pipeline placement -----------------------------------------------------------------
     def _ranges(self, key):
@@ -453,6 +492,9 @@ class ParallelLayout:
         d["tp_rules"] = [list(r) for r in self.tp_rules]
         d["pp_stages"] = self.pp_stages
         d["tied"] = [list(t) for t in self.tied]
+        d["ep_size"] = self.ep_size
+        d["num_experts"] = self.num_experts
+        d["expert_pattern"] = self.expert_pattern
         return d
 
     @classmethod
@@ -465,6 +507,9 @@ class ParallelLayout:
             kw["pp_stages"] = d["pp_stages"]
         if "tied" in d:
             kw["tied"] = [list(t) for t in d["tied"]]
+        for k in ("ep_size", "num_experts", "expert_pattern"):
+            if k in d:
+                kw[k] = d[k]
         return cls(tp_size=int(d.get("tp_size", 1)), pp_layers=pp, family=d.get("family", ""), **kw)
 
 
@@ -556,35 +601,59 @@ def write_model_files(iter_dir, state: Mapping[str, Union[np.ndarray, LazyTensor
             lazies[dst] = lazies[src]
         elif layout.pp_size == 1 and src in lazies:
             lazies.pop(dst, None)
+    experts = [i for i in (layout.expert_index(n) for n in lazies) if i is not None]
+    if layout.ep_size > 1:
+        if not experts:
+            raise CheckpointError(f"ep_size {layout.ep_size} given but the model has no expert tensors "
+                                  f"(names matching {layout.expert_pattern})")
+        n_exp = max(experts) + 1
+        if n_exp % layout.ep_size:
+            raise CheckpointError(f"ep_size {layout.ep_size} does not divide the number of experts {n_exp}")
+        layout.num_experts = n_exp
+    ep = layout.ep_size
     stages: List[List[Tuple[str, str]]] = [[] for _ in range(layout.pp_size)]
     for name in lazies:
         pp, local = layout.place(name)
         stages[pp].append((name, local))
     for pp, members in enumerate(stages):
-        specs = []
+        # per EP rank: (full name, EP-and-stage-local name) of the tensors it holds, in one order
+        per_ep: List[List[Tuple[str, str]]] = [[] for _ in range(ep)]
+        owner: Dict[str, Optional[int]] = {}
         for name, local in members:
-            t = lazies[name]
-            kind = layout.tp_kind(name)
-            shape = _split_shape(t.shape, kind, tp)
-            if tp > 1 and kind is not None and tuple(shape) != tuple(t.shape):
-                axis = 1 if kind == "row" else 0
-                div = 2 * tp if kind == "col_gated" else tp
-                if t.shape[axis] % div:
-                    raise CheckpointError(f"tensor {name!r} {list(t.shape)}: dim {axis} is not divisible by "
-                                          f"tp_size {tp}" + (" (gate and up halves)" if kind == "col_gated" else ""))
-            specs.append((local, shape, t.dtype))
-        writers = [SafetensorsWriter(iter_dir / layout.rank_dir(r, pp) / MODEL_FILE, specs, metadata)
-                   for r in range(tp)]
+            e, local = layout.ep_place(local)
+            owner[name] = e
+            for r in (range(ep) if e is None else (e,)):
+                per_ep[r].append((name, local))
+        writers: Dict[Tuple[int, int], SafetensorsWriter] = {}
         try:
-            for name, local in members:
+            for e in range(ep):
+                specs = []
+                for name, local in per_ep[e]:
+                    t = lazies[name]
+                    kind = layout.tp_kind(name)
+                    shape = _split_shape(t.shape, kind, tp)
+                    if tp > 1 and kind is not None and tuple(shape) != tuple(t.shape):
+                        axis = 1 if kind == "row" else 0
+                        div = 2 * tp if kind == "col_gated" else tp
+                        if t.shape[axis] % div:
+                            raise CheckpointError(
+                                f"tensor {name!r} {list(t.shape)}: dim {axis} is not divisible by tp_size {tp}"
+                                + (" (gate and up halves)" if kind == "col_gated" else ""))
+                    specs.append((local, shape, t.dtype))
+                for r in range(tp):
+                    writers[r, e] = SafetensorsWriter(iter_dir / layout.rank_dir(r, pp, e) / MODEL_FILE, specs,
+                                                      metadata)
+            local_of = [{n: l for n, l in per_ep[e]} for e in range(ep)]
+            for name, _ in members:
                 pieces = tp_split(lazies[name].load(), layout.tp_kind(name), tp, name)
-                for w, piece in zip(writers, pieces):
-                    w.write(local, piece)
+                for e in (range(ep) if owner[name] is None else (owner[name],)):
+                    for r, piece in enumerate(pieces):
+                        writers[r, e].write(local_of[e][name], piece)
                 del pieces
-            for w in writers:
+            for w in writers.values():
                 w.close()
         except BaseException:
-            for w in writers:
+            for w in writers.values():
                 w.abort()
             raise
     (iter_dir / LAYOUT_FILE).write_text(json.dumps(layout.to_json(), indent=1))
@@ -636,26 +705,30 @@ class MMCheckpointReader:
     def __init__(self, iter_dir):
         self.iter_dir = Path(iter_dir)
         self.layout = read_layout(self.iter_dir)
-        tp, pp = self.layout.tp_size, self.layout.pp_size
+        tp, pp, ep = self.layout.tp_size, self.layout.pp_size, self.layout.ep_size
         self._where: Dict[str, Tuple[List[SafetensorsFile], str]] = {}
         for p in range(pp):
-            files = []
-            for r in range(tp):
-                path = self.iter_dir / self.layout.rank_dir(r, p) / MODEL_FILE
-                if not path.is_file():
-                    raise CheckpointError(f"{path} is missing (layout tp_size={tp}, pp_size={pp})")
-                files.append(SafetensorsFile(path))
-            names0 = set(files[0].keys())
-            for r, f in enumerate(files[1:], 1):
-                if set(f.keys()) != names0:
-                    diff = sorted(names0.symmetric_difference(f.keys()))[:5]
-                    raise CheckpointError(f"{f.path}: tensor names differ from tp rank 0 ({diff} ...)")
-            for local in files[0].keys():
-                full = self.layout.unplace(p, local)
-                if full in self._where:
-                    raise CheckpointError(f"{files[0].path}: tensor {full!r} is also stored in "
-                                          f"{self._where[full][0][0].path} (overlapping pipeline stages)")
-                self._where[full] = (files, local)
+            for e in range(ep):
+                files = []
+                for r in range(tp):
+                    path = self.iter_dir / self.layout.rank_dir(r, p, e) / MODEL_FILE
+                    if not path.is_file():
+                        raise CheckpointError(f"{path} is missing (layout tp_size={tp}, pp_size={pp}, ep_size={ep})")
+                    files.append(SafetensorsFile(path))
+                names0 = set(files[0].keys())
+                for f in files[1:]:
+                    if set(f.keys()) != names0:
+                        diff = sorted(names0.symmetric_difference(f.keys()))[:5]
+                        raise CheckpointError(f"{f.path}: tensor names differ from tp rank 0 ({diff} ...)")
+                for local in files[0].keys():
+                    is_expert = self.layout.expert_index(local) is not None
+                    if not is_expert and e > 0:
+                        continue  # non-expert tensors are repeated on every EP rank
+                    full = self.layout.unplace(p, self.layout.ep_unplace(e, local))
+                    if full in self._where:
+                        raise CheckpointError(f"{files[0].path}: tensor {full!r} is also stored in "
+                                              f"{self._where[full][0][0].path} (overlapping ranks or stages)")
+                    self._where[full] = (files, local)
 
     def keys(self) -> List[str]:
         return list(self._where)
@@ -685,9 +758,28 @@ class MMCheckpointReader:
     def get(self, name) -> np.ndarray:
         files, local = self._files(name)
         kind = self.layout.tp_kind(name)
-        if kind is None or self.layout.tp_size == 1:
+        tp = self.layout.tp_size
+        if kind is None or tp == 1 or (kind == "row" and len(files[0].shape(local)) < 2):
             return files[0].get(local)
-        return tp_merge([f.get(local) for f in files], kind)
+        # fill a preallocated full tensor rank by rank: peak = full + one piece, not 2 x full
+        out = np.empty(self.shape(name), dtype=files[0].dtype(local))
+        for r, f in enumerate(files):
+            piece = f.get(local)
+            if kind == "row":
+                n = piece.shape[1]
+                out[:, r * n:(r + 1) * n] = piece
+            elif kind == "col":
+                n = piece.shape[0]
+                out[r * n:(r + 1) * n] = piece
+            elif kind == "col_gated":
+                h = piece.shape[0] // 2
+                half = out.shape[0] // 2
+                out[r * h:(r + 1) * h] = piece[:h]
+                out[half + r * h:half + (r + 1) * h] = piece[h:]
+            else:
+                raise CheckpointError(f"unknown TP split kind {kind!r} for tensor {name!r}")
+            del piece
+        return out
 
     def lazy(self, name) -> LazyTensor:
         return LazyTensor(self.shape(name), self.dtype(name), lambda: self.get(name))
