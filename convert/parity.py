@@ -10,7 +10,8 @@ written array is compared with the same key there, with the suggested fp32 toler
 exit status says whether all of them hold.
 
 Families register a runner in ``FAMILIES`` (``"module:function"``, imported on demand):
-``runner(hf_dir, inputs: dict[str, np.ndarray], grad_names: list[str]) -> dict[str, np.ndarray]``.
+``runner(hf_dir, inputs: dict[str, np.ndarray], grad_names: list[str]) -> dict[str, np.ndarray]``;
+it raises ``ParityError("inputs: ...")`` for a bad input key or shape (the CLI puts the file name in).
 """
 from __future__ import annotations
 
@@ -53,17 +54,18 @@ def _runner(family: str):
     return getattr(importlib.import_module(module), func)
 
 
-def load_inputs(path: str, required: Sequence[str] = ("input_ids",)) -> Dict[str, np.ndarray]:
+def load_npz(path: str, what: str = "--inputs", required: Sequence[str] = ()) -> Dict[str, np.ndarray]:
+    """All arrays of an .npz file; ``what`` names the argument in error messages."""
     if not os.path.isfile(path):
-        raise ParityError(f"--inputs {path}: no such file")
+        raise ParityError(f"{what} {path}: no such file")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ParityError(f"--inputs {path}: not a readable .npz file ({type(e).__name__}: {e})") from e
+        raise ParityError(f"{what} {path}: not a readable .npz file ({type(e).__name__}: {e})") from e
     missing = [k for k in required if k not in arrays]
     if missing:
-        raise ParityError(f"--inputs {path}: missing key(s) {missing}; it has {sorted(arrays)}")
+        raise ParityError(f"{what} {path}: missing key(s) {missing}; it has {sorted(arrays)}")
     return arrays
 
 
@@ -73,20 +75,27 @@ def _canonical_hf_name(spec, name: str) -> str:
     return name
 
 
+def check_grad_names(family, config, mm_state, grad_names) -> None:
+    """Fail before any compute if a requested gradient is not a tensor of this checkpoint."""
+    import convert
+
+    if not grad_names:
+        return
+    spec = convert.get_spec(family)
+    known = set(convert.mm_state_to_hf(family, config, mm_state))
+    for name in grad_names:
+        if _canonical_hf_name(spec, name) not in known:
+            close = sorted(k for k in known if k.split(".")[-1] == name.split(".")[-1])[:4]
+            raise ParityError(f"--grad {name}: not a tensor of this {family} checkpoint"
+                              + (f" (e.g. {', '.join(close)})" if close else ""))
+
+
 def _select_grads(family, config, mm_grads, grad_names):
     import convert
 
     spec = convert.get_spec(family)
     hf_grads = convert.mm_grads_to_hf(family, config, mm_grads)
-    out = {}
-    for name in grad_names:
-        key = _canonical_hf_name(spec, name)
-        if key not in hf_grads:
-            close = [k for k in sorted(hf_grads) if k.split(".")[-1] == name.split(".")[-1]][:5]
-            raise ParityError(f"--grad {name}: not a trainable {family} checkpoint tensor"
-                              + (f" (e.g. {', '.join(close)})" if close else ""))
-        out[f"grad.{name}"] = hf_grads[key]
-    return out
+    return {f"grad.{name}": hf_grads[_canonical_hf_name(spec, name)] for name in grad_names}
 
 
 def run_qwen2_5_vl(hf_dir, inputs: Dict[str, np.ndarray], grad_names: List[str]) -> Dict[str, np.ndarray]:
@@ -98,6 +107,7 @@ def run_qwen2_5_vl(hf_dir, inputs: Dict[str, np.ndarray], grad_names: List[str])
                                          Qwen2_5_VLForConditionalGeneration, build_model_inputs, get_rope_index)
 
     config, state = convert.load_hf_as_mm(hf_dir, "qwen2_5_vl")
+    check_grad_names("qwen2_5_vl", config, state, grad_names)
     for key in ("input_ids", "pixel_values", "image_grid_thw"):
         if key not in inputs:
             raise ParityError(f"inputs: missing key {key!r} (have {sorted(inputs)})")
@@ -147,8 +157,8 @@ def compare(outputs: Dict[str, np.ndarray], reference: Dict[str, np.ndarray]):
             ok = np.array_equal(got, want)
             rows.append((key, ok, "exact" if ok else f"{int((got != want).sum())} entries differ"))
             continue
-        atol, rtol = TOLERANCES["grad" if key.startswith("grad.") else key] if (
-            key.startswith("grad.") or key in TOLERANCES) else TOLERANCES["logits"]
+        kind = "grad" if key.startswith("grad.") else key
+        atol, rtol = TOLERANCES.get(kind, TOLERANCES["logits"])
         diff = np.abs(got.astype(np.float64) - want)
         ok = bool(np.all(diff <= atol + rtol * np.abs(want)))
         rows.append((key, ok, f"max|diff| {diff.max() if diff.size else 0.0:.3g} (atol {atol:g}, rtol {rtol:g})"))
@@ -183,14 +193,17 @@ def main(argv=None) -> int:
         _runner(args.family)  # unknown family fails before anything is loaded
         reference = None
         if args.reference:
-            reference = load_inputs(args.reference, required=())
-        inputs = load_inputs(args.inputs)
+            reference = load_npz(args.reference, "--reference")
+        inputs = load_npz(args.inputs, "--inputs", required=("input_ids",))
         import mindspore as ms
         ms.set_context(mode=ms.GRAPH_MODE)
         outputs = run_parity(args.family, args.hf_dir, inputs, args.grad)
         _save_npz_atomic(args.out, outputs)
     except (ParityError, ValueError, KeyError, FileNotFoundError) as e:
-        print(f"mm-parity: error: {e}", file=sys.stderr)
+        message = str(e)
+        if message.startswith("inputs: "):  # runners say "inputs"; the user knows the file by its path
+            message = f"--inputs {args.inputs}: {message[len('inputs: '):]}"
+        print(f"mm-parity: error: {message}", file=sys.stderr)
         return 2
     print(f"mm-parity: wrote {args.out} ({', '.join(sorted(outputs))})")
     if reference is None:

@@ -1,9 +1,10 @@
 """Build the extra Qwen2.5-VL parity fixtures in tests/fixtures/qwen2_5_vl_shapes/ (developer tool).
 
 The shared fixture (../shared/fixtures/qwen2_5_vl/forward) covers one tiny shape. These cases
-cover others: GQA ratio 3 and MHA, tied and untied embeddings, several widths and depths,
-other full-attention block layouts and window sizes, patch size 8, batches of two with left
-padding, several images per batch and a two-frame image grid.
+cover others: GQA ratio 3, MHA and MQA, tied and untied embeddings, several widths and depths,
+other full-attention block layouts and window sizes, patch size 8, batches of two with left or
+right padding, a text-only sample beside an image one, several images per batch and a
+two-frame image grid.
 
 Each case is a tiny random ``Qwen2_5_VLForConditionalGeneration`` built and run by the reference
 implementation (transformers 4.57.1, eager attention, fp32, ``train()`` mode), with the init recipe
@@ -64,15 +65,32 @@ CASES = {
     # full attention in the middle of the vision tower, another rope theta.
     "mha_patch8_windows": {
         "seed": 2002,
-        "text": {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "text": {"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
                  "num_key_value_heads": 4, "rope_theta": 50000.0, "rope_scaling": {"mrope_section": [2, 1, 1]}},
-        "vision": {"depth": 3, "hidden_size": 24, "num_heads": 2, "intermediate_size": 40, "patch_size": 8,
+        "vision": {"depth": 3, "hidden_size": 16, "num_heads": 2, "intermediate_size": 32, "patch_size": 8,
                    "temporal_patch_size": 2, "spatial_merge_size": 2, "window_size": 64,
                    "fullatt_block_indexes": [1]},
         "tie_word_embeddings": False,
         "samples": [[("text", 6), ("image", (1, 10, 12)), ("text", 9)]],
         "grads": ["visual.blocks.0.attn.qkv.bias", "visual.blocks.2.mlp.gate_proj.weight",
                   "visual.merger.mlp.2.weight", "model.layers.2.self_attn.v_proj.weight", "lm_head.weight"],
+    },
+    # MQA (one KV head), right padding, a text-only sample next to one with an image, the real
+    # models' 112 px window (4 merged units) and two full-attention blocks in a deeper vision tower.
+    "mqa_rightpad_textonly": {
+        "seed": 2003,
+        "text": {"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 1, "rope_theta": 1000000.0, "rope_scaling": {"mrope_section": [1, 1, 2]}},
+        "vision": {"depth": 4, "hidden_size": 16, "num_heads": 1, "intermediate_size": 24, "patch_size": 14,
+                   "temporal_patch_size": 2, "spatial_merge_size": 2, "window_size": 112,
+                   "fullatt_block_indexes": [1, 3]},
+        "tie_word_embeddings": False,
+        "padding_side": "right",
+        "samples": [[("text", 14)],
+                    [("text", 3), ("image", (1, 4, 10)), ("text", 4)]],
+        "grads": ["visual.blocks.3.attn.proj.weight", "visual.blocks.0.norm1.weight",
+                  "model.layers.0.self_attn.q_proj.bias", "model.layers.1.mlp.down_proj.weight",
+                  "model.norm.weight"],
     },
 }
 
@@ -109,7 +127,7 @@ def _init_weights(model, seed):
 
 def _inputs(case, vision_cfg, rng):
     merge = vision_cfg["spatial_merge_size"]
-    rows, labels, grids = [], [], []
+    rows, grids = [], []
     for sample in case["samples"]:
         ids, lab = [], []
         for i, (kind, arg) in enumerate(sample):
@@ -126,10 +144,15 @@ def _inputs(case, vision_cfg, rng):
                 grids.append(arg)
         rows.append((ids, lab))
     width = max(len(ids) for ids, _ in rows)
-    pad = TOKENS["pad_token_id"]
-    input_ids = np.array([[pad] * (width - len(ids)) + ids for ids, _ in rows], np.int64)
-    attention_mask = np.array([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in rows], np.int64)
-    label_arr = np.array([[-100] * (width - len(lab)) + lab for _, lab in rows], np.int64)
+    right = case.get("padding_side", "left") == "right"
+
+    def padded(seq, fill):
+        filler = [fill] * (width - len(seq))
+        return seq + filler if right else filler + seq
+
+    input_ids = np.array([padded(ids, TOKENS["pad_token_id"]) for ids, _ in rows], np.int64)
+    attention_mask = np.array([padded([1] * len(ids), 0) for ids, _ in rows], np.int64)
+    label_arr = np.array([padded(lab, -100) for _, lab in rows], np.int64)
     c, tp, p = 3, vision_cfg["temporal_patch_size"], vision_cfg["patch_size"]
     n_patches = sum(t * h * w for t, h, w in grids)
     levels = rng.integers(0, 256, (n_patches, c, tp * p * p)).astype(np.float32) / 255.0

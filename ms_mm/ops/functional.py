@@ -4,7 +4,6 @@
 ``use_fused()`` they stored at ``__init__``, so graph mode sees a constant) it runs the Ascend
 ``RotaryPositionEmbedding`` kernel in mode 0, which is the same rotate-half form.
 """
-import mindspore as ms
 from mindspore import ops
 import mindspore.ops.auto_generate as _gen
 

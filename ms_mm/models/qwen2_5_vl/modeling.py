@@ -142,7 +142,8 @@ class VisionEncoder(nn.Cell):
         pos = ops.cast(pos_ids, ms.float32)
         freqs_h = ops.expand_dims(pos[:, 0], 1) * self.inv_freq
         freqs_w = ops.expand_dims(pos[:, 1], 1) * self.inv_freq
-        emb = ops.cat((freqs_h, freqs_w, freqs_h, freqs_w), -1)  # [N, head_dim]
+        # [1, 1, N, head_dim]: the [B, N, S, D] layout the attention (and the fused RoPE kernel) uses
+        emb = ops.reshape(ops.cat((freqs_h, freqs_w, freqs_h, freqs_w), -1), (1, 1, pos.shape[0], -1))
         cos = ops.cos(emb)
         sin = ops.sin(emb)
         window_mask = _segment_mask(window_seg)
