@@ -4,8 +4,6 @@ from typing import Mapping
 
 import numpy as np
 
-import mindspore as ms
-
 __all__ = ["load_state_dict"]
 
 
@@ -15,6 +13,8 @@ def load_state_dict(net, state: Mapping[str, np.ndarray], strict: bool = True):
     With ``strict`` every parameter must be given and every given name must exist; a mismatch
     raises one ``ValueError`` naming the offending tensors, before any parameter is modified.
     """
+    import mindspore as ms  # here, not at import: the converter reads configs without MindSpore
+
     params = {p.name: p for p in net.get_parameters()}
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
