@@ -396,7 +396,9 @@ def build_dataloader(data_cfg: dict, model_config=None, micro_batch_size: int = 
                      rank: int = 0, world_size: int = 1, num_workers: int | None = None,
                      skip_bad_samples: bool = False, *, model_inputs_fn: Callable | None = None,
                      num_epochs: int | None = None, worker_type: str | None = None) -> MllmDataLoader:
-    """The training loader for a `data_*.json` dict (MindSpeed-MM layout).
+    """The training loader for a `data_*.json` dict (MindSpeed-MM layout); a DeepSeek-VL2
+    `data.json` (`dataset_param.dataset_type == "deepseekvl2"`) goes to
+    `ms_mm.data.deepseek_vl2.build_deepseek_vl2_dataloader` (same arguments and loader).
 
     Batches go through `ms_mm.models.qwen2_5_vl.inputs.build_model_inputs(batch, model_config)`
     when `model_config` is given (or through `model_inputs_fn` if given); with neither they are
@@ -406,6 +408,13 @@ def build_dataloader(data_cfg: dict, model_config=None, micro_batch_size: int = 
     `pad_multiple` (bucket rounding). `data_cfg` may also be the path of the json file."""
     if isinstance(data_cfg, (str, os.PathLike)):
         data_cfg = load_data_config(data_cfg)
+    if (data_cfg.get("dataset_param") or {}).get("dataset_type") == "deepseekvl2":
+        # MindSpeed-MM's DeepSeek-VL2 data.json: its own dataset + processor, this same loader
+        from ms_mm.data.deepseek_vl2 import build_deepseek_vl2_dataloader
+
+        return build_deepseek_vl2_dataloader(
+            data_cfg, model_config, micro_batch_size, seed, rank, world_size, num_workers, skip_bad_samples,
+            model_inputs_fn=model_inputs_fn, num_epochs=num_epochs, worker_type=worker_type)
     dl = data_cfg.get("dataloader_param", {}) or {}
     dataset = build_dataset(data_cfg)
     processor = dataset.processor
