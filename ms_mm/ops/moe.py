@@ -70,8 +70,8 @@ class RoutedExperts(nn.Cell):
         # Ascend path: only the chosen (token, expert) pairs are computed.
         idx = topk_idx.astype(ms.int32)
         permuted, sorted_indices = ops.moe_token_permute(x, idx)
-        counts = ops.one_hot(idx.reshape(-1), self.num_experts, ops.ones((), ms.int64),
-                             ops.zeros((), ms.int64)).sum(axis=0)  # tokens per expert
+        counts = ops.one_hot(idx.reshape(-1), self.num_experts, ops.ones((), ms.float32),
+                             ops.zeros((), ms.float32)).sum(axis=0).astype(ms.int64)  # tokens per expert
         w1 = ops.stack([ops.transpose(m.linear_fc1.weight.astype(x.dtype), (1, 0))
                         for m in self.local_experts])  # [E, H, 2I]
         w2 = ops.stack([ops.transpose(m.linear_fc2.weight.astype(x.dtype), (1, 0))

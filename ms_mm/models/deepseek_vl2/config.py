@@ -47,7 +47,7 @@ class VisionConfig:
 
     @property
     def grid(self) -> int:
-        return self.image_size // self.patch_size
+        return self.image_size // self.patch_size  # the stride-p conv drops the remainder (384/14 -> 27)
 
     @property
     def num_patches(self) -> int:
@@ -66,8 +66,8 @@ class VisionConfig:
             _positive_int(self, name, prefix)
         if self.width % self.heads:
             raise ValueError(f"{prefix}.width={self.width} is not divisible by {prefix}.heads={self.heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"{prefix}.image_size={self.image_size} is not a multiple of "
+        if self.image_size < self.patch_size:
+            raise ValueError(f"{prefix}.image_size={self.image_size} is smaller than "
                              f"{prefix}.patch_size={self.patch_size}")
         if not self.mlp_ratio > 0:
             raise ValueError(f"{prefix}.mlp_ratio={self.mlp_ratio!r}: expected > 0")
@@ -225,7 +225,6 @@ class DeepseekVL2Config:
     tile_tag: str = "2D"
     global_view_pos: str = "head"
     candidate_resolutions: List[Tuple[int, int]] = field(default_factory=lambda: [[384, 384]])
-    image_token_id: int = 128815  # "<image>" in the released tokenizer
 
     @property
     def tokens_per_tile_side(self) -> int:
@@ -322,7 +321,7 @@ _PRESETS = {
                              v_head_dim=16, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
                              first_k_dense_replace=1, max_position_embeddings=1024, bos_token_id=347,
                              eos_token_id=348, pad_token_id=349),
-        candidate_resolutions=[[70, 70], [70, 140], [140, 70], [140, 140]], image_token_id=350),
+        candidate_resolutions=[[70, 70], [70, 140], [140, 70], [140, 140]]),
     # deepseek-ai/deepseek-vl2-tiny (DeepSeekMoE-3B, 1.0B activated): plain MHA.
     "Tiny": _released(1280, dict(
         vocab_size=129280, hidden_size=1280, intermediate_size=6848, moe_intermediate_size=896,
@@ -346,3 +345,81 @@ _PRESETS = {
         topk_method="noaux_tc", n_group=1, topk_group=1, scoring_func="sigmoid", norm_topk_prob=True,
         routed_scaling_factor=2.0)),
 }
+
+
+# ----------------------------------------------------------------------------- MindSpeed-MM model.json
+
+# SigLIP towers by timm name (upstream siglip_vit.SigLIP_MODEL_CONFIG): the model.json names one.
+SIGLIP_TOWERS = {
+    "siglip_so400m_patch14_384": dict(image_size=384, patch_size=14, width=1152, layers=27, heads=16,
+                                      mlp_ratio=3.7362),
+    "siglip_so400m_patch14_224": dict(image_size=224, patch_size=14, width=1152, layers=27, heads=16,
+                                      mlp_ratio=3.7362),
+    "siglip_large_patch16_384": dict(image_size=384, patch_size=16, width=1024, layers=24, heads=16, mlp_ratio=4.0),
+}
+
+# Megatron / MindSpeed-MM text_decoder field -> LanguageConfig field
+_MEGATRON_TEXT = {
+    "num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_key_value_heads", "ffn_hidden_size": "intermediate_size",
+    "moe_intermediate_size": "moe_intermediate_size", "layernorm_epsilon": "rms_norm_eps",
+    "vocab_size": "vocab_size", "rotary_base": "rope_theta", "max_position_embeddings": "max_position_embeddings",
+    "first_k_dense_replace": "first_k_dense_replace", "moe_layer_freq": "moe_layer_freq",
+    "num_moe_experts": "n_routed_experts", "n_shared_experts": "n_shared_experts", "n_group": "n_group",
+    "topk_group": "topk_group", "norm_topk_prob": "norm_topk_prob", "moe_router_topk": "num_experts_per_tok",
+    "moe_router_score_function": "scoring_func", "routed_scaling_factor": "routed_scaling_factor",
+    "moe_aux_loss_coeff": "aux_loss_alpha", "seq_aux": "seq_aux", "q_lora_rank": "q_lora_rank",
+    "kv_lora_rank": "kv_lora_rank", "qk_rope_head_dim": "qk_rope_head_dim", "qk_nope_head_dim": "qk_nope_head_dim",
+    "v_head_dim": "v_head_dim", "tie_word_embeddings": "tie_word_embeddings",
+}
+
+
+def config_from_mindspeed(model_json: dict, candidate_resolutions=None, **language_overrides) -> DeepseekVL2Config:
+    """Our config from a MindSpeed-MM DeepSeek-VL2 ``model.json`` (``text_decoder`` with Megatron
+    names, ``image_encoder.vision_encoder`` naming a SigLIP tower, ``image_encoder.vision_projector``).
+
+    MindSpeed passes the MLA sizes on the command line (``--multi-head-latent-attention
+    --qk-rope-head-dim 64 --qk-nope-head-dim 128 --kv-lora-rank 512 --v-head-dim 128``): they are
+    read from ``text_decoder`` when present, else from ``language_overrides``, else those released
+    values. ``candidate_resolutions`` (the processor's, in data.json) defaults to the released grid.
+    """
+    if not isinstance(model_json, dict):
+        raise TypeError(f"model.json: expected a dict, got {type(model_json).__name__}")
+    for key in ("text_decoder", "image_encoder"):
+        if not isinstance(model_json.get(key), dict):
+            raise ValueError(f"model.json has no {key!r} section")
+    text, image = model_json["text_decoder"], model_json["image_encoder"]
+    vision_json = image.get("vision_encoder") or {}
+    projector_json = image.get("vision_projector") or {}
+
+    name = vision_json.get("model_name", "siglip_so400m_patch14_384")
+    if name not in SIGLIP_TOWERS:
+        raise ValueError(f"model.json image_encoder.vision_encoder.model_name={name!r}: expected one of "
+                         f"{sorted(SIGLIP_TOWERS)}")
+    vision = dict(SIGLIP_TOWERS[name], model_name=name)
+    if "image_size" in vision_json:
+        vision["image_size"] = vision_json["image_size"]
+    select = vision_json.get("select_layer", -1)  # upstream create_siglip_vit: keep blocks up to it
+    vision["layers"] = min(vision["layers"], vision["layers"] + select + 1) if select <= 0 else \
+        min(vision["layers"], select)
+
+    language = dict(q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+    language.update(language_overrides)
+    for src, dst in _MEGATRON_TEXT.items():
+        if src in text:
+            language[dst] = text[src]
+    language["use_mla"] = bool(text.get("multi_head_latent_attention", language.get("use_mla", True)))
+    balancing = text.get("moe_router_load_balancing_type")
+    if balancing is not None:
+        language["topk_method"] = "noaux_tc" if balancing == "noaux_tc" else language.get("topk_method", "greedy")
+    if not language["use_mla"]:
+        language.update(q_lora_rank=None, kv_lora_rank=None)
+
+    projector = {k: projector_json[k] for k in ("projector_type", "input_dim", "n_embed", "depth", "mlp_ratio",
+                                                 "downsample_ratio") if k in projector_json}
+    d = dict(vision_config=vision, projector_config=projector, language_config=language,
+             candidate_resolutions=copy.deepcopy(candidate_resolutions or _RELEASED_RESOLUTIONS))
+    for key in ("tile_tag", "global_view_pos"):
+        if key in image:
+            d[key] = image[key]
+    return DeepseekVL2Config.from_dict(d)

@@ -11,12 +11,15 @@ into (th*h) rows of (tw*w tokens + newline); ``global_view_pos: tail`` swaps glo
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
 from .config import DeepseekVL2Config
-from .modeling import MODEL_INPUT_NAMES
+
+# Order of the tensors ``DeepseekVL2ForCausalLM.construct`` takes.
+MODEL_INPUT_NAMES = ("input_ids", "position_ids", "attention_bias", "pixel_values",
+                     "image_token_index", "images_seq_mask", "labels")
 
 __all__ = ["MODEL_INPUT_NAMES", "select_best_resolution", "tile_grid", "num_image_tokens",
            "image_token_rows", "build_model_inputs", "tile_image"]
@@ -82,21 +85,29 @@ def build_model_inputs(batch: Dict[str, np.ndarray], config: DeepseekVL2Config) 
     ``batch``: ``input_ids [B, S]``, ``attention_mask [B, S]`` (optional, default all ones),
     ``labels [B, S]`` (optional, default all -100), ``images [B, max_tiles, 3, T, T]``,
     ``images_seq_mask [B, S]`` bool, ``images_spatial_crop [B, max_images, 2]`` (w_tiles, h_tiles;
-    (0, 0) ends a sample's images) - the ``DeepseekVLV2Processor`` batch layout.
+    (0, 0) ends a sample's images) - the ``DeepseekVLV2Processor`` batch layout. The three image
+    keys may be left out together for a text-only batch.
     """
-    for key in ("input_ids", "images", "images_seq_mask", "images_spatial_crop"):
-        if key not in batch:
-            raise KeyError(f"build_model_inputs: batch has no {key!r} (got {sorted(batch)})")
+    if "input_ids" not in batch:
+        raise KeyError(f"build_model_inputs: batch has no 'input_ids' (got {sorted(batch)})")
     input_ids = np.asarray(batch["input_ids"])
     if input_ids.ndim != 2:
         raise ValueError(f"build_model_inputs: input_ids must be [B, S], got shape {input_ids.shape}")
     b, s = input_ids.shape
+    tile = config.vision_config.image_size
+    image_keys = ("images", "images_seq_mask", "images_spatial_crop")
+    given = [k for k in image_keys if k in batch]
+    if not given:  # a text-only batch
+        batch = dict(batch, images=np.zeros((b, 1, 3, tile, tile), np.float32),
+                     images_seq_mask=np.zeros((b, s), bool), images_spatial_crop=np.zeros((b, 1, 2), np.int64))
+    elif len(given) != len(image_keys):
+        missing = [k for k in image_keys if k not in batch]
+        raise KeyError(f"build_model_inputs: batch has {given} but no {missing}: the image keys go together")
     attention_mask = np.asarray(batch.get("attention_mask", np.ones((b, s))), bool)
     labels = np.asarray(batch["labels"]) if batch.get("labels") is not None else np.full((b, s), -100)
     seq_mask = np.asarray(batch["images_seq_mask"], bool)
     images = np.asarray(batch["images"], np.float32)
     crops = np.asarray(batch["images_spatial_crop"]).reshape(b, -1, 2)
-    tile = config.vision_config.image_size
     for key, arr, shape in (("attention_mask", attention_mask, (b, s)), ("labels", labels, (b, s)),
                             ("images_seq_mask", seq_mask, (b, s))):
         if arr.shape != shape:

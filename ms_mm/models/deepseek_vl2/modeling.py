@@ -10,6 +10,7 @@ compiles in graph mode.
 Upstream conventions named once here:
 - vision: LayerNorm eps 1e-6, GELU tanh in the MLP, qkv bias, learned pos-emb, no class token,
   final ``norm`` applied, attention-pool head present in the checkpoint but unused (ignore_head);
+- the embedding row of ``pad_token_id`` gets no gradient (upstream ``padding_idx``);
 - projector: zero-pad the patch grid bottom/right to a multiple of the downsample ratio, 2x2
   ``unfold`` with channel order (c, kh, kw), Linear -> GELU (erf) -> Linear;
 - MLA rope dims are stored interleaved (pairs 2i, 2i+1) and de-interleaved before rotate-half;
@@ -29,10 +30,9 @@ from ms_mm.ops import CoreAttention, Embedding, LayerNorm, Linear, RMSNorm, gelu
 from ms_mm.ops.moe import GatedMLP, RoutedExperts
 
 from .config import DeepseekVL2Config, LanguageConfig
+from .inputs import MODEL_INPUT_NAMES  # the order of construct's arguments
 
-# Order of the tensors ``construct`` takes (see inputs.build_model_inputs).
-MODEL_INPUT_NAMES = ("input_ids", "position_ids", "attention_bias", "pixel_values",
-                     "image_token_index", "images_seq_mask", "labels")
+__all__ = ["MODEL_INPUT_NAMES", "DeepseekVL2ForCausalLM", "causal_lm_loss"]
 
 
 # ----------------------------------------------------------------------------- vision (SigLIP)
@@ -378,7 +378,7 @@ class MoELayer(nn.Cell):
         y = self.experts(flat, topk_idx, topk_weight.astype(x.dtype)).reshape(b, s, h)
         if self.has_shared:
             y = y + self.shared_experts(x)
-        return y, topk_idx, aux_loss
+        return y, topk_idx, topk_weight, aux_loss
 
 
 class DecoderLayer(nn.Cell):
@@ -394,19 +394,21 @@ class DecoderLayer(nn.Cell):
         x = x + self.self_attention(self.input_layernorm(x), position_ids, attention_bias)
         h = self.pre_mlp_layernorm(x)
         if self.is_moe:
-            h, topk_idx, aux_loss = self.mlp(h)
-            return x + h, topk_idx, aux_loss
-        return x + self.mlp(h), None, None
+            h, topk_idx, topk_weight, aux_loss = self.mlp(h)
+            return x + h, topk_idx, topk_weight, aux_loss
+        return x + self.mlp(h), None, None, None
 
 
 class TransformerDecoder(nn.Cell):
+    """Holds the layers and the final norm under Megatron's names; ``TextDecoder`` drives them."""
+
     def __init__(self, cfg: LanguageConfig):
         super().__init__()
         self.layers = nn.CellList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.final_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
 
-class _Embedding(nn.Cell):
+class TokenEmbedding(nn.Cell):
     def __init__(self, cfg: LanguageConfig):
         super().__init__()
         self.word_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, weight_init=0.02)
@@ -414,11 +416,11 @@ class _Embedding(nn.Cell):
 
 class TextDecoder(nn.Cell):
     """Embedding, decoder layers, final norm and LM head. ``construct`` takes input embeddings and
-    returns ``(logits fp32, topk_idx [L_moe, T, k], aux_losses [L_moe])``."""
+    returns ``(logits fp32, topk_idx [L_moe, T, k], topk_weight [L_moe, T, k], aux_losses [L_moe])``."""
 
     def __init__(self, cfg: LanguageConfig):
         super().__init__()
-        self.embedding = _Embedding(cfg)
+        self.embedding = TokenEmbedding(cfg)
         self.decoder = TransformerDecoder(cfg)
         self.tie = cfg.tie_word_embeddings
         if not self.tie:
@@ -427,11 +429,12 @@ class TextDecoder(nn.Cell):
         self.num_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
 
     def construct(self, hidden, position_ids, attention_bias):
-        routing, aux = (), ()
+        routing, weights, aux = (), (), ()
         for layer in self.decoder.layers:
-            hidden, topk_idx, aux_loss = layer(hidden, position_ids, attention_bias)
+            hidden, topk_idx, topk_weight, aux_loss = layer(hidden, position_ids, attention_bias)
             if layer.is_moe:
                 routing += (topk_idx,)
+                weights += (topk_weight,)
                 aux += (aux_loss,)
         hidden = self.decoder.final_layernorm(hidden)
         if self.tie:
@@ -440,40 +443,48 @@ class TextDecoder(nn.Cell):
         else:
             logits = self.output_layer(hidden)
         if self.num_moe > 0:
-            return logits.astype(ms.float32), ops.stack(routing), ops.stack(aux)
-        b, s = hidden.shape[0], hidden.shape[1]
-        return logits.astype(ms.float32), ops.zeros((0, b * s, 1), ms.int32), ops.zeros((0,), ms.float32)
+            return logits.astype(ms.float32), ops.stack(routing), ops.stack(weights), ops.stack(aux)
+        t = hidden.shape[0] * hidden.shape[1]
+        return (logits.astype(ms.float32), ops.zeros((0, t, 1), ms.int32), ops.zeros((0, t, 1), ms.float32),
+                ops.zeros((0,), ms.float32))
 
 
 # ----------------------------------------------------------------------------- the whole model
 
 class DeepseekVL2ForCausalLM(nn.Cell):
     """``construct(*[inputs[k] for k in MODEL_INPUT_NAMES])`` ->
-    ``(loss, logits, ce_loss, aux_losses, routing)``:
+    ``(loss, logits, ce_loss, aux_losses, routing, routing_weights)``:
 
     - ``loss`` = ``ce_loss`` + sum(aux_losses): the training objective (upstream injects the aux
       gradient with AddAuxiliaryLoss; adding it to the objective gives the same gradient);
     - ``logits`` [B, S, V] fp32; ``ce_loss`` = mean CE over shifted labels != -100 (upstream ``loss``);
-    - ``aux_losses`` [L_moe] per MoE layer; ``routing`` [L_moe, B*S, k] int32 chosen experts.
+    - ``aux_losses`` [L_moe] per MoE layer; ``routing`` [L_moe, B*S, k] int32 chosen experts and
+      ``routing_weights`` [L_moe, B*S, k] their gate weights (both in top-k order).
     The first two follow the model-API contract ``(loss, logits)``.
     """
 
-    def __init__(self, config: DeepseekVL2Config):
+    def __init__(self, config: DeepseekVL2Config, compute_dtype=ms.float32):
         super().__init__()
         config.validate()
         self.config = config
+        self.compute_dtype = compute_dtype  # activations; parameters stay fp32 (cast on use)
         d = config.projector_config.n_embed
         self.image_encoder = ImageEncoder(config)
         std = 1.0 / math.sqrt(d)
         self.image_newline = Parameter(initializer(Normal(std), (d,), ms.float32), name="image_newline")
         self.view_seperator = Parameter(initializer(Normal(std), (d,), ms.float32), name="view_seperator")
         self.text_decoder = TextDecoder(config.language_config)
+        self.pad_token_id = config.language_config.pad_token_id
 
     def embed(self, input_ids, pixel_values, image_token_index, images_seq_mask):
         """Text embeddings with image features scattered into the image-token positions. The
         gather table is [tile tokens of all tiles; image_newline; view_seperator]; the host-side
         ``image_token_index`` already encodes the 2D tile layout."""
-        text = self.text_decoder.embedding.word_embeddings(input_ids)
+        text = self.text_decoder.embedding.word_embeddings(input_ids).astype(self.compute_dtype)
+        if self.pad_token_id is not None:
+            # upstream nn.Embedding(padding_idx=pad_token_id): the pad row is used but never trained
+            is_pad = ops.expand_dims(input_ids == self.pad_token_id, -1)
+            text = ops.where(is_pad, ops.stop_gradient(text), text)
         b, s, d = text.shape
         tiles = self.image_encoder(pixel_values.astype(text.dtype))
         table = ops.cat((tiles.reshape(-1, d), ops.expand_dims(self.image_newline.astype(text.dtype), 0),
@@ -484,9 +495,9 @@ class DeepseekVL2ForCausalLM(nn.Cell):
     def construct(self, input_ids, position_ids, attention_bias, pixel_values, image_token_index,
                   images_seq_mask, labels):
         embeds = self.embed(input_ids, pixel_values, image_token_index, images_seq_mask)
-        logits, routing, aux = self.text_decoder(embeds, position_ids, attention_bias)
+        logits, routing, routing_weights, aux = self.text_decoder(embeds, position_ids, attention_bias)
         ce = causal_lm_loss(logits, labels)
-        return ce + aux.sum(), logits, ce, aux, routing
+        return ce + aux.sum(), logits, ce, aux, routing, routing_weights
 
 
 def causal_lm_loss(logits, labels):
