@@ -27,6 +27,7 @@ import numpy as np
 
 FAMILIES: Dict[str, str] = {
     "qwen2_5_vl": "convert.parity:run_qwen2_5_vl",
+    "deepseek_vl2": "adapters.deepseek_vl2:run_parity",
 }
 
 # (atol, rtol) per output kind; integer outputs are compared exactly

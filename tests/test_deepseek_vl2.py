@@ -134,14 +134,13 @@ def test_bad_batch_is_named(fixture_root):
     assert not text_only["images_seq_mask"].any() and text_only["pixel_values"].shape == (1, 3, 70, 70)
 
 
-def test_mm_parity_cli_path(fixture_root, monkeypatch):
+def test_mm_parity_cli_path(fixture_root):
     """MHA fixture through the ``mm-parity`` machinery (runner + its comparison), all reference keys."""
     from convert import parity
 
     d = fixture_root / "deepseek_vl2" / "forward_mha"
     ref = dict(np.load(d / "outputs.npz"))
     grad_names = [k[len("grad."):] for k in ref if k.startswith("grad.")]
-    monkeypatch.setitem(parity.FAMILIES, "deepseek_vl2", "adapters.deepseek_vl2:run_parity")
     out = parity.run_parity("deepseek_vl2", str(d / "hf"), dict(np.load(d / "inputs.npz")), grad_names)
     rows = parity.compare(out, ref)
     assert {k for k, _, _ in rows} == {k for k in ref if not k.startswith("grad_ce_only.")}
