@@ -257,6 +257,9 @@ SPEC = FamilySpec(
     tied_copies=_tied_copies,
     tp_rules=TP_RULES,
     pp_stages=PP_STAGES,
+    # not a transformers model type: upstream (and MindSpeed-MM's converter) load it only with
+    # trust_remote_code, so `mm-convert` asks for --cfg.trust_remote_code True (nothing is executed)
+    custom_model_types=("deepseek_vl_v2",),
 )
 
 

@@ -210,6 +210,10 @@ class FamilySpec:
                     output layer on the last stage), dropped again on the way back
     tp_rules / pp_stages  override ms_mm.training.mm_checkpoint defaults (None = defaults)
     hf_extra_files  patterns of non-weight files copied from hf_dir on mm_to_hf
+    custom_model_types  config.json ``model_type`` values that transformers only loads with
+                    ``trust_remote_code=True`` (the model's code ships outside transformers, e.g.
+                    DeepSeek-VL2's ``deepseek_vl_v2``); `mm-convert` then wants
+                    ``--cfg.trust_remote_code True`` as MindSpeed-MM does (nothing is executed here)
     """
     family: str
     converter: str
@@ -223,6 +227,7 @@ class FamilySpec:
     tp_rules: Optional[List[Tuple[str, str]]] = None
     pp_stages: Optional[List[Dict[str, Any]]] = None
     hf_extra_files: Sequence[str] = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.md")
+    custom_model_types: Optional[Sequence[str]] = None
 
     def canonical_hf_name(self, name: str) -> str:
         for pat, repl in self.hf_aliases:

@@ -18,9 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._common import peak_mb, report, rss_mb, run_worker, torch_available  # noqa: E402
 
 IMAGE_PAD, VISION_START, VISION_END = 2040, 2038, 2039
 HF_CONFIG = {
@@ -73,18 +71,6 @@ def make_batch(batch_size: int, seed: int = 0) -> dict:
     }
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def worker_torch(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -97,17 +83,18 @@ def worker_torch(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
     inputs = {k: torch.from_numpy(v) for k, v in batch.items()}
-    base = _rss_mb()
-    times, losses = [], []
+    base = rss_mb()
+    times, cpu, losses = [], [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = model(**inputs).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
         losses.append(loss.item())
-    return {"times": times, "losses": losses, "base_rss_mb": base, "peak_rss_mb": _peak_mb()}
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {"times": times, "cpu_times": cpu, "losses": losses, "base_rss_mb": base, "peak_rss_mb": peak_mb()}
 
 
 def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
@@ -130,23 +117,15 @@ def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
     step = TrainStep(model, opt)
     host = build_model_inputs(batch, config)
     inputs = [ms.Tensor(host[k]) for k in MODEL_INPUT_NAMES]
-    base = _rss_mb()
-    times, losses = [], []
+    base = rss_mb()
+    times, cpu, losses = [], [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss, _, _ = step([inputs])
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         losses.append(loss)
-    return {"times": times, "losses": losses, "base_rss_mb": base, "peak_rss_mb": _peak_mb()}
-
-
-def _run_worker(side: str, ckpt: Path, batch_path: Path, steps: int, threads: int, out: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, __file__, "--worker", side, "--ckpt", str(ckpt), "--batch-file", str(batch_path),
-           "--steps", str(steps), "--threads", str(threads), "--out", str(out)]
-    subprocess.run(cmd, check=True, env=env, cwd=out.parent)
-    return json.loads(out.read_text())
+    return {"times": times, "cpu_times": cpu, "losses": losses, "base_rss_mb": base, "peak_rss_mb": peak_mb()}
 
 
 def main(argv=None) -> int:
@@ -167,10 +146,7 @@ def main(argv=None) -> int:
         a.out.write_text(json.dumps(fn(a.ckpt, batch, a.steps, a.threads)))
         return 0
 
-    try:
-        import torch  # noqa: F401  (only to fail early with a useful message)
-    except ImportError:
-        print("this benchmark needs PyTorch: pip install torch==2.13.0 (CPU build; do not install torchvision)")
+    if not torch_available():
         return 2
     total = a.warmup + a.steps
     with tempfile.TemporaryDirectory(prefix="bench_qwen_") as tmp:
@@ -179,22 +155,10 @@ def main(argv=None) -> int:
         ckpt = tmp / "hf"
         res = {}
         for side in ("torch", "ms"):
-            res[side] = _run_worker(side, ckpt, tmp / "batch.npz", total, a.threads, tmp / f"{side}.json")
-
-    def summary(r):
-        med = statistics.median(r["times"][a.warmup:])
-        return med, r["peak_rss_mb"], r["peak_rss_mb"] - r["base_rss_mb"]
-
-    t_pt, peak_pt, step_pt = summary(res["torch"])
-    t_ms, peak_ms, step_ms = summary(res["ms"])
-    tokens = a.batch * SEQ_LEN
-    print(f"Qwen2.5-VL train step, batch {a.batch} x {SEQ_LEN} tokens + {a.batch} images {GRID}, "
-          f"{a.steps} steps after {a.warmup} warm-up, {a.threads} threads")
-    print(f"{'':24}{'step s':>10}{'tokens/s':>10}{'peak RSS MB':>13}{'step RSS MB':>13}")
-    print(f"{'PyTorch eager (HF)':24}{t_pt:10.3f}{tokens / t_pt:10.0f}{peak_pt:13.0f}{step_pt:13.0f}")
-    print(f"{'ms-mm graph mode':24}{t_ms:10.3f}{tokens / t_ms:10.0f}{peak_ms:13.0f}{step_ms:13.0f}")
-    print(f"ratio ms-mm / PyTorch: time {t_ms / t_pt:.2f}x, peak RSS {peak_ms / peak_pt:.2f}x, "
-          f"step RSS {step_ms / max(step_pt, 1e-9):.2f}x")
+            res[side] = run_worker(__file__, side, ["--ckpt", str(ckpt), "--batch-file", str(tmp / "batch.npz"),
+                                                    "--steps", str(total)], a.threads, tmp / f"{side}.json")
+    report(f"Qwen2.5-VL train step, batch {a.batch} x {SEQ_LEN} tokens + {a.batch} images {GRID}, "
+           f"{a.steps} steps after {a.warmup} warm-up, {a.threads} threads", res, a.warmup, a.batch * SEQ_LEN)
     print(f"first-step loss: PyTorch {res['torch']['losses'][0]:.6f}  ms-mm {res['ms']['losses'][0]:.6f}  "
           f"|diff| {abs(res['torch']['losses'][0] - res['ms']['losses'][0]):.2e}")
     return 0

@@ -2,17 +2,33 @@
 
     mm-convert <Converter> hf_to_mm --cfg.mm_dir DIR --cfg.hf_config.hf_dir DIR
         [--cfg.parallel_config.llm_pp_layers [[1,10,10,7]]] [--cfg.parallel_config.vit_pp_layers [[32,0,0,0]]]
-        [--cfg.parallel_config.tp_size 1]
+        [--cfg.parallel_config.tp_size 1] [--cfg.parallel_config.ep_size 1] [--cfg.trust_remote_code False]
     mm-convert <Converter> mm_to_hf --cfg.mm_dir DIR --cfg.hf_config.hf_dir DIR --cfg.save_hf_dir DIR
         [--cfg.parallel_config.* as above, checked against the checkpoint] [--cfg.iteration N]
-        [--cfg.max_shard_size 5GB]
+        [--cfg.max_shard_size 5GB] [--cfg.trust_remote_code False]
     mm-convert <Converter> resplit --cfg.source_dir DIR --cfg.target_dir DIR
         --cfg.target_parallel_config.tp_size N --cfg.target_parallel_config.llm_pp_layers [...] ...
-        [--cfg.source_parallel_config.* checked against the source]
+        [--cfg.target_parallel_config.ep_size N] [--cfg.source_parallel_config.* checked against the source]
+
+e.g. the DeepSeek-VL2 guide:
+    mm-convert DeepSeekVLConverter hf_to_mm --cfg.mm_dir pretrained/DeepSeekVl2 \
+        --cfg.hf_config.hf_dir raw_ckpt/DeepSeekVL2 --cfg.parallel_config.llm_pp_layers [[13,17]] \
+        --cfg.parallel_config.vit_pp_layers [[27,0]] --cfg.parallel_config.ep_size 8 \
+        --cfg.parallel_config.tp_size 1 --cfg.trust_remote_code True
+
+ep_size: routed experts are dealt out in contiguous blocks, expert i to EP rank i // (E / ep_size),
+renumbered from 0 on each rank (rank dirs mp_rank_TT[_PPP][_EEE], as MindSpeed-MM); ep_size must
+divide the number of routed experts E. Non-expert tensors are repeated on every EP rank.
+
+trust_remote_code (default False, as in MindSpeed-MM): checkpoints whose config.json names a
+custom-code model type that transformers cannot load by itself (DeepSeek-VL2: "deepseek_vl_v2")
+are converted only with --cfg.trust_remote_code True, your statement that you trust the download.
+ms-mm never imports or runs code from a checkpoint either way: the flag only allows reading such a
+config.json as data. Other families ignore it.
 
 Values are parsed as JSON when they are JSON (`[[1,10,10,7]]`, `2`, `true`), else kept as strings;
 `--cfg.key=value` works too. Every error names the bad argument and exits with status 2
-(usage) or 1 (conversion).
+(usage, including a custom-code config.json without --cfg.trust_remote_code True) or 1 (conversion).
 """
 from __future__ import annotations
 
@@ -21,7 +37,9 @@ import re
 import sys
 from typing import Any, Dict, List, Optional
 
-from convert.framework import ConversionError, check_layout_args, hf_to_mm, mm_to_hf, resplit
+from convert.framework import (
+    ConversionError, RemoteCodeNotTrusted, check_layout_args, custom_model_types, hf_to_mm, mm_to_hf, resplit,
+)
 from convert.registry import UnknownFamilyError, get_spec, known_specs
 from ms_mm.training.mm_checkpoint import CheckpointError, open_model
 
@@ -114,14 +132,17 @@ def run(argv: List[str]) -> int:
         raise UsageError(f"unknown action {action!r} for {spec.converter}; choose one of {', '.join(ACTIONS)}")
     cfg = parse_cfg(rest)
     pp_keys = list(spec.pp_modules)
-    # MindSpeed-MM's guides pass --cfg.trust_remote_code True; config.json is only read as data here
-    # and no code from the checkpoint directory is ever run, so the option changes nothing
+    # MindSpeed-MM's rule (its guides: "trust_remote_code defaults to False for safety; set it to True
+    # and make sure the downloaded model is safe"): a config.json whose model_type is custom code
+    # (DeepSeek-VL2's deepseek_vl_v2) is refused without it. Here it only unlocks reading that
+    # config as data: no code from the checkpoint is ever imported or run.
     trust = cfg.pop("trust_remote_code", False)
     if trust not in (False, True, "false", "False", "true", "True"):
         raise UsageError(f"--cfg.trust_remote_code: expected True or False, got {trust!r}")
-    if trust in (True, "true", "True"):
-        print("mm-convert: note: --cfg.trust_remote_code is accepted but unused: no checkpoint code is executed",
-              file=sys.stderr)
+    trust = trust in (True, "true", "True")
+    if trust and not custom_model_types(spec):
+        print(f"mm-convert: note: --cfg.trust_remote_code is accepted but unused for {spec.converter}: its "
+              f"config.json is a transformers model type, and no checkpoint code is executed", file=sys.stderr)
     # BAGEL / Lumina guides name the directories source_path / target_path
     for alias, key in (("source_path", "hf_config.hf_dir"), ("target_path", "mm_dir")):
         if alias in cfg and action == "hf_to_mm":
@@ -134,7 +155,8 @@ def run(argv: List[str]) -> int:
         hf_dir = _take(cfg, "hf_config.hf_dir", True, str)
         par = _parallel(cfg, "parallel_config", pp_keys)
         _no_leftovers(cfg, spec, action)
-        out = hf_to_mm(hf_dir, mm_dir, spec, par["tp_size"] or 1, par["pp_layers"], ep_size=par["ep_size"] or 1)
+        out = hf_to_mm(hf_dir, mm_dir, spec, par["tp_size"] or 1, par["pp_layers"], ep_size=par["ep_size"] or 1,
+                       trust_remote_code=trust)
         print(f"mm-convert: wrote {out}")
     elif action == "mm_to_hf":
         mm_dir = _take(cfg, "mm_dir", True, str)
@@ -146,7 +168,7 @@ def run(argv: List[str]) -> int:
         _no_leftovers(cfg, spec, action)
         kw = {"max_shard_bytes": _parse_size(shard, "max_shard_size")} if shard is not None else {}
         out = mm_to_hf(mm_dir, hf_dir, save, spec, par["tp_size"], par["pp_layers"], iteration,
-                       ep_size=par["ep_size"], **kw)
+                       ep_size=par["ep_size"], trust_remote_code=trust, **kw)
         print(f"mm-convert: wrote {out}")
     else:
         src = _take(cfg, "source_dir", True, str)
@@ -170,10 +192,11 @@ _KNOWN = {
     "hf_to_mm": ["mm_dir (alias target_path)", "hf_config.hf_dir (alias source_path)", "parallel_config.tp_size",
                  "parallel_config.ep_size", "parallel_config.<m>_pp_layers", "trust_remote_code"],
     "mm_to_hf": ["mm_dir", "hf_config.hf_dir", "save_hf_dir", "iteration", "max_shard_size",
-                 "parallel_config.tp_size", "parallel_config.ep_size", "parallel_config.<m>_pp_layers"],
+                 "parallel_config.tp_size", "parallel_config.ep_size", "parallel_config.<m>_pp_layers",
+                 "trust_remote_code"],
     "resplit": ["source_dir", "target_dir", "iteration", "source_parallel_config.{tp_size,ep_size}",
                 "source_parallel_config.<m>_pp_layers", "target_parallel_config.{tp_size,ep_size}",
-                "target_parallel_config.<m>_pp_layers"],
+                "target_parallel_config.<m>_pp_layers", "trust_remote_code"],
 }
 
 
@@ -189,7 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         return run(argv)
-    except UsageError as e:
+    except (UsageError, RemoteCodeNotTrusted) as e:
         print(f"mm-convert: error: {e}", file=sys.stderr)
         return 2
     except (ConversionError, CheckpointError, ValueError, FileNotFoundError) as e:

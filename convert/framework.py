@@ -31,8 +31,9 @@ from ms_mm.training.mm_checkpoint import (
     save_model, to_float32,
 )
 
-__all__ = ["ConversionError", "HFCheckpoint", "read_hf_config", "make_layout", "hf_to_mm", "mm_to_hf",
-           "resplit", "load_hf_as_mm", "mm_state_to_hf", "mm_grads_to_hf", "normalize_pp_layers"]
+__all__ = ["ConversionError", "RemoteCodeNotTrusted", "HFCheckpoint", "check_trust_remote_code", "custom_model_types",
+           "read_hf_config", "make_layout", "hf_to_mm", "mm_to_hf", "resplit", "load_hf_as_mm", "mm_state_to_hf",
+           "mm_grads_to_hf", "normalize_pp_layers"]
 
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3  # transformers' default max_shard_size ("5GB")
@@ -40,6 +41,29 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3  # transformers' default max_shard_size 
 
 class ConversionError(ValueError):
     """Bad converter input; the message names the file, tensor or argument."""
+
+
+class RemoteCodeNotTrusted(ConversionError):
+    """config.json names a custom-code model type and trust_remote_code was not given."""
+
+
+def custom_model_types(spec: FamilySpec) -> Tuple[str, ...]:
+    """config.json model types of `spec` that need trust_remote_code (see `FamilySpec`)."""
+    return tuple(spec.custom_model_types or ())
+
+
+def check_trust_remote_code(spec: FamilySpec, hf_config: Mapping[str, Any], hf_dir, trust_remote_code: bool) -> None:
+    """MindSpeed-MM's rule, kept for the user's sake: a checkpoint whose config.json names a
+    custom-code model type is converted only after the user said they trust it. ms-mm itself reads
+    config.json as data and never imports or runs code from the checkpoint, whatever the flag."""
+    model_type = hf_config.get("model_type") if isinstance(hf_config, Mapping) else None
+    if trust_remote_code or model_type not in custom_model_types(spec):
+        return
+    raise RemoteCodeNotTrusted(
+        f"{Path(hf_dir) / 'config.json'} has model_type {model_type!r}, a custom-code model that transformers "
+        f"loads only with trust_remote_code (MindSpeed-MM's {spec.converter} needs it too); after checking that "
+        f"the checkpoint comes from a source you trust, pass --cfg.trust_remote_code True. ms-mm only reads "
+        f"config.json and the safetensors as data: no code from the checkpoint is imported or run either way")
 
 
 def _fmt_list(items: Sequence[str], limit: int = 8) -> str:
@@ -202,10 +226,20 @@ def make_layout(spec: FamilySpec, config, tp_size: int = 1,
                 raise ConversionError(f"tp_size {tp_size} does not divide the {what} = {n}")
     if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
         raise ConversionError(f"ep_size must be a positive integer, got {ep_size!r}")
-    return ParallelLayout(tp_size=tp_size, pp_layers=norm, family=spec.family,
-                          tp_rules=spec.tp_rules or ParallelLayout().tp_rules,
-                          pp_stages=spec.pp_stages or ParallelLayout().pp_stages,
-                          tied=[list(t) for t in spec.tied_copies(config)], ep_size=ep_size)
+    layout = ParallelLayout(tp_size=tp_size, pp_layers=norm, family=spec.family,
+                            tp_rules=spec.tp_rules or ParallelLayout().tp_rules,
+                            pp_stages=spec.pp_stages or ParallelLayout().pp_stages,
+                            tied=[list(t) for t in spec.tied_copies(config)], ep_size=ep_size)
+    if ep_size > 1:  # checked on the config, before anything is read or written
+        experts = {i for i in (layout.expert_index(r.mm) for r in _rules_for(spec, config)) if i is not None}
+        if not experts:
+            raise ConversionError(f"ep_size {ep_size} given but the model has no expert tensors (no "
+                                  f"{spec.family} tensor name matches {layout.expert_pattern})")
+        if len(experts) % ep_size:
+            raise ConversionError(f"ep_size {ep_size} does not divide the number of routed experts {len(experts)}"
+                                  f" (each EP rank must hold the same number of experts)")
+        layout.num_experts = len(experts)
+    return layout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,10 +248,17 @@ def make_layout(spec: FamilySpec, config, tp_size: int = 1,
 
 def hf_to_mm(hf_dir, mm_dir, family: Union[str, FamilySpec], tp_size: int = 1,
              pp_layers: Optional[Mapping[str, Any]] = None, iteration: Union[str, int] = "release",
-             ep_size: int = 1) -> Path:
-    """Convert an HF weight dir into `mm_dir/<iteration>/...` (+ latest_checkpointed_iteration.txt)."""
+             ep_size: int = 1, trust_remote_code: bool = True) -> Path:
+    """Convert an HF weight dir into `mm_dir/<iteration>/...` (+ latest_checkpointed_iteration.txt).
+
+    `ep_size` > 1 deals the routed experts out to EP ranks (expert i → rank i // (E / ep_size),
+    renumbered from 0 there). `trust_remote_code=False` refuses custom-code model types
+    (`check_trust_remote_code`; the CLI's default, as MindSpeed-MM's).
+    """
     spec = get_spec(family)
-    config = spec.config_from_hf(read_hf_config(hf_dir))
+    hf_config = read_hf_config(hf_dir)
+    check_trust_remote_code(spec, hf_config, hf_dir, trust_remote_code)
+    config = spec.config_from_hf(hf_config)
     layout = make_layout(spec, config, tp_size, pp_layers, ep_size)
     plan = _plan_hf_to_mm(spec, config, HFCheckpoint(hf_dir, spec))
     try:
@@ -256,7 +297,8 @@ def check_layout_args(layout: ParallelLayout, tp_size, pp_layers, mm_dir, ep_siz
 
 def mm_to_hf(mm_dir, hf_dir, save_hf_dir, family: Union[str, FamilySpec], tp_size: Optional[int] = None,
              pp_layers: Optional[Mapping[str, Any]] = None, iteration: Union[str, int, None] = None,
-             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, ep_size: Optional[int] = None) -> Path:
+             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, ep_size: Optional[int] = None,
+             trust_remote_code: bool = True) -> Path:
     """Write an MM checkpoint (merged over TP/PP) back as HF safetensors into `save_hf_dir`.
 
     `hf_dir` supplies config.json (the shapes) and the tokenizer/processor files copied along.
@@ -264,7 +306,9 @@ def mm_to_hf(mm_dir, hf_dir, save_hf_dir, family: Union[str, FamilySpec], tp_siz
     """
     spec = get_spec(family)
     hf_dir, save_hf_dir = Path(hf_dir), Path(save_hf_dir)
-    config = spec.config_from_hf(read_hf_config(hf_dir))
+    hf_config = read_hf_config(hf_dir)
+    check_trust_remote_code(spec, hf_config, hf_dir, trust_remote_code)
+    config = spec.config_from_hf(hf_config)
     try:
         reader = open_model(mm_dir, iteration)
     except CheckpointError as e:
