@@ -145,5 +145,34 @@ def test_kill_during_save_keeps_previous_checkpoint(toy_jsons, tmp_path):
     assert not (save / "iter_0000004").exists()
     weights = mmc.load_model(save)               # follows latest -> iteration 2
     assert "text_decoder.mlp.weight" in weights
-    losses, log = _run(_args(d, "--train-iters", "4", "--load", str(save)))
+    assert stage.is_dir()                        # the killed save's staging is left behind ...
+    losses, log = _run(_args(d, "--train-iters", "4", "--load", str(save), "--save", str(save)))
     assert "iteration 2" in log and len(losses) == 2
+    assert not stage.exists() and "removed unfinished checkpoint staging" in log   # ... and cleaned
+    assert mmc.latest_iteration(save) == 4
+
+
+def test_qwen2_5_vl_resume_from_a_chosen_iteration(tmp_path):
+    """Tiny Qwen2.5-VL on the demo data (the real data loader): train 4 iterations saving every 2,
+    point latest_checkpointed_iteration.txt back at 2 (the guide's way to pick an iteration) and
+    resume: iterations 3-4 repeat the first run's losses."""
+    from ms_mm.training.launch import prepare_embedded_default
+
+    freeze = {"image_encoder": {"vision_encoder": {"freeze": False}, "vision_projector": {"freeze": False}},
+              "text_decoder": {"freeze": False}}
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        emb = prepare_embedded_default("qwen2_5vl", freeze, workdir=tmp_path)
+    finally:
+        os.chdir(old)
+    save = tmp_path / "save"
+    argv = ["--mm-model", emb["mm_model"], "--mm-data", emb["mm_data"], "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--lr", "1e-3", "--lr-warmup-iters", "1", "--seed", "5",
+            "--train-iters", "4", "--save", str(save), "--save-interval", "2", "--num-workers", "1"]
+    full, _ = _run(argv + ["--load", emb["load"]])
+    assert mmc.latest_iteration(save) == 4 and (save / "iter_0000002").is_dir()
+    (save / mmc.LATEST_FILE).write_text("2\n")
+    resumed, log = _run(argv + ["--load", str(save)])
+    assert "iteration 2" in log and len(resumed) == 2
+    np.testing.assert_allclose(resumed, full[2:], rtol=1e-5)

@@ -125,6 +125,30 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 # --- save / load --------------------------------------------------------------------------------
 
+def remove_stale_staging(save_dir: str) -> list:
+    """Delete staging dirs (`.tmp_iter_*_<pid>`) left by killed runs whose process is gone."""
+    import shutil
+
+    removed = []
+    root = Path(save_dir)
+    if not root.is_dir():
+        return removed
+    for d in root.glob(".tmp_*_*"):
+        pid = d.name.rsplit("_", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                      # that process still runs: maybe saving right now
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d.name)
+    return removed
+
+
 def save_checkpoint(save_dir: str, iteration: int, model, optimizer, *, family: str, data_state, train_state,
                     save_optim: bool = True, save_rng: bool = True) -> Path:
     """Commit one iteration atomically; returns the iteration dir."""
@@ -167,8 +191,9 @@ def load_checkpoint(load_dir: str, model, optimizer, *, load_optim: bool = True,
             raise TrainCheckpointError(f"{optim_file} is missing (saved with --no-save-optim?); "
                                        f"resume with --no-load-optim to start a fresh optimizer")
         _load_optimizer_state(optimizer, names, optim_file)
-    # the LR schedule is a function of the optimizer step: keep it in line with the iteration
-    optimizer.global_step.set_data(ms.Tensor([int(train_state["iteration"])], dtype=optimizer.global_step.dtype))
+    # --no-load-optim: a fresh optimizer, step 0 included. mindformers' AdamW drives both the bias
+    # correction and the LR schedule from that one step, so the schedule restarts with its warm-up
+    # (as Megatron, which loads the scheduler only together with the optimizer).
     rng_file = iter_dir / RNG_FILE
     if load_rng:
         if not rng_file.is_file():

@@ -155,3 +155,46 @@ def qwen2_5_vl_family() -> ModelFamily:
         },
         count_tokens=_llm_tokens,
     )
+
+
+# --- DeepSeek-VL2 ------------------------------------------------------------------------------------
+
+def deepseek_vl2_config_from_model_json(d: Dict[str, Any]):
+    """MindSpeed-MM model.json (`text_decoder` + `image_encoder`), `{"preset": "tiny"}` or our to_dict() form."""
+    from ms_mm.models.deepseek_vl2 import DeepseekVL2Config, config_from_mindspeed
+
+    if "preset" in d:
+        return DeepseekVL2Config.preset(d["preset"])
+    if "text_decoder" in d:
+        return config_from_mindspeed(d)
+    return DeepseekVL2Config.from_dict({k: v for k, v in d.items() if k != "model_id"})
+
+
+def _build_deepseek_vl2(config, compute_dtype):
+    from ms_mm.models.deepseek_vl2 import DeepseekVL2ForCausalLM
+
+    return DeepseekVL2ForCausalLM(config, compute_dtype=compute_dtype)
+
+
+def _supervised_or_all_tokens(batch) -> int:
+    if "attention_mask" in batch:
+        return int(np.asarray(batch["attention_mask"]).sum())
+    return int(np.asarray(batch["input_ids"]).size)
+
+
+def deepseek_vl2_family() -> ModelFamily:
+    from ms_mm.models.deepseek_vl2 import MODEL_INPUT_NAMES
+
+    return ModelFamily(
+        name="deepseek_vl2", model_ids=("deepseekvl2", "deepseek_vl2"),
+        config_from_model_json=deepseek_vl2_config_from_model_json,
+        build_model=_build_deepseek_vl2,
+        input_names=MODEL_INPUT_NAMES,
+        build_dataloader=_qwen_loader,      # ms_mm.data.build_dataloader dispatches on dataset_type
+        freeze_groups={
+            "image_encoder.vision_encoder": ("image_encoder.encoder.",),
+            "image_encoder.vision_projector": ("image_encoder.projector.", "image_newline", "view_seperator"),
+            "text_decoder": ("text_decoder.",),
+        },
+        count_tokens=_supervised_or_all_tokens,
+    )

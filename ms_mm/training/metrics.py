@@ -30,6 +30,7 @@ class MetricsLogger:
                             file=sys.stderr)
         self._window = []        # (loss, step_time, tokens) since the last log line
         self.total_time = 0.0
+        self._steps_seen = 0
         self.total_tokens = 0
         self.total_samples = 0
         self.skipped_iters = 0
@@ -47,9 +48,12 @@ class MetricsLogger:
     def step(self, *, iteration: int, consumed_samples: int, loss: float, lr: float, grad_norm: float,
              finite: bool, step_time: float, tokens: int, loss_scale: Optional[float],
              skipped_samples: int = 0) -> None:
-        self.total_time += step_time
-        self.total_tokens += tokens
-        self.total_samples += self.gbs
+        # the first step of a run includes graph compilation: keep it out of the throughput summary
+        if self._steps_seen > 0:
+            self.total_time += step_time
+            self.total_tokens += tokens
+            self.total_samples += self.gbs
+        self._steps_seen += 1
         if not finite:
             self.skipped_iters += 1
             if loss != loss:
@@ -59,12 +63,12 @@ class MetricsLogger:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if self.writer is not None:
-            self.writer.add_scalar("lm loss", loss, iteration)
+            self.writer.add_scalar("lm-loss", loss, iteration)
             self.writer.add_scalar("learning-rate", lr, iteration)
             self.writer.add_scalar("grad-norm", grad_norm, iteration)
-            self.writer.add_scalar("samples per second", self.gbs / step_time, iteration)
+            self.writer.add_scalar("samples-per-second", self.gbs / step_time, iteration)
             if self.log_tps:
-                self.writer.add_scalar("tokens per second", tokens / step_time, iteration)
+                self.writer.add_scalar("tokens-per-second", tokens / step_time, iteration)
             if loss_scale is not None:
                 self.writer.add_scalar("loss-scale", loss_scale, iteration)
         if iteration % self.log_interval and iteration != self.train_iters:
@@ -98,13 +102,13 @@ class MetricsLogger:
         self.print(" " + " | ".join(parts) + " |")
 
     def summary(self) -> None:
-        if self.total_time <= 0:
+        """End-of-run throughput (first, compiling step excluded), in MindSpeed-MM's summary lines."""
+        if self.total_time <= 0 or self._steps_seen < 2:
             return
-        msg = (f"training done: {self.total_samples} samples in {self.total_time:.1f} s "
-               f"({self.total_samples / self.total_time:.3f} samples/s")
+        self.print(f"Elapsed Time Per iteration: {self.total_time / (self._steps_seen - 1) * 1000:.1f}")
+        self.print(f"Average Samples per Second: {self.total_samples / self.total_time:.3f}")
         if self.log_tps:
-            msg += f", {self.total_tokens / self.total_time:.1f} tokens/s"
-        self.print(msg + ")")
+            self.print(f"Consumed Tokens per Second: {self.total_tokens / self.total_time:.3f}")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -57,7 +57,9 @@ def get_family(model_id: str, where: str = "model json") -> ModelFamily:
     return _FAMILIES[model_id]
 
 
-# MindSpeed-MM's model_id for Qwen2.5-VL, plus our own spelling.
+# MindSpeed-MM's model_id spellings, plus our own.
 register_lazy("qwen2_5vl", "ms_mm.training.families:qwen2_5_vl_family")
 register_lazy("qwen2_5_vl", "ms_mm.training.families:qwen2_5_vl_family")
+register_lazy("deepseekvl2", "ms_mm.training.families:deepseek_vl2_family")
+register_lazy("deepseek_vl2", "ms_mm.training.families:deepseek_vl2_family")
 register_lazy("toy_vlm", "ms_mm.training.toy:toy_family")

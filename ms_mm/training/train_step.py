@@ -28,6 +28,16 @@ def global_norm(grads):
     return ops.sqrt(ops.addn(_hyper_map(_square_sum, grads)))
 
 
+class _MicroStep(nn.Cell):
+    def __init__(self, grad_fn):
+        super().__init__(auto_prefix=False)
+        self.grad_fn = grad_fn
+
+    def construct(self, *inputs):
+        (_, loss), grads = self.grad_fn(*inputs)
+        return loss, grads
+
+
 class TrainStep:
     """Call with a list of micro-batches (tuples of Tensors in the model's input order).
 
@@ -35,7 +45,7 @@ class TrainStep:
     """
 
     def __init__(self, model: nn.Cell, optimizer: nn.Optimizer, *, accum_steps: int = 1, clip_grad: float = 0.0,
-                 loss_scaler=None, data_parallel: bool = False):
+                 loss_scaler=None, data_parallel: bool = False, dynamic_shapes: bool = True):
         self.model, self.optimizer = model, optimizer
         self.params = optimizer.parameters
         self.accum_steps = int(accum_steps)
@@ -52,10 +62,11 @@ class TrainStep:
 
         grad_fn = ms.value_and_grad(forward, None, self.params, has_aux=True)
 
-        @ms.jit
-        def micro_step(*inputs):
-            (_, loss), grads = grad_fn(*inputs)
-            return loss, grads
+        # Batches differ in sequence length and image-patch count: compile one dynamic-shape graph
+        # (inputs declared with unknown dims on the first call) instead of one graph per shape.
+        self._micro_cell = _MicroStep(grad_fn)
+        self._dynamic_shapes = dynamic_shapes
+        self._inputs_declared = False
 
         @ms.jit
         def accumulate(acc, grads):
@@ -81,7 +92,25 @@ class TrainStep:
                 optimizer(grads)
             return norm, finite
 
-        self._micro_step, self._accumulate, self._apply = micro_step, accumulate, apply
+        self._accumulate, self._apply = accumulate, apply
+        self._data_parallel = data_parallel
+        if data_parallel:
+            from mindspore.communication import get_group_size
+
+            all_reduce = ops.AllReduce()
+            inv_world = 1.0 / get_group_size()
+
+            @ms.jit
+            def dp_mean(x):
+                return all_reduce(x) * inv_world
+
+            self._dp_mean = dp_mean
+
+    def _micro_step(self, *inputs):
+        if self._dynamic_shapes and not self._inputs_declared:
+            self._micro_cell.set_inputs(*[ms.Tensor(shape=[None] * t.ndim, dtype=t.dtype) for t in inputs])
+            self._inputs_declared = True
+        return self._micro_cell(*inputs)
 
     def __call__(self, micro_batches: Sequence[Sequence[ms.Tensor]]):
         if len(micro_batches) != self.accum_steps:
@@ -93,8 +122,10 @@ class TrainStep:
             acc = grads if acc is None else self._accumulate(ms.mutable(acc), ms.mutable(grads))
         # mutable: a tuple of tensors passed to a jit function is otherwise a constant (recompiles)
         norm, finite = self._apply(ms.mutable(acc))
-        mean_loss = sum(float(l.asnumpy()) for l in losses) / len(losses)
-        return mean_loss, float(norm.asnumpy()), bool(finite.asnumpy())
+        mean_loss = sum(losses) / len(losses)
+        if self._data_parallel:  # log the global-batch loss, as Megatron does
+            mean_loss = self._dp_mean(mean_loss)
+        return float(mean_loss.asnumpy()), float(norm.asnumpy()), bool(finite.asnumpy())
 
 
 def build_loss_scaler(args) -> Optional[object]:
@@ -103,4 +134,4 @@ def build_loss_scaler(args) -> Optional[object]:
         return None
     if args.loss_scale:
         return ms.amp.StaticLossScaler(float(args.loss_scale))
-    return ms.amp.DynamicLossScaler(float(args.initial_loss_scale), 2.0, int(args.loss_scale_window))
+    return ms.amp.DynamicLossScaler(float(args.initial_loss_scale), 2, int(args.loss_scale_window))

@@ -21,6 +21,7 @@ from ms_mm.training.arguments import ArgumentError, TrainArgs, parse_args
 from ms_mm.training.registry import ModelFamily, get_family
 
 DEVICE_ENV = "MS_MM_DEVICE_TARGET"
+DUMP_PARAMS_ENV = "MS_MM_DUMP_PARAMS_DIR"
 
 
 def device_target() -> str:
@@ -129,6 +130,34 @@ def _to_tensors(batch: dict, names: Sequence[str]):
     return tuple(ms.Tensor(np.asarray(batch[n])) for n in names)
 
 
+def _gather_data_states(state: dict, world: int) -> dict:
+    """{"per_rank": [state of rank 0, rank 1, ...]}: the integer fields are all-gathered."""
+    if world == 1:
+        return {"per_rank": [state]}
+    import mindspore as ms
+    from mindspore import ops
+
+    keys = sorted(k for k, v in state.items() if isinstance(v, (int, np.integer)) and not isinstance(v, bool))
+    local = ms.Tensor(np.asarray([[int(state[k]) for k in keys]], dtype=np.int64))
+    rows = ops.AllGather()(local).asnumpy()
+    per_rank = []
+    for r, row in enumerate(rows):
+        per_rank.append({**state, **{k: int(v) for k, v in zip(keys, row)}})
+        if "rank" in state:
+            per_rank[-1]["rank"] = r
+    return {"per_rank": per_rank}
+
+
+def _own_data_state(saved: dict, rank: int, world: int, where: str) -> dict:
+    if "per_rank" not in saved:
+        return saved
+    per_rank = saved["per_rank"]
+    if len(per_rank) != world:
+        raise ArgumentError(f"--load {where}: the data position was saved by {len(per_rank)} rank(s), this run "
+                            f"has {world}; resume with the same data-parallel size")
+    return per_rank[rank]
+
+
 def train(args: TrainArgs, stream=None) -> List[float]:
     import mindspore as ms
 
@@ -187,10 +216,13 @@ def train(args: TrainArgs, stream=None) -> List[float]:
             if hasattr(loss_scaler, "counter") and "loss_scale_counter" in state.train_state:
                 loss_scaler.counter.set_data(ms.Tensor(state.train_state["loss_scale_counter"], ms.int32))
 
-    loader = family.build_dataloader(data_json, config, args.micro_batch_size, args.seed, rank, world,
-                                     args.num_workers, args.skip_bad_samples)
+    try:
+        loader = family.build_dataloader(data_json, config, args.micro_batch_size, args.seed, rank, world,
+                                         args.num_workers, args.skip_bad_samples)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise ArgumentError(f"--mm-data {args.mm_data}: {e.args[0] if isinstance(e, KeyError) else e}") from e
     if state.data_state is not None:
-        loader.load_state_dict(state.data_state)
+        loader.load_state_dict(_own_data_state(state.data_state, rank, world, args.load))
 
     logger = MetricsLogger(train_iters=args.train_iters, start_iteration=state.iteration,
                            global_batch_size=args.global_batch_size, log_interval=args.log_interval,
@@ -200,21 +232,28 @@ def train(args: TrainArgs, stream=None) -> List[float]:
     losses: List[float] = []
 
     last_saved = None if state.release else iteration
+    if args.save and is_rank0:
+        stale = ckpt.remove_stale_staging(args.save)
+        if stale:
+            log(f"removed unfinished checkpoint staging left by a killed run: {', '.join(stale)}")
 
     def save():
         nonlocal last_saved
         last_saved = iteration
+        # every rank takes part: data positions differ per rank once bad samples are skipped
+        data_state = _gather_data_states(loader.state_dict(), world)
         if not is_rank0:
             return
         train_state = {"iteration": iteration, "consumed_samples": consumed, "world_size": world,
-                       "global_batch_size": args.global_batch_size, "family": family.name}
+                       "global_batch_size": args.global_batch_size, "family": family.name,
+                       "optimizer_step": int(optimizer.global_step.asnumpy().reshape(-1)[0])}
         if loss_scaler is not None:
             train_state["loss_scale"] = float(loss_scaler.scale_value.asnumpy())
             if hasattr(loss_scaler, "counter"):
                 train_state["loss_scale_counter"] = int(loss_scaler.counter.asnumpy())
         t0 = time.time()
         path = ckpt.save_checkpoint(args.save, iteration, model, optimizer, family=family.name,
-                                    data_state=loader.state_dict(), train_state=train_state,
+                                    data_state=data_state, train_state=train_state,
                                     save_optim=not args.no_save_optim, save_rng=not args.no_save_rng)
         log(f"saved checkpoint {path} in {time.time() - t0:.1f} s")
 
@@ -249,6 +288,15 @@ def train(args: TrainArgs, stream=None) -> List[float]:
             save()
     finally:
         logger.close()
+        if hasattr(loader, "close"):
+            loader.close()   # stop prefetch threads
+    if os.environ.get(DUMP_PARAMS_ENV):
+        # test hook: every rank writes its final parameters (data-parallel replicas must agree)
+        from ms_mm.training.mm_checkpoint import write_safetensors
+
+        Path(os.environ[DUMP_PARAMS_ENV]).mkdir(parents=True, exist_ok=True)
+        write_safetensors(Path(os.environ[DUMP_PARAMS_ENV]) / f"rank_{rank}.safetensors",
+                          {p.name: p.asnumpy() for p in model.get_parameters()})
     logger.summary()
     return losses
 
@@ -264,4 +312,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ArgumentError, TrainCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - bad samples: one line naming the file / record
+        from ms_mm.data import BadSampleError
+
+        if not isinstance(e, BadSampleError):
+            raise
+        print(f"error: {e} (pass --skip-bad-samples to skip such samples; checkpoints already saved are "
+              f"kept)", file=sys.stderr)
+        return 1
     return 0

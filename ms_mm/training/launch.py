@@ -1,0 +1,293 @@
+"""Launcher behind the example finetune scripts: weights check, embedded default, dry run, msrun.
+
+    python -m ms_mm.training.launch [msrun flags: --local_worker_num --worker_num --node_rank
+        --master_addr --master_port --log_dir --join --bind_core ...] -- [trainer flags]
+
+What it does, in order:
+1. parses the trainer flags (an unknown flag fails here, before anything starts);
+2. `DRY_RUN=1`: hands the model json and parallel sizes to `python -m ms_mm.parallel.dryrun`
+   (compiles the sharded graph for the simulated cluster) and stops;
+3. if the weights the scripts name are absent (`--load` dir, or the data json's
+   `model_name_or_path`), prints one line saying so and switches to the **embedded default**: a
+   tiny model in the upstream HF layout (`python -m convert.tiny`), converted with `mm-convert
+   hf_to_mm`, the bundled demo data (`python -m ms_mm.data.demo`), and a short finetune with one
+   worker on CPU; afterwards the result is converted back with `mm-convert mm_to_hf`;
+4. starts training: directly for one worker, through `msrun` for more.
+
+Environment knobs: `MS_MM_DEMO_ITERS` (embedded-default iterations, default 200), `DRY_RUN`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from ms_mm.training.arguments import ArgumentError, parse_args
+from ms_mm.training.trainer import device_target
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ENTRY_SCRIPT = Path(__file__).resolve().with_name("pretrain_vlm.py")
+
+# model_id -> how to make its embedded default (tiny builder, converter, names)
+EMBEDDED_DEFAULTS = {
+    "qwen2_5vl": {"tiny": "qwen2_5_vl", "converter": "Qwen2_5_VLConverter", "name": "Qwen2.5-VL-tiny",
+                  "hub_org": "Qwen"},
+}
+EMBEDDED_DEFAULTS["qwen2_5_vl"] = EMBEDDED_DEFAULTS["qwen2_5vl"]
+
+
+def _msrun_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ms_mm.training.launch", allow_abbrev=False)
+    p.add_argument("--worker_num", type=int, default=1)
+    p.add_argument("--local_worker_num", type=int, default=1)
+    p.add_argument("--node_rank", type=int, default=0)
+    p.add_argument("--master_addr", default="127.0.0.1")
+    p.add_argument("--master_port", type=int, default=6000)
+    p.add_argument("--log_dir", default="msrun_log")
+    p.add_argument("--join", default="True")
+    p.add_argument("--bind_core", default=None)
+    p.add_argument("--cluster_time_out", default=None)
+    p.add_argument("--tail_worker_log", default=None)
+    return p
+
+
+def _set_flag(argv: List[str], flag: str, value: Optional[str]) -> List[str]:
+    """Remove every occurrence of `flag` (with its value if `value` is not None) and append the new one."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == flag:
+            i += 1 if value is None else 2
+            continue
+        if argv[i].startswith(flag + "="):
+            i += 1
+            continue
+        out.append(argv[i])
+        i += 1
+    return out + ([flag] if value is None else [flag, str(value)])
+
+
+def _drop_flag(argv: List[str], flag: str) -> List[str]:
+    return [a for a in argv if a != flag]
+
+
+def _model_name_or_path(data_json: dict) -> Optional[str]:
+    try:
+        return data_json["dataset_param"]["preprocess_parameters"]["model_name_or_path"]
+    except (KeyError, TypeError):
+        return None
+
+
+def _weights_present(path: Optional[str]) -> bool:
+    if not path:
+        return False
+    p = Path(path)
+    return p.is_dir() and any(p.iterdir())
+
+
+def _run(cmd: Sequence[str], what: str) -> None:
+    print(f"[ms-mm] {what}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    rc = subprocess.call(list(cmd), env=env)
+    if rc != 0:
+        raise SystemExit(f"[ms-mm] {what} failed (exit status {rc})")
+
+
+def prepare_embedded_default(model_id: str, user_model_json: dict, workdir: Path = Path(".")) -> dict:
+    """Build (once) the tiny HF model, its MM conversion, the demo data and their jsons.
+
+    Returns {"load", "mm_model", "mm_data", "hf_dir", "converter", "name"}; paths relative to `workdir`.
+    """
+    recipe = EMBEDDED_DEFAULTS[model_id]
+    name = recipe["name"]
+    hf_dir = workdir / "ckpt" / "hf_path" / name
+    mm_dir = workdir / "ckpt" / "mm_path" / name
+    data_dir = workdir / "data" / "demo"
+    conf_dir = workdir / "ckpt" / "embedded_default"
+    py = sys.executable
+    if not (hf_dir / "config.json").is_file():
+        _run([py, "-m", "convert.tiny", recipe["tiny"], "--out", str(hf_dir)], "building the tiny model (HF layout)")
+    if not (mm_dir / "latest_checkpointed_iteration.txt").is_file():
+        _run([py, "-m", "convert.cli", recipe["converter"], "hf_to_mm", "--cfg.mm_dir", str(mm_dir),
+              "--cfg.hf_config.hf_dir", str(hf_dir)], "converting it with mm-convert hf_to_mm")
+    from ms_mm.data.demo import DATA_FILE, demo_data_config
+
+    if not (data_dir / DATA_FILE).is_file():
+        _run([py, "-m", "ms_mm.data.demo", "--out", str(data_dir)], "writing the bundled demo data")
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    from adapters.qwen2_5_vl import config_from_hf
+    from ms_mm.training.families import qwen2_5_vl_model_json
+
+    config = config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+    # keep the user's freeze switches: the demo trains what the real run would train
+    enc = user_model_json.get("image_encoder") or {}
+    freeze = {"vision_encoder": bool((enc.get("vision_encoder") or {}).get("freeze", True)),
+              "vision_projector": bool((enc.get("vision_projector") or {}).get("freeze", True)),
+              "text_decoder": bool((user_model_json.get("text_decoder") or {}).get("freeze", False))}
+    model_json = conf_dir / "model.json"
+    model_json.write_text(json.dumps(qwen2_5_vl_model_json(config, freeze=freeze), indent=2))
+    data_json = conf_dir / "data.json"
+    data_json.write_text(json.dumps(demo_data_config(data_dir, processor_dir=hf_dir), indent=2))
+    return {"load": str(mm_dir), "mm_model": str(model_json), "mm_data": str(data_json), "hf_dir": str(hf_dir),
+            "converter": recipe["converter"], "name": name}
+
+
+def embedded_overrides(argv: List[str], emb: dict, device: str) -> List[str]:
+    """The user's trainer flags, rewritten for a short single-worker run of the tiny model."""
+    iters = int(os.environ.get("MS_MM_DEMO_ITERS", "200"))
+    overrides = {
+        "--load": emb["load"], "--mm-model": emb["mm_model"], "--mm-data": emb["mm_data"],
+        "--tensor-model-parallel-size": 1, "--pipeline-model-parallel-size": 1, "--context-parallel-size": 1,
+        "--expert-model-parallel-size": 1,
+        "--micro-batch-size": 2, "--global-batch-size": 4, "--train-iters": iters,
+        "--lr": 1e-3, "--min-lr": 1e-5, "--lr-warmup-fraction": 0.05, "--clip-grad": 1.0, "--weight-decay": 0.0,
+        "--num-workers": 2, "--log-interval": max(1, iters // 40),
+    }
+    out = list(argv)
+    for flag, value in overrides.items():
+        out = _set_flag(out, flag, str(value))
+    out = _drop_flag(out, "--finetune")
+    if device.upper() == "CPU":
+        out = _drop_flag(out, "--bf16")      # no bf16 kernels on CPU: fp32
+    return out
+
+
+def _flag_value(argv: Sequence[str], flag: str) -> Optional[str]:
+    """Last value given for `flag` (the trainer parses it the same way: last one wins)."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def dry_run_command(args, train_argv: Sequence[str], model_json: dict, world_size: int) -> List[str]:
+    """`python -m ms_mm.parallel.dryrun ...` for the sizes the script would train with."""
+    cmd = [sys.executable, "-m", "ms_mm.parallel.dryrun", "--mm-model", str(args.mm_model),
+           "--world-size", str(world_size),
+           "--tp", str(args.tensor_model_parallel_size), "--pp", str(args.pipeline_model_parallel_size),
+           "--cp", str(args.context_parallel_size), "--ep", str(args.expert_model_parallel_size),
+           "--micro-batch-size", str(args.micro_batch_size),
+           "--dtype", "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"]
+    seq = _flag_value(train_argv, "--seq-length")
+    if seq:
+        cmd += ["--seq-len", seq]
+    # the pipeline split the model json declares (MindSpeed-MM's pipeline_num_layers)
+    llm = (model_json.get("text_decoder") or {}).get("pipeline_num_layers")
+    vit = ((model_json.get("image_encoder") or {}).get("vision_encoder") or {}).get("pipeline_num_layers")
+    if args.pipeline_model_parallel_size > 1:
+        for flag, layers in (("--llm-pp-layers", llm), ("--vit-pp-layers", vit)):
+            if layers:
+                cmd += [flag, json.dumps(layers, separators=(",", ":"))]
+    return cmd
+
+
+def dry_run(cmd: List[str]) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("ms_mm.parallel.dryrun") is None:
+        print("[ms-mm] DRY_RUN=1: ms_mm.parallel.dryrun is not available in this installation", file=sys.stderr)
+        return 2
+    print(f"[ms-mm] DRY_RUN=1: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return subprocess.call(cmd, env=env)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        cut = argv.index("--")
+        launcher_argv, train_argv = argv[:cut], argv[cut + 1:]
+    else:
+        launcher_argv, train_argv = [], argv
+    runner = _msrun_parser().parse_args(launcher_argv)
+    try:
+        args = parse_args(train_argv)
+    except ArgumentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for flag, value in (("--mm-model", args.mm_model), ("--mm-data", args.mm_data)):
+        if not value or not Path(value).is_file():
+            print(f"error: {flag} {value}: no such file", file=sys.stderr)
+            return 2
+    try:
+        model_json = json.loads(Path(args.mm_model).read_text())
+        data_json = json.loads(Path(args.mm_data).read_text())
+    except json.JSONDecodeError as e:
+        print(f"error: invalid JSON in the model/data json: line {e.lineno} column {e.colno}: {e.msg}",
+              file=sys.stderr)
+        return 2
+    if os.environ.get("DRY_RUN", "0") not in ("", "0"):
+        return dry_run(dry_run_command(args, train_argv, model_json, runner.worker_num))
+
+    device = device_target()
+    model_id = model_json.get("model_id", "")
+    hf_path = _model_name_or_path(data_json)
+    missing = []
+    if args.load is not None and not _weights_present(args.load):
+        missing.append(f"LOAD_PATH {args.load}")
+    if hf_path is not None and not _weights_present(hf_path):
+        missing.append(f"model_name_or_path {hf_path}")
+    embedded = None
+    if missing:
+        if model_id not in EMBEDDED_DEFAULTS:
+            print(f"error: {' and '.join(missing)} not found, and model_id {model_id!r} has no embedded default",
+                  file=sys.stderr)
+            return 2
+        hub = EMBEDDED_DEFAULTS[model_id]["hub_org"] + "/" + Path(hf_path or args.load or "").name
+        print(f"[ms-mm] {' and '.join(missing)} not found: running the embedded default (tiny model + demo data, "
+              f"1 worker on {device}); for real weights download {hub} to the data json's model_name_or_path, "
+              f"convert it with `mm-convert {EMBEDDED_DEFAULTS[model_id]['converter']} hf_to_mm` into LOAD_PATH "
+              f"(see README.md).", flush=True)
+        embedded = prepare_embedded_default(model_id, model_json)
+        train_argv = embedded_overrides(train_argv, embedded, device)
+        runner.worker_num = runner.local_worker_num = 1
+    else:
+        # fail here, before msrun starts N processes, on sizes / precision that cannot work
+        try:
+            parse_args(train_argv).validate(runner.worker_num, device)
+        except ArgumentError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    # msrun starts its workers with `python`: make that this interpreter
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    env.setdefault("GLOG_v", "3")                       # MindSpore: errors only
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if runner.worker_num == 1 and runner.local_worker_num == 1:
+        cmd = [sys.executable, str(ENTRY_SCRIPT), *train_argv]
+    else:
+        msrun = Path(sys.executable).with_name("msrun")
+        cmd = [str(msrun) if msrun.is_file() else "msrun",
+               f"--worker_num={runner.worker_num}", f"--local_worker_num={runner.local_worker_num}",
+               f"--node_rank={runner.node_rank}", f"--master_addr={runner.master_addr}",
+               f"--master_port={runner.master_port}", f"--log_dir={runner.log_dir}", f"--join={runner.join}"]
+        for opt in ("bind_core", "cluster_time_out", "tail_worker_log"):
+            if getattr(runner, opt) is not None:
+                cmd.append(f"--{opt}={getattr(runner, opt)}")
+        cmd += [str(ENTRY_SCRIPT), *train_argv]
+    print(f"[ms-mm] {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0 or embedded is None:
+        return rc
+    if args.save:
+        out = Path("ckpt") / "mm_to_hf" / embedded["name"]
+        _run([sys.executable, "-m", "convert.cli", embedded["converter"], "mm_to_hf",
+              "--cfg.save_hf_dir", str(out), "--cfg.mm_dir", args.save,
+              "--cfg.hf_config.hf_dir", embedded["hf_dir"]], "converting the result back with mm-convert mm_to_hf")
+        print(f"[ms-mm] embedded default done: finetuned checkpoint in {args.save}, HF layout in {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
