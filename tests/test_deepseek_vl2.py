@@ -14,7 +14,8 @@ import pytest
 
 from adapters.deepseek_vl2 import parity_outputs
 from convert import load_hf_as_mm, mm_grads_to_hf, mm_state_to_hf
-from ms_mm.models.deepseek_vl2 import DeepseekVL2Config, build_model_inputs, num_image_tokens, tile_image
+from ms_mm.data.deepseek_vl2 import tile_image
+from ms_mm.models.deepseek_vl2 import DeepseekVL2Config, build_model_inputs, num_image_tokens
 
 CASES = ("forward", "forward_mha")
 
@@ -67,7 +68,8 @@ def test_tiling_matches_processor(fixture_root, case):
     config = DeepseekVL2Config.preset("tiny")
     inputs = dict(np.load(d / "inputs.npz"))
     with Image.open(d / "image.png") as img:
-        tiles, (tw, th) = tile_image(img, config)
+        tiles, (tw, th) = tile_image(img, config.vision_config.image_size, config.candidate_resolutions)
+    tiles = np.stack(tiles)
     assert [tw, th] == inputs["images_spatial_crop"][0, 0].tolist()
     np.testing.assert_array_equal(tiles, inputs["images"][0])  # processor outputs are exact
     assert num_image_tokens(tw, th, config) == int(inputs["images_seq_mask"][0].sum())

@@ -46,9 +46,11 @@ from ms_mm.data.errors import BadSampleError
 from ms_mm.data.loader import MllmDataLoader, load_data_config, padded_length
 from ms_mm.data.mllm_dataset import _BadRecord, read_records
 from ms_mm.data.processor import IGNORE_INDEX
+from ms_mm.models.deepseek_vl2.inputs import select_best_resolution  # numpy only: one copy of the rule
 
 __all__ = [
-    "DeepseekVL2DataProcessor", "DeepseekVL2Dataset", "select_best_resolution", "collate_deepseek_vl2",
+    "DeepseekVL2DataProcessor", "DeepseekVL2Dataset", "select_best_resolution", "tile_image",
+    "collate_deepseek_vl2",
     "build_deepseek_vl2_processor", "build_deepseek_vl2_dataset", "build_deepseek_vl2_dataloader",
     "USER_ROLE", "ASSISTANT_ROLE", "IMAGE_TOKEN",
 ]
@@ -69,18 +71,29 @@ _SYSTEM_ROLES = ("system", "deepseekapi-sys")
 PROCESSOR_CONFIG = "processor_config.json"
 
 
-def select_best_resolution(image_size: tuple[int, int], candidate_resolutions) -> tuple[int, int]:
-    """(width, height) of the candidate that keeps the most pixels of a (width, height) image after
-    an aspect-preserving resize into it; ties go to the least padding, then to the first listed."""
-    width, height = image_size
-    best, best_kept, best_waste = None, 0, math.inf
-    for cand_w, cand_h in candidate_resolutions:
-        scale = min(cand_w / width, cand_h / height)
-        kept = min(int(width * scale) * int(height * scale), width * height)
-        waste = cand_w * cand_h - kept
-        if kept > best_kept or (kept == best_kept and waste < best_waste):
-            best, best_kept, best_waste = (int(cand_w), int(cand_h)), kept, waste
-    return best
+def _normalised_half(img) -> np.ndarray:
+    """x / 255, then (x - 0.5) / 0.5, channels first: the released processor's normalisation."""
+    x = np.asarray(img.convert("RGB"), dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+    return ((x - np.float32(0.5)) / np.float32(0.5)).transpose(2, 0, 1)
+
+
+def tile_image(image, tile_size: int, candidate_resolutions, *, cropping: bool = True,
+               fill=(127, 127, 127), to_array: Callable = _normalised_half):
+    """PIL image → ([global view, local tiles row-major] as float32 [3, T, T] arrays, (w_tiles, h_tiles)).
+
+    The global view is the image padded to one tile; the local view is the image padded to the best
+    candidate resolution (`ms_mm.models.deepseek_vl2.select_best_resolution`) and cut into tiles.
+    Defaults are the released processor's (fill 127, mean = std = 0.5)."""
+    from PIL import ImageOps
+
+    t = int(tile_size)
+    best_w, best_h = select_best_resolution(image.size, candidate_resolutions) if cropping else (t, t)
+    tiles = [to_array(ImageOps.pad(image, (t, t), color=fill))]
+    local = ImageOps.pad(image, (best_w, best_h), color=fill)
+    for y in range(0, best_h, t):
+        for x in range(0, best_w, t):
+            tiles.append(to_array(local.crop((x, y, x + t, y + t))))
+    return tiles, (best_w // t, best_h // t)
 
 
 class DeepseekVL2DataProcessor:
@@ -187,16 +200,8 @@ class DeepseekVL2DataProcessor:
 
     def tile_image(self, image, cropping: bool = True) -> tuple[list[np.ndarray], tuple[int, int]]:
         """RGB PIL image → ([global tile, local tiles row-major], (w_tiles, h_tiles))."""
-        from PIL import ImageOps
-
-        t = self.image_size
-        best_w, best_h = select_best_resolution(image.size, self.candidate_resolutions) if cropping else (t, t)
-        tiles = [self._to_array(ImageOps.pad(image, (t, t), color=self._fill))]
-        local = ImageOps.pad(image, (best_w, best_h), color=self._fill)
-        for y in range(0, best_h, t):
-            for x in range(0, best_w, t):
-                tiles.append(self._to_array(local.crop((x, y, x + t, y + t))))
-        return tiles, (best_w // t, best_h // t)
+        return tile_image(image, self.image_size, self.candidate_resolutions, cropping=cropping,
+                          fill=self._fill, to_array=self._to_array)
 
     def _text_with_images(self, text: str, images: list, cropping: bool):
         """Tokens of `text` with every `<image>` tag expanded into its image tokens."""

@@ -7,12 +7,14 @@ What it does, in order:
 1. parses the trainer flags (an unknown flag fails here, before anything starts);
 2. `DRY_RUN=1`: hands the model json and parallel sizes to `python -m ms_mm.parallel.dryrun`
    (compiles the sharded graph for the simulated cluster) and stops;
-3. if the weights the scripts name are absent (`--load` dir, or the data json's
-   `model_name_or_path`), prints one line saying so and switches to the **embedded default**: a
+3. if the weights the scripts name are absent (`--load` dir, or the HF directory the data json
+   names: Qwen2.5-VL's `model_name_or_path`, DeepSeek-VL2's `processor_path`), prints one line
+   saying so and switches to the **embedded default** of the model family (`EMBEDDED_DEFAULTS`): a
    tiny model in the upstream HF layout (`python -m convert.tiny`), converted with `mm-convert
-   hf_to_mm`, the bundled demo data (`python -m ms_mm.data.demo`), and a short finetune with one
-   worker on CPU; afterwards the result is converted back with `mm-convert mm_to_hf`;
-4. starts training: directly for one worker, through `msrun` for more.
+   hf_to_mm`, the family's bundled demo data, and a short finetune with one worker on CPU;
+   afterwards the result is converted back with `mm-convert mm_to_hf`;
+4. otherwise checks the sizes (world size vs. parallel sizes, expert count vs. EP, precision on this
+   device) and starts training: directly for one worker, through `msrun` for more.
 
 Environment knobs: `MS_MM_DEMO_ITERS` (embedded-default iterations, default 200), `DRY_RUN`.
 """
@@ -28,17 +30,30 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ms_mm.training.arguments import ArgumentError, parse_args
-from ms_mm.training.trainer import device_target
+from ms_mm.training.trainer import check_parallel_sizes, device_target, family_and_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENTRY_SCRIPT = Path(__file__).resolve().with_name("pretrain_vlm.py")
 
-# model_id -> how to make its embedded default (tiny builder, converter, names)
+# model_id -> how to make its embedded default: the tiny HF builder (`convert.tiny FAMILY`), the
+# mm-convert converter and its extra flags, the demo-data module (`DATA_FILE`, `demo_data_config`,
+# CLI `--out DIR`) and its output dir, the model-json writer ("module:function", (hf_dir, user model json) -> dict), the
+# data-json key naming the HF directory, and where real weights come from (for the one-line note).
 EMBEDDED_DEFAULTS = {
-    "qwen2_5vl": {"tiny": "qwen2_5_vl", "converter": "Qwen2_5_VLConverter", "name": "Qwen2.5-VL-tiny",
-                  "hub_org": "Qwen"},
+    "qwen2_5vl": {"tiny": "qwen2_5_vl", "converter": "Qwen2_5_VLConverter", "convert_flags": (),
+                  "name": "Qwen2.5-VL-tiny", "demo": "ms_mm.data.demo", "demo_dir": "data/demo",
+                  "model_json": "ms_mm.training.families:qwen2_5_vl_embedded_model_json",
+                  "hf_dir_key": "dataset_param.preprocess_parameters.model_name_or_path", "hub_org": "Qwen"},
+    "deepseekvl2": {"tiny": "deepseek_vl2", "converter": "DeepSeekVLConverter",
+                    "convert_flags": ("--cfg.trust_remote_code", "True"),
+                    "name": "DeepSeekVL2-tiny", "demo": "ms_mm.data.deepseek_vl2_demo",
+                    "demo_dir": "data/demo_deepseek_vl2",
+                    "model_json": "ms_mm.training.families:deepseek_vl2_embedded_model_json",
+                    "hf_dir_key": "dataset_param.processor_path", "hub_repo": "deepseek-ai/deepseek-vl2"},
 }
 EMBEDDED_DEFAULTS["qwen2_5_vl"] = EMBEDDED_DEFAULTS["qwen2_5vl"]
+EMBEDDED_DEFAULTS["deepseek_vl2"] = EMBEDDED_DEFAULTS["DeepSeek-VL2"] = EMBEDDED_DEFAULTS["deepseekvl2"]
+HF_DIR_KEY = "dataset_param.preprocess_parameters.model_name_or_path"   # families without a recipe
 
 
 def _msrun_parser() -> argparse.ArgumentParser:
@@ -75,11 +90,14 @@ def _drop_flag(argv: List[str], flag: str) -> List[str]:
     return [a for a in argv if a != flag]
 
 
-def _model_name_or_path(data_json: dict) -> Optional[str]:
-    try:
-        return data_json["dataset_param"]["preprocess_parameters"]["model_name_or_path"]
-    except (KeyError, TypeError):
-        return None
+def _hf_dir(data_json: dict, model_id: str) -> Optional[str]:
+    """The HF checkpoint directory the data json names (the tokenizer / processor source)."""
+    value = data_json
+    for key in EMBEDDED_DEFAULTS.get(model_id, {}).get("hf_dir_key", HF_DIR_KEY).split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value if isinstance(value, str) else None
 
 
 def _weights_present(path: Optional[str]) -> bool:
@@ -98,43 +116,43 @@ def _run(cmd: Sequence[str], what: str) -> None:
         raise SystemExit(f"[ms-mm] {what} failed (exit status {rc})")
 
 
+def _import(target: str):
+    import importlib
+
+    module, _, attr = target.partition(":")
+    module = importlib.import_module(module)
+    return getattr(module, attr) if attr else module
+
+
 def prepare_embedded_default(model_id: str, user_model_json: dict, workdir: Path = Path(".")) -> dict:
     """Build (once) the tiny HF model, its MM conversion, the demo data and their jsons.
 
-    Returns {"load", "mm_model", "mm_data", "hf_dir", "converter", "name"}; paths relative to `workdir`.
+    Returns {"load", "mm_model", "mm_data", "hf_dir", "converter", "convert_flags", "name"}; paths
+    relative to `workdir`.
     """
     recipe = EMBEDDED_DEFAULTS[model_id]
     name = recipe["name"]
     hf_dir = workdir / "ckpt" / "hf_path" / name
     mm_dir = workdir / "ckpt" / "mm_path" / name
-    data_dir = workdir / "data" / "demo"
-    conf_dir = workdir / "ckpt" / "embedded_default"
+    data_dir = workdir / recipe["demo_dir"]
+    conf_dir = workdir / "ckpt" / "embedded_default" / recipe["tiny"]
     py = sys.executable
     if not (hf_dir / "config.json").is_file():
         _run([py, "-m", "convert.tiny", recipe["tiny"], "--out", str(hf_dir)], "building the tiny model (HF layout)")
     if not (mm_dir / "latest_checkpointed_iteration.txt").is_file():
         _run([py, "-m", "convert.cli", recipe["converter"], "hf_to_mm", "--cfg.mm_dir", str(mm_dir),
-              "--cfg.hf_config.hf_dir", str(hf_dir)], "converting it with mm-convert hf_to_mm")
-    from ms_mm.data.demo import DATA_FILE, demo_data_config
-
-    if not (data_dir / DATA_FILE).is_file():
-        _run([py, "-m", "ms_mm.data.demo", "--out", str(data_dir)], "writing the bundled demo data")
+              "--cfg.hf_config.hf_dir", str(hf_dir), *recipe["convert_flags"]],
+             "converting it with mm-convert hf_to_mm")
+    demo = _import(recipe["demo"])
+    if not (data_dir / demo.DATA_FILE).is_file():
+        _run([py, "-m", recipe["demo"], "--out", str(data_dir)], "writing the bundled demo data")
     conf_dir.mkdir(parents=True, exist_ok=True)
-    from adapters.qwen2_5_vl import config_from_hf
-    from ms_mm.training.families import qwen2_5_vl_model_json
-
-    config = config_from_hf(json.loads((hf_dir / "config.json").read_text()))
-    # keep the user's freeze switches: the demo trains what the real run would train
-    enc = user_model_json.get("image_encoder") or {}
-    freeze = {"vision_encoder": bool((enc.get("vision_encoder") or {}).get("freeze", True)),
-              "vision_projector": bool((enc.get("vision_projector") or {}).get("freeze", True)),
-              "text_decoder": bool((user_model_json.get("text_decoder") or {}).get("freeze", False))}
     model_json = conf_dir / "model.json"
-    model_json.write_text(json.dumps(qwen2_5_vl_model_json(config, freeze=freeze), indent=2))
+    model_json.write_text(json.dumps(_import(recipe["model_json"])(hf_dir, user_model_json), indent=2))
     data_json = conf_dir / "data.json"
-    data_json.write_text(json.dumps(demo_data_config(data_dir, processor_dir=hf_dir), indent=2))
+    data_json.write_text(json.dumps(demo.demo_data_config(data_dir, processor_dir=hf_dir), indent=2))
     return {"load": str(mm_dir), "mm_model": str(model_json), "mm_data": str(data_json), "hf_dir": str(hf_dir),
-            "converter": recipe["converter"], "name": name}
+            "converter": recipe["converter"], "convert_flags": list(recipe["convert_flags"]), "name": name}
 
 
 def embedded_overrides(argv: List[str], emb: dict, device: str) -> List[str]:
@@ -230,30 +248,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     device = device_target()
     model_id = model_json.get("model_id", "")
-    hf_path = _model_name_or_path(data_json)
+    hf_path = _hf_dir(data_json, model_id)
     missing = []
     if args.load is not None and not _weights_present(args.load):
         missing.append(f"LOAD_PATH {args.load}")
     if hf_path is not None and not _weights_present(hf_path):
-        missing.append(f"model_name_or_path {hf_path}")
+        key = EMBEDDED_DEFAULTS.get(model_id, {}).get("hf_dir_key", HF_DIR_KEY).rsplit(".", 1)[-1]
+        missing.append(f"{key} {hf_path}")
     embedded = None
     if missing:
         if model_id not in EMBEDDED_DEFAULTS:
             print(f"error: {' and '.join(missing)} not found, and model_id {model_id!r} has no embedded default",
                   file=sys.stderr)
             return 2
-        hub = EMBEDDED_DEFAULTS[model_id]["hub_org"] + "/" + Path(hf_path or args.load or "").name
+        recipe = EMBEDDED_DEFAULTS[model_id]
+        hub = recipe.get("hub_repo") or recipe["hub_org"] + "/" + Path(hf_path or args.load or "").name
+        convert = " ".join(["mm-convert", recipe["converter"], "hf_to_mm", *recipe["convert_flags"]])
+        where = recipe["hf_dir_key"].rsplit(".", 1)[-1]
         print(f"[ms-mm] {' and '.join(missing)} not found: running the embedded default (tiny model + demo data, "
-              f"1 worker on {device}); for real weights download {hub} to the data json's model_name_or_path, "
-              f"convert it with `mm-convert {EMBEDDED_DEFAULTS[model_id]['converter']} hf_to_mm` into LOAD_PATH "
-              f"(see README.md).", flush=True)
+              f"1 worker on {device}); for real weights download {hub} to the data json's {where}, "
+              f"convert it with `{convert}` into LOAD_PATH (see README.md).", flush=True)
         embedded = prepare_embedded_default(model_id, model_json)
         train_argv = embedded_overrides(train_argv, embedded, device)
         runner.worker_num = runner.local_worker_num = 1
     else:
         # fail here, before msrun starts N processes, on sizes / precision that cannot work
         try:
-            parse_args(train_argv).validate(runner.worker_num, device)
+            checked = parse_args(train_argv)
+            if model_id:
+                family, config = family_and_config(model_json, args.mm_model)
+                check_parallel_sizes(family, config, checked, args.mm_model)
+            checked.validate(runner.worker_num, device)
         except ArgumentError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -284,7 +309,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = Path("ckpt") / "mm_to_hf" / embedded["name"]
         _run([sys.executable, "-m", "convert.cli", embedded["converter"], "mm_to_hf",
               "--cfg.save_hf_dir", str(out), "--cfg.mm_dir", args.save,
-              "--cfg.hf_config.hf_dir", embedded["hf_dir"]], "converting the result back with mm-convert mm_to_hf")
+              "--cfg.hf_config.hf_dir", embedded["hf_dir"], *embedded["convert_flags"]],
+             "converting the result back with mm-convert mm_to_hf")
         print(f"[ms-mm] embedded default done: finetuned checkpoint in {args.save}, HF layout in {out}", flush=True)
     return 0
 

@@ -3,13 +3,61 @@
 The line format is Megatron's (`iteration  N/ T | consumed samples: ... | elapsed time per iteration
 (ms): ... | learning rate: ... | lm loss: ... | grad norm: ...`) so the post-processing in
 MindSpeed-MM's scripts (grep "elapsed time per iteration", "tokens per sample") works unchanged.
-Only rank 0 prints.
+Only rank 0 prints. A family's extra metrics (`ModelFamily.step_metrics`: MoE aux loss, expert
+load ...) are appended to the line as `name: value` (a list as `[v0 v1 ...]`) and written to
+TensorBoard as `name` (a list as `name/0`, `name/1`, ...).
 """
 from __future__ import annotations
 
 import sys
 import time
-from typing import Optional
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+Metric = Union[float, List[float]]
+
+
+def mean_metrics(samples: Sequence[Dict[str, Metric]]) -> Dict[str, Metric]:
+    """Element-wise mean of named metrics (micro-batches, log window); lists stay lists."""
+    samples = [s for s in samples if s]
+    if not samples:
+        return {}
+    out: Dict[str, Metric] = {}
+    for name, first in samples[0].items():
+        values = np.mean([np.asarray(s[name], np.float64) for s in samples], axis=0)
+        out[name] = [float(v) for v in values] if isinstance(first, (list, tuple, np.ndarray)) else float(values)
+    return out
+
+
+def flatten_metrics(metrics: Dict[str, Metric]) -> Tuple[List[Tuple[str, int]], np.ndarray]:
+    """(layout, float vector): one vector for a single data-parallel all-reduce."""
+    layout, values = [], []
+    for name, v in metrics.items():
+        arr = np.atleast_1d(np.asarray(v, np.float64)).ravel()
+        layout.append((name, -1 if not isinstance(v, (list, tuple, np.ndarray)) else arr.size))
+        values.extend(arr.tolist())
+    return layout, np.asarray(values, np.float32)
+
+
+def unflatten_metrics(layout: List[Tuple[str, int]], vector) -> Dict[str, Metric]:
+    out, i = {}, 0
+    for name, n in layout:
+        if n < 0:
+            out[name], i = float(vector[i]), i + 1
+        else:
+            out[name], i = [float(x) for x in vector[i:i + n]], i + n
+    return out
+
+
+def format_metric(value: Metric) -> str:
+    if isinstance(value, list):
+        return "[" + " ".join(f"{v:.4g}" for v in value) + "]"
+    return f"{value:.6E}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.6f}"
+
+
+def tensorboard_tag(name: str) -> str:
+    return name.replace(" ", "-").replace("/", "-over-")
 
 
 class MetricsLogger:
@@ -29,6 +77,7 @@ class MetricsLogger:
             self.bar = tqdm(total=train_iters, initial=start_iteration, unit="it", dynamic_ncols=True,
                             file=sys.stderr)
         self._window = []        # (loss, step_time, tokens) since the last log line
+        self._metric_window = []  # the family's named metrics, same steps
         self.total_time = 0.0
         self._steps_seen = 0
         self.total_tokens = 0
@@ -47,7 +96,7 @@ class MetricsLogger:
 
     def step(self, *, iteration: int, consumed_samples: int, loss: float, lr: float, grad_norm: float,
              finite: bool, step_time: float, tokens: int, loss_scale: Optional[float],
-             skipped_samples: int = 0) -> None:
+             skipped_samples: int = 0, metrics: Optional[Dict[str, Metric]] = None) -> None:
         # the first step of a run includes graph compilation: keep it out of the throughput summary
         if self._steps_seen > 0:
             self.total_time += step_time
@@ -59,6 +108,7 @@ class MetricsLogger:
             if loss != loss:
                 self.nan_iters += 1
         self._window.append((loss, step_time, tokens))
+        self._metric_window.append(metrics or {})
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -71,6 +121,13 @@ class MetricsLogger:
                 self.writer.add_scalar("tokens-per-second", tokens / step_time, iteration)
             if loss_scale is not None:
                 self.writer.add_scalar("loss-scale", loss_scale, iteration)
+            for name, value in (metrics or {}).items():
+                tag = tensorboard_tag(name)
+                if isinstance(value, list):
+                    for i, v in enumerate(value):
+                        self.writer.add_scalar(f"{tag}/{i}", v, iteration)
+                else:
+                    self.writer.add_scalar(tag, value, iteration)
         if iteration % self.log_interval and iteration != self.train_iters:
             return
         n = len(self._window)
@@ -78,6 +135,8 @@ class MetricsLogger:
         mean_time = sum(w[1] for w in self._window) / n
         mean_tokens = sum(w[2] for w in self._window) / n
         self._window = []
+        window_metrics = mean_metrics(self._metric_window)
+        self._metric_window = []
         parts = [
             f"iteration {iteration:8d}/{self.train_iters:8d}",
             f"consumed samples: {consumed_samples:12d}",
@@ -86,6 +145,7 @@ class MetricsLogger:
             f"global batch size: {self.gbs:5d}",
             f"lm loss: {mean_loss:.6E}",
         ]
+        parts += [f"{name}: {format_metric(value)}" for name, value in window_metrics.items()]
         if loss_scale is not None:
             parts.append(f"loss scale: {loss_scale:.1f}")
         parts += [

@@ -2,8 +2,10 @@
 
 The engine is model-agnostic: everything family-specific is one `ModelFamily` record — how to read
 the model json into a config, build the Cell, build the data loader, which model-json switches
-freeze which parameters, and how many LLM tokens a batch holds (for --log-tps). Families register
-themselves lazily (`register_lazy`) so importing the engine never imports every model.
+freeze which parameters, how many LLM tokens a batch holds (for --log-tps), which extra model
+outputs become logged metrics (MoE aux loss, expert load ...) and which parallel sizes can split
+the model. Families register themselves lazily (`register_lazy`) so importing the engine never
+imports every model.
 """
 from __future__ import annotations
 
@@ -27,6 +29,15 @@ class ModelFamily:
     count_tokens: Optional[Callable[[Mapping[str, Any]], int]] = None
     # model-json fields that list per-stage layer counts, for checking against the pp size
     pipeline_layer_keys: Tuple[str, ...] = ()
+    # Extra numbers for the log line and TensorBoard. `metric_outputs`: indices of construct's outputs
+    # (0 is the loss) the hook reads; `step_metrics(config, outputs, batch)` gets them as numpy arrays
+    # with the micro-batch's host-side inputs and returns named scalars: a float, or a list of floats
+    # (one per layer, say). The engine averages them over micro-batches, data-parallel ranks and the
+    # log interval.
+    metric_outputs: Tuple[int, ...] = ()
+    step_metrics: Optional[Callable[[Any, Sequence[Any], Mapping[str, Any]], Dict[str, Any]]] = None
+    # (config, TrainArgs) -> None; raises ValueError when the parallel sizes cannot split this model
+    check_parallel_sizes: Optional[Callable[[Any, Any], None]] = None
 
 
 _FAMILIES: Dict[str, ModelFamily] = {}
@@ -62,4 +73,5 @@ register_lazy("qwen2_5vl", "ms_mm.training.families:qwen2_5_vl_family")
 register_lazy("qwen2_5_vl", "ms_mm.training.families:qwen2_5_vl_family")
 register_lazy("deepseekvl2", "ms_mm.training.families:deepseek_vl2_family")
 register_lazy("deepseek_vl2", "ms_mm.training.families:deepseek_vl2_family")
+register_lazy("DeepSeek-VL2", "ms_mm.training.families:deepseek_vl2_family")
 register_lazy("toy_vlm", "ms_mm.training.toy:toy_family")

@@ -34,31 +34,40 @@ class _MicroStep(nn.Cell):
         self.grad_fn = grad_fn
 
     def construct(self, *inputs):
-        (_, loss), grads = self.grad_fn(*inputs)
-        return loss, grads
+        out, grads = self.grad_fn(*inputs)
+        return out[1:], grads      # (loss, *extra outputs), grads
 
 
 class TrainStep:
     """Call with a list of micro-batches (tuples of Tensors in the model's input order).
 
     Returns (mean loss over the micro-batches, grad norm before clipping, finite flag).
+    `extra_outputs` names further outputs of the model's construct (indices; 0 is the loss): they
+    come back, per micro-batch, as numpy arrays in `last_extra_outputs` (no gradient flows into them).
     """
 
     def __init__(self, model: nn.Cell, optimizer: nn.Optimizer, *, accum_steps: int = 1, clip_grad: float = 0.0,
-                 loss_scaler=None, data_parallel: bool = False, dynamic_shapes: bool = True):
+                 loss_scaler=None, data_parallel: bool = False, dynamic_shapes: bool = True,
+                 extra_outputs: Sequence[int] = ()):
         self.model, self.optimizer = model, optimizer
         self.params = optimizer.parameters
         self.accum_steps = int(accum_steps)
         self.loss_scaler = loss_scaler
         inv_accum = 1.0 / self.accum_steps
         scaler = loss_scaler
+        extra_idx = tuple(int(i) for i in extra_outputs)
+        self.last_extra_outputs = []
 
         def forward(*inputs):
-            loss = model(*inputs)[0]
+            outputs = model(*inputs)
+            loss = outputs[0]
             scaled = loss * inv_accum
             if scaler is not None:
                 scaled = scaler.scale(scaled)
-            return scaled, loss
+            result = (scaled, loss)
+            for i in extra_idx:
+                result = result + (outputs[i],)
+            return result
 
         grad_fn = ms.value_and_grad(forward, None, self.params, has_aux=True)
 
@@ -115,17 +124,28 @@ class TrainStep:
     def __call__(self, micro_batches: Sequence[Sequence[ms.Tensor]]):
         if len(micro_batches) != self.accum_steps:
             raise ValueError(f"expected {self.accum_steps} micro-batches per step, got {len(micro_batches)}")
-        losses, acc = [], None
+        losses, acc, extras = [], None, []
         for inputs in micro_batches:
-            loss, grads = self._micro_step(*inputs)
-            losses.append(loss)
+            out, grads = self._micro_step(*inputs)
+            losses.append(out[0])
+            extras.append(tuple(t.asnumpy() for t in out[1:]))
             acc = grads if acc is None else self._accumulate(ms.mutable(acc), ms.mutable(grads))
         # mutable: a tuple of tensors passed to a jit function is otherwise a constant (recompiles)
         norm, finite = self._apply(ms.mutable(acc))
+        self.last_extra_outputs = extras
         mean_loss = sum(losses) / len(losses)
         if self._data_parallel:  # log the global-batch loss, as Megatron does
             mean_loss = self._dp_mean(mean_loss)
         return float(mean_loss.asnumpy()), float(norm.asnumpy()), bool(finite.asnumpy())
+
+    def data_parallel_mean(self, values):
+        """Mean over the data-parallel ranks of a float vector (the vector itself without DP)."""
+        import numpy as np
+
+        values = np.asarray(values, np.float32)
+        if not self._data_parallel or values.size == 0:
+            return values
+        return self._dp_mean(ms.Tensor(values)).asnumpy()
 
 
 def build_loss_scaler(args) -> Optional[object]:

@@ -158,6 +158,43 @@ def _own_data_state(saved: dict, rank: int, world: int, where: str) -> dict:
     return per_rank[rank]
 
 
+def family_and_config(model_json: dict, where: str):
+    """(ModelFamily, config) for a model json; errors name the json file."""
+    model_id = model_json.get("model_id")
+    if not model_id:
+        raise ArgumentError(f"--mm-model {where}: no \"model_id\" key")
+    try:
+        family = get_family(model_id, where=f"--mm-model {where}")
+    except KeyError as e:
+        raise ArgumentError(str(e.args[0])) from None
+    try:
+        config = family.config_from_model_json(model_json)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ArgumentError(f"--mm-model {where}: {e.args[0] if isinstance(e, KeyError) else e}") from e
+    return family, config
+
+
+def check_parallel_sizes(family: ModelFamily, config, args: TrainArgs, where: str) -> None:
+    if family.check_parallel_sizes is None:
+        return
+    try:
+        family.check_parallel_sizes(config, args)
+    except ValueError as e:
+        raise ArgumentError(f"--mm-model {where}: {e}") from None
+
+
+def _step_metrics(family: ModelFamily, config, step_fn, batches) -> dict:
+    """The family's named metrics for one step: mean over micro-batches, then over DP ranks."""
+    from ms_mm.training.metrics import flatten_metrics, mean_metrics, unflatten_metrics
+
+    if family.step_metrics is None:
+        return {}
+    per_micro = [family.step_metrics(config, outputs, batch)
+                 for outputs, batch in zip(step_fn.last_extra_outputs, batches)]
+    layout, vector = flatten_metrics(mean_metrics(per_micro))
+    return unflatten_metrics(layout, step_fn.data_parallel_mean(vector))
+
+
 def train(args: TrainArgs, stream=None) -> List[float]:
     import mindspore as ms
 
@@ -166,21 +203,13 @@ def train(args: TrainArgs, stream=None) -> List[float]:
     from ms_mm.training.optimizer import build_optimizer, current_lr
     from ms_mm.training.train_step import TrainStep, build_loss_scaler
 
-    device, rank, world = setup_runtime(args)
-    is_rank0 = rank == 0
     model_json = read_json(args.mm_model, "--mm-model")
     data_json = read_json(args.mm_data, "--mm-data")
-    model_id = model_json.get("model_id")
-    if not model_id:
-        raise ArgumentError(f"--mm-model {args.mm_model}: no \"model_id\" key")
-    try:
-        family = get_family(model_id, where=f"--mm-model {args.mm_model}")
-    except KeyError as e:
-        raise ArgumentError(str(e.args[0])) from None
-    try:
-        config = family.config_from_model_json(model_json)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ArgumentError(f"--mm-model {args.mm_model}: {e}") from e
+    family, config = family_and_config(model_json, args.mm_model)
+    # the model's own limits on the parallel sizes first (they name the model's numbers), then the runtime
+    check_parallel_sizes(family, config, args, args.mm_model)
+    device, rank, world = setup_runtime(args)
+    is_rank0 = rank == 0
 
     def log(msg):
         if is_rank0:
@@ -203,7 +232,8 @@ def train(args: TrainArgs, stream=None) -> List[float]:
     optimizer = build_optimizer(args, trainable, device)
     loss_scaler = build_loss_scaler(args)
     step_fn = TrainStep(model, optimizer, accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad,
-                        loss_scaler=loss_scaler, data_parallel=world > 1)
+                        loss_scaler=loss_scaler, data_parallel=world > 1,
+                        extra_outputs=family.metric_outputs if family.step_metrics else ())
 
     state = ckpt.LoadedState()
     if args.load:
@@ -261,7 +291,7 @@ def train(args: TrainArgs, stream=None) -> List[float]:
         while iteration < args.train_iters:
             t0 = time.time()
             lr = current_lr(optimizer)
-            micro, tokens = [], 0
+            micro, batches, tokens = [], [], 0
             for _ in range(args.grad_accum_steps):
                 try:
                     batch = next(loader)
@@ -270,14 +300,16 @@ def train(args: TrainArgs, stream=None) -> List[float]:
                 if family.count_tokens is not None:
                     tokens += family.count_tokens(batch)
                 micro.append(_to_tensors(batch, family.input_names))
+                batches.append(batch)
             loss, grad_norm, finite = step_fn(micro)
+            metrics = _step_metrics(family, config, step_fn, batches)
             iteration += 1
             consumed += args.global_batch_size
             losses.append(loss)
             logger.step(iteration=iteration, consumed_samples=consumed, loss=loss, lr=lr, grad_norm=grad_norm,
                         finite=finite, step_time=time.time() - t0, tokens=tokens * args.data_parallel_size,
                         loss_scale=float(loss_scaler.scale_value.asnumpy()) if loss_scaler is not None else None,
-                        skipped_samples=getattr(loader, "skipped", 0))
+                        skipped_samples=getattr(loader, "skipped", 0), metrics=metrics)
             if args.save and args.save_interval and iteration % args.save_interval == 0:
                 save()
             if args.exit_interval and iteration % args.exit_interval == 0:

@@ -374,6 +374,11 @@ _MEGATRON_TEXT = {
 }
 
 
+def _released_grid(tile: int):
+    """The released candidate resolutions with the 384 px tile replaced by `tile`."""
+    return [[w // 384 * tile, h // 384 * tile] for w, h in _RELEASED_RESOLUTIONS]
+
+
 def config_from_mindspeed(model_json: dict, candidate_resolutions=None, **language_overrides) -> DeepseekVL2Config:
     """Our config from a MindSpeed-MM DeepSeek-VL2 ``model.json`` (``text_decoder`` with Megatron
     names, ``image_encoder.vision_encoder`` naming a SigLIP tower, ``image_encoder.vision_projector``).
@@ -381,7 +386,10 @@ def config_from_mindspeed(model_json: dict, candidate_resolutions=None, **langua
     MindSpeed passes the MLA sizes on the command line (``--multi-head-latent-attention
     --qk-rope-head-dim 64 --qk-nope-head-dim 128 --kv-lora-rank 512 --v-head-dim 128``): they are
     read from ``text_decoder`` when present, else from ``language_overrides``, else those released
-    values. ``candidate_resolutions`` (the processor's, in data.json) defaults to the released grid.
+    values. ``image_encoder.vision_encoder`` may override the named tower's sizes (``image_size``,
+    ``patch_size``, ``width``, ``layers``, ``heads``, ``mlp_ratio``). ``candidate_resolutions``
+    (the processor's) comes from the argument, else ``image_encoder.candidate_resolutions``, else
+    the released grid (m x n tiles, m*n <= 9) of the tower's tile size.
     """
     if not isinstance(model_json, dict):
         raise TypeError(f"model.json: expected a dict, got {type(model_json).__name__}")
@@ -397,8 +405,10 @@ def config_from_mindspeed(model_json: dict, candidate_resolutions=None, **langua
         raise ValueError(f"model.json image_encoder.vision_encoder.model_name={name!r}: expected one of "
                          f"{sorted(SIGLIP_TOWERS)}")
     vision = dict(SIGLIP_TOWERS[name], model_name=name)
-    if "image_size" in vision_json:
-        vision["image_size"] = vision_json["image_size"]
+    # the tower preset's sizes, each overridable (a smaller or custom tower keeps the preset's name)
+    for key in ("image_size", "patch_size", "width", "layers", "heads", "mlp_ratio"):
+        if key in vision_json:
+            vision[key] = vision_json[key]
     select = vision_json.get("select_layer", -1)  # upstream create_siglip_vit: keep blocks up to it
     vision["layers"] = min(vision["layers"], vision["layers"] + select + 1) if select <= 0 else \
         min(vision["layers"], select)
@@ -408,6 +418,13 @@ def config_from_mindspeed(model_json: dict, candidate_resolutions=None, **langua
     for src, dst in _MEGATRON_TEXT.items():
         if src in text:
             language[dst] = text[src]
+    score = text.get("moe_router_score_function")
+    if score is not None and score not in SCORING_FUNCS:   # name the model.json key, not ours
+        raise ValueError(f"model.json text_decoder.moe_router_score_function={score!r}: unknown MoE scoring "
+                         f"function, expected one of {list(SCORING_FUNCS)}")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):   # top level, as Qwen2.5-VL's model.json
+        if key in model_json:
+            language[key] = model_json[key]
     language["use_mla"] = bool(text.get("multi_head_latent_attention", language.get("use_mla", True)))
     balancing = text.get("moe_router_load_balancing_type")
     if balancing is not None:
@@ -418,7 +435,8 @@ def config_from_mindspeed(model_json: dict, candidate_resolutions=None, **langua
     projector = {k: projector_json[k] for k in ("projector_type", "input_dim", "n_embed", "depth", "mlp_ratio",
                                                  "downsample_ratio") if k in projector_json}
     d = dict(vision_config=vision, projector_config=projector, language_config=language,
-             candidate_resolutions=copy.deepcopy(candidate_resolutions or _RELEASED_RESOLUTIONS))
+             candidate_resolutions=copy.deepcopy(candidate_resolutions or image.get("candidate_resolutions")
+                                                 or _released_grid(vision["image_size"])))
     for key in ("tile_tag", "global_view_pos"):
         if key in image:
             d[key] = image[key]

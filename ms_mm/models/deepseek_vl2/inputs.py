@@ -22,12 +22,13 @@ MODEL_INPUT_NAMES = ("input_ids", "position_ids", "attention_bias", "pixel_value
                      "image_token_index", "images_seq_mask", "labels")
 
 __all__ = ["MODEL_INPUT_NAMES", "select_best_resolution", "tile_grid", "num_image_tokens",
-           "image_token_rows", "build_model_inputs", "tile_image"]
+           "image_token_rows", "build_model_inputs"]
 
 
 def select_best_resolution(image_size: Tuple[int, int], candidate_resolutions) -> Tuple[int, int]:
     """(width, height) of the candidate that keeps the most of the image after an aspect-preserving
-    resize, ties broken by the least padding (upstream processor rule, first best wins)."""
+    resize, ties broken by the least padding (upstream processor rule, first best wins). The one
+    copy of the rule: the data pipeline's tiling (`ms_mm.data.deepseek_vl2`) uses it too."""
     width, height = image_size
     best, best_effective, best_wasted = None, 0, float("inf")
     for cand_w, cand_h in candidate_resolutions:
@@ -35,7 +36,7 @@ def select_best_resolution(image_size: Tuple[int, int], candidate_resolutions) -
         effective = min(int(width * scale) * int(height * scale), width * height)
         wasted = cand_w * cand_h - effective
         if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (cand_w, cand_h), effective, wasted
+            best, best_effective, best_wasted = (int(cand_w), int(cand_h)), effective, wasted
     return best
 
 
@@ -168,25 +169,3 @@ def build_model_inputs(batch: Dict[str, np.ndarray], config: DeepseekVL2Config) 
         "labels": labels.astype(np.int32),
     }
     return {k: out[k] for k in MODEL_INPUT_NAMES}
-
-
-def tile_image(image, config: DeepseekVL2Config, cropping: bool = True):
-    """PIL image -> (tiles [1 + tw*th, 3, T, T] float32, (tw, th)): the global view padded to T x T,
-    then the local tiles (row-major) of the image padded to the best candidate resolution. Padding
-    colour is the mean (127), pixels are normalised with mean = std = 0.5, as the upstream processor."""
-    from PIL import ImageOps
-
-    tile = config.vision_config.image_size
-    tw, th = tile_grid(image.size, config, cropping)
-    fill = (127, 127, 127)
-
-    def to_array(img):
-        x = np.asarray(img.convert("RGB"), np.float32) / 255.0
-        return ((x - 0.5) / 0.5).transpose(2, 0, 1)
-
-    out = [to_array(ImageOps.pad(image, (tile, tile), color=fill))]
-    local = ImageOps.pad(image, (tw * tile, th * tile), color=fill)
-    for y in range(0, th * tile, tile):
-        for x in range(0, tw * tile, tile):
-            out.append(to_array(local.crop((x, y, x + tile, y + tile))))
-    return np.stack(out).astype(np.float32), (tw, th)

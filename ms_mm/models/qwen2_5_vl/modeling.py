@@ -323,7 +323,7 @@ class Qwen2_5_VLForConditionalGeneration(nn.Cell):
         self.text_decoder = TextDecoder(config.text)
         self.cross_entropy = nn.CrossEntropyLoss(reduction="sum", ignore_index=-100)
 
-    def loss(self, logits, labels):
+    def lm_loss(self, logits, labels):
         """Mean cross-entropy of next-token prediction over labels != -100 (0 when there are none)."""
         b, s, v = logits.shape
         shift_logits = ops.reshape(logits[:, :-1], (b * (s - 1), v))
@@ -343,4 +343,4 @@ class Qwen2_5_VLForConditionalGeneration(nn.Cell):
         table = ops.cat((ops.reshape(tokens, (b * s, -1)), ops.cast(image_embeds, self.compute_dtype)), 0)
         hidden = ops.reshape(ops.gather(table, ops.reshape(image_gather_index, (-1,)), 0), (b, s, -1))
         logits = ops.cast(self.text_decoder(hidden, attention_mask, position_ids), ms.float32)
-        return self.loss(logits, labels), logits
+        return self.lm_loss(logits, labels), logits
