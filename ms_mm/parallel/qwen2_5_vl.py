@@ -1,0 +1,153 @@
+"""Parallelize plan for Qwen2.5-VL: data + tensor parallel (Megatron splits) and pipeline stages.
+
+Applied from outside to ``Qwen2_5_VLForConditionalGeneration`` (the model holds no parallel
+logic): ``PLAN.check(parallel_config, model_config)`` then ``PLAN.apply(model, parallel_config)``
+(or ``ms_mm.parallel.parallelize(model, parallel_config)`` for both). Under MindSpore
+semi-auto parallel it sets:
+
+text decoder (tokens split by dp, heads / FFN / vocab split by tp)
+    word_embeddings     gather from a vocab-split table (each rank looks up its rows)
+    linear_qkv          column-parallel; rows are per KV group, so tp splits whole groups
+    core_attention      heads split by tp
+    linear_proj         row-parallel
+    linear_fc1 / fc2    column / row-parallel
+    output_layer        column-parallel on the vocabulary (or the tied logits matmul)
+vision tower and merger (all patches of the batch on every dp rank; heads / FFN split by tp)
+    the same column / row split per block; the patch embedding stays whole.
+
+Pipeline (pp > 1): vision blocks go to stages by ``vit_pp_layers`` (default: all on stage 0),
+LLM layers by ``llm_pp_layers`` (default: even split); the patch embedding, merger and word
+embeddings sit on stage 0, the final norm and output layer on the last stage. This sets each
+Cell's ``pipeline_stage``; the train step wraps the loss in
+``ms_mm.parallel.pipeline.StackedPipelineCell`` (inputs stacked per micro batch, since
+``position_ids`` and the vision inputs are not batch-major) and the step in
+``PipelineTrainOneStepCell``, as ``ms_mm.parallel.dryrun`` does.
+
+Ops the plan does not name (element-wise, reshapes, slices inside the model) get MindSpore's
+defaults and the redistributions it derives; the tensor layouts above decide the memory. Known
+costs of the current model layout: ``linear_fc1`` holds [gate; up] as two row blocks, so a
+column split gives some ranks gate rows and others up rows and MindSpore re-gathers before the
+SwiGLU (correct, but extra communication); the vision tower runs on every dp rank for all images
+of the global batch, because its inputs are one patch sequence rather than a batch axis.
+"""
+from __future__ import annotations
+
+from ms_mm.parallel import sharding
+from ms_mm.parallel.config import Divisibility, ParallelConfig, ParallelConfigError
+
+_LLM = "text_decoder.decoder.layers.*"
+_VIT = "image_encoder.encoder.blocks.layers.*"
+
+
+class Qwen2_5_VLPlan:
+    family = "qwen2_5_vl"
+
+    # ------------------------------------------------------------------------------------ checks
+    def tp_requirements(self, config):
+        tc, vc = config.text, config.vision
+        n, nkv, d, h = tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim, tc.hidden_size
+        qkv_rows = (n + 2 * nkv) * d
+        vh = vc.hidden_size
+        merged = vh * vc.merge_unit
+        return [
+            Divisibility("tp", "text.num_attention_heads", n, f"{_LLM}.self_attention.linear_qkv.weight",
+                         (qkv_rows, h), "attention heads are split across tp ranks"),
+            Divisibility("tp", "text.num_key_value_heads", nkv, f"{_LLM}.self_attention.linear_qkv.weight",
+                         (qkv_rows, h), "its rows are grouped per KV head, and tp splits whole groups"),
+            Divisibility("tp", "text.intermediate_size", tc.intermediate_size, f"{_LLM}.mlp.linear_fc2.weight",
+                         (h, tc.intermediate_size), "row-parallel on the FFN width"),
+            Divisibility("tp", "text.vocab_size", tc.vocab_size, "text_decoder.embedding.word_embeddings.weight",
+                         (tc.vocab_size, h), "the vocabulary is split across tp ranks"),
+            Divisibility("tp", "vision.num_heads", vc.num_heads, f"{_VIT}.self_attention.linear_qkv.weight",
+                         (3 * vh, vh), "vision attention heads are split across tp ranks"),
+            Divisibility("tp", "vision.intermediate_size", vc.intermediate_size, f"{_VIT}.mlp.linear_fc2.weight",
+                         (vh, vc.intermediate_size), "row-parallel on the FFN width"),
+            Divisibility("tp", "vision merged width (hidden_size * spatial_merge_size**2)", merged,
+                         "image_encoder.projector.encoder.linear_fc1.weight", (merged, merged),
+                         "column-parallel on the merger width"),
+        ]
+
+    def check(self, pc: ParallelConfig, config) -> None:
+        if pc.ep != 1:
+            raise ParallelConfigError(f"ep={pc.ep}: Qwen2.5-VL has no experts; expert parallel size must be 1")
+        if pc.cp != 1:
+            raise ParallelConfigError(f"cp={pc.cp}: context parallel is not implemented for Qwen2.5-VL")
+        pc.check_divisible(self.tp_requirements(config))
+        pc.stage_layers("llm_pp_layers", config.text.num_hidden_layers)
+        pc.stage_layers("vit_pp_layers", config.vision.depth, default_all_first=True)
+
+    def check_batch(self, pc: ParallelConfig, batch_size: int, seq_len: int) -> None:
+        """The global batch rows are split by dp (and into micro batches by the pipeline)."""
+        if batch_size % pc.dp:
+            raise ParallelConfigError(f"dp={pc.dp} does not divide the global batch size {batch_size} "
+                                      f"(input_ids has shape [{batch_size}, {seq_len}])")
+
+    # ----------------------------------------------------------------------------------- apply
+    def apply(self, model, pc: ParallelConfig):
+        self.shard(model, pc)
+        if pc.pp > 1:
+            self.assign_stages(model, pc)
+        return model
+
+    def shard(self, model, pc: ParallelConfig):
+        dp, tp = pc.dp, pc.tp
+        text = model.text_decoder
+        sharding.vocab_parallel_embedding(text.embedding.word_embeddings, dp, tp)
+        for layer in text.decoder.layers:
+            _shard_block(layer, dp, tp, rank=3, mask_batch=dp)
+        sharding.rms_norm(text.decoder.final_layernorm, dp, rank=3)
+        if text.tie_word_embeddings:
+            text.logits_matmul.shard(((dp, 1), (tp, 1)))
+        else:
+            sharding.column_parallel(text.output_layer, dp, tp)
+
+        # The vision tower sees all patches of the global batch as one sequence (attention segments
+        # come from masks), so it is not split by dp: each dp rank encodes every image.
+        vision = model.image_encoder.encoder
+        vision.patch_embed.proj.matmul.shard(((1, 1), (1, 1)))
+        for block in vision.blocks.layers:
+            _shard_block(block, 1, tp, rank=2, mask_batch=1)
+        merger = model.image_encoder.projector
+        sharding.rms_norm(merger.layernorm, 1, rank=2)
+        sharding.column_parallel(merger.encoder.linear_fc1, 1, tp)
+        sharding.row_parallel(merger.encoder.linear_fc2, 1, tp)
+        return model
+
+    def stage_of_layers(self, pc: ParallelConfig, config):
+        """(vision stage per block, LLM stage per layer)."""
+        vit = pc.stage_layers("vit_pp_layers", config.vision.depth, default_all_first=True)
+        llm = pc.stage_layers("llm_pp_layers", config.text.num_hidden_layers)
+        expand = lambda counts: [stage for stage, n in enumerate(counts) for _ in range(n)]
+        return expand(vit), expand(llm)
+
+    def assign_stages(self, model, pc: ParallelConfig):
+        vit_stages, llm_stages = self.stage_of_layers(pc, model.config)
+        last = pc.pp - 1
+        image = model.image_encoder
+        image.encoder.patch_embed.pipeline_stage = 0
+        for block, stage in zip(image.encoder.blocks.layers, vit_stages):
+            block.pipeline_stage = stage
+        image.projector.pipeline_stage = max(vit_stages) if vit_stages else 0
+        text = model.text_decoder
+        text.embedding.pipeline_stage = 0
+        for layer, stage in zip(text.decoder.layers, llm_stages):
+            layer.pipeline_stage = stage
+        text.decoder.final_layernorm.pipeline_stage = last
+        if not text.tie_word_embeddings:
+            text.output_layer.pipeline_stage = last
+        return model
+
+
+def _shard_block(block, dp, tp, rank, mask_batch):
+    """One transformer block (vision or text): norms, attention and gated MLP."""
+    sharding.rms_norm(block.input_layernorm, dp, rank)
+    sharding.rms_norm(block.pre_mlp_layernorm, dp, rank)
+    attn = block.self_attention
+    sharding.column_parallel(attn.linear_qkv, dp, tp)
+    sharding.head_parallel_attention(attn.core_attention, dp, tp, mask_batch=mask_batch)
+    sharding.row_parallel(attn.linear_proj, dp, tp)
+    sharding.column_parallel(block.mlp.linear_fc1, dp, tp)
+    sharding.row_parallel(block.mlp.linear_fc2, dp, tp)
+
+
+PLAN = Qwen2_5_VLPlan()

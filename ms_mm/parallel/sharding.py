@@ -1,0 +1,76 @@
+"""Reusable sharding strategies for the ``ms_mm.ops`` Cells, for MindSpore semi-auto parallel.
+
+A plan (``ms_mm.parallel.qwen2_5_vl``, ...) walks a model and calls these helpers on its Cells;
+each helper attaches ``.shard()`` strategies to the primitives the Cell holds as attributes
+(``Linear.matmul`` / ``Linear.bias_add``, ``CoreAttention.bmm_qk`` ...), never changing the
+Cell's maths. Strategies are tuples of per-input split counts, as ``Primitive.shard`` takes them.
+
+Layout conventions (Megatron): ``x`` rows (tokens, flattened batch*seq) split by ``dp``;
+column-parallel splits a Linear's output features by ``tp`` (weight dim 0), row-parallel its
+input features (weight dim 1; MindSpore inserts the all-reduce of the partial sums).
+"""
+from __future__ import annotations
+
+from mindspore import nn
+
+
+def _set(primitive, strategy):
+    if primitive is not None:
+        primitive.shard(strategy)
+
+
+def column_parallel(linear: nn.Cell, dp: int, tp: int) -> None:
+    """Linear with weight [out, in] split on ``out``: y [T, out/tp] stays split for the next op."""
+    _set(linear.matmul, ((dp, 1), (tp, 1)))
+    if getattr(linear, "has_bias", False):
+        _set(linear.bias_add, ((dp, tp), (tp,)))
+
+
+def row_parallel(linear: nn.Cell, dp: int, tp: int) -> None:
+    """Linear with weight [out, in] split on ``in``: partial sums all-reduced over tp, bias after."""
+    _set(linear.matmul, ((dp, tp), (1, tp)))
+    if getattr(linear, "has_bias", False):
+        _set(linear.bias_add, ((dp, 1), (1,)))
+
+
+def replicated_linear(linear: nn.Cell, dp: int) -> None:
+    """Linear whose weight is whole on every rank; only the token rows are split."""
+    _set(linear.matmul, ((dp, 1), (1, 1)))
+    if getattr(linear, "has_bias", False):
+        _set(linear.bias_add, ((dp, 1), (1,)))
+
+
+def head_parallel_attention(attn: nn.Cell, dp: int, tp: int, mask_batch: int = None) -> None:
+    """``ms_mm.ops.CoreAttention`` on q [B, N, S, D], k/v [B, Nkv, S, D] with heads split by tp.
+
+    ``mask_batch`` is the split of the mask's batch axis: ``dp`` for a per-sample [B, 1, S, S]
+    mask, 1 for one mask broadcast over the batch.
+    """
+    mask_batch = dp if mask_batch is None else mask_batch
+    heads = (dp, tp, 1, 1)
+    _set(attn.bmm_qk, (heads, heads))
+    _set(attn.mul, (heads, ()))
+    _set(attn.add, (heads, (mask_batch, 1, 1, 1)))
+    _set(attn.softmax, (heads,))
+    _set(attn.bmm_pv, (heads, heads))
+    if getattr(attn, "tile", None) is not None and getattr(attn, "n_rep", 1) > 1:
+        _set(attn.tile, ((dp, tp, 1, 1, 1),))
+    if getattr(attn, "flash_attention", None) is not None:
+        # q, k, v, then the boolean mask (the None inputs take no strategy)
+        _set(attn.flash_attention, (heads, heads, heads, (mask_batch, 1, 1, 1)))
+
+
+def vocab_parallel_embedding(embedding: nn.Cell, dp: int, tp: int) -> None:
+    """Gather from weight [vocab, dim] split on vocab by tp (each rank looks up its own rows)."""
+    _set(embedding.gather, ((tp, 1), (dp, 1)))
+
+
+def replicated_embedding(embedding: nn.Cell, dp: int) -> None:
+    _set(embedding.gather, ((1, 1), (dp, 1)))
+
+
+def rms_norm(norm: nn.Cell, dp: int, rank: int = 3) -> None:
+    """Norm over the last axis of a rank-``rank`` input whose first axis is split by dp."""
+    data = (dp,) + (1,) * (rank - 1)
+    if getattr(norm, "fused", False):
+        _set(norm.rms_norm, (data, (1,)))

@@ -1,0 +1,83 @@
+"""The Qwen2.5-VL plan on a CPU-built model: which strategy lands on which primitive, and the stages.
+
+No compilation here (test_dryrun_qwen2_5_vl.py compiles the plans); this pins the plan itself:
+Megatron column / row splits, head-split attention, vocab-split embedding and output, the vision
+tower kept whole across dp, and the pipeline stage of every Cell.
+"""
+import pytest
+
+from ms_mm.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from ms_mm.parallel import ParallelConfig, ParallelConfigError, parallelize
+
+
+def _strategy(primitive):
+    return primitive.attrs.get("in_strategy")
+
+
+@pytest.fixture(scope="module")
+def tiny_tp4_config():
+    d = Qwen2_5_VLConfig.preset("tiny").to_dict()
+    d["vision"]["num_heads"] = 4
+    d["text"]["num_key_value_heads"] = 4
+    return Qwen2_5_VLConfig.from_dict(d)
+
+
+def test_text_layers_get_megatron_splits(tiny_tp4_config):
+    model = parallelize(Qwen2_5_VLForConditionalGeneration(tiny_tp4_config), ParallelConfig(world_size=8, tp=4))
+    dp, tp = 2, 4
+    layer = model.text_decoder.decoder.layers[1]
+    attn = layer.self_attention
+    assert _strategy(attn.linear_qkv.matmul) == ((dp, 1), (tp, 1))
+    assert _strategy(attn.linear_qkv.bias_add) == ((dp, tp), (tp,))
+    assert _strategy(attn.linear_proj.matmul) == ((dp, tp), (1, tp))
+    assert _strategy(layer.mlp.linear_fc1.matmul) == ((dp, 1), (tp, 1))
+    assert _strategy(layer.mlp.linear_fc2.matmul) == ((dp, tp), (1, tp))
+    heads = (dp, tp, 1, 1)
+    assert _strategy(attn.core_attention.bmm_qk) == (heads, heads)
+    assert _strategy(attn.core_attention.softmax) == (heads,)
+    assert _strategy(attn.core_attention.add) == (heads, (dp, 1, 1, 1))
+    assert _strategy(model.text_decoder.embedding.word_embeddings.gather) == ((tp, 1), (dp, 1))
+    assert _strategy(model.text_decoder.output_layer.matmul) == ((dp, 1), (tp, 1))
+
+
+def test_vision_is_tensor_parallel_and_whole_across_dp(tiny_tp4_config):
+    model = parallelize(Qwen2_5_VLForConditionalGeneration(tiny_tp4_config), ParallelConfig(world_size=8, tp=4))
+    block = model.image_encoder.encoder.blocks.layers[0]
+    assert _strategy(block.self_attention.linear_qkv.matmul) == ((1, 1), (4, 1))
+    assert _strategy(block.self_attention.linear_proj.matmul) == ((1, 4), (1, 4))
+    assert _strategy(block.self_attention.linear_proj.bias_add) == ((1, 1), (1,))
+    assert _strategy(block.self_attention.core_attention.add) == ((1, 4, 1, 1), (1, 1, 1, 1))
+    merger = model.image_encoder.projector.encoder
+    assert _strategy(merger.linear_fc1.matmul) == ((1, 1), (4, 1))
+    assert _strategy(merger.linear_fc2.matmul) == ((1, 4), (1, 4))
+    assert _strategy(model.image_encoder.encoder.patch_embed.proj.matmul) == ((1, 1), (1, 1))
+
+
+def test_tied_embeddings_split_the_logits_matmul():
+    d = Qwen2_5_VLConfig.preset("tiny").to_dict()
+    d["text"]["tie_word_embeddings"] = True
+    model = parallelize(Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(d)),
+                        ParallelConfig(world_size=8, tp=2))
+    assert _strategy(model.text_decoder.logits_matmul) == ((4, 1), (2, 1))
+
+
+def test_pipeline_stages_follow_the_layer_lists():
+    d = Qwen2_5_VLConfig.preset("tiny").to_dict()
+    d["text"]["num_hidden_layers"] = 5
+    d["vision"].update(depth=4, fullatt_block_indexes=[3])
+    config = Qwen2_5_VLConfig.from_dict(d)
+    pc = ParallelConfig(world_size=8, pp=4, llm_pp_layers=[[1, 2, 1, 1]], vit_pp_layers=[[3, 1, 0, 0]])
+    model = parallelize(Qwen2_5_VLForConditionalGeneration(config), pc)
+    assert [b.pipeline_stage for b in model.image_encoder.encoder.blocks.layers] == [0, 0, 0, 1]
+    assert model.image_encoder.projector.pipeline_stage == 1  # after the last vision block
+    assert [l.pipeline_stage for l in model.text_decoder.decoder.layers] == [0, 1, 1, 2, 3]
+    assert model.text_decoder.embedding.pipeline_stage == 0
+    assert model.text_decoder.decoder.final_layernorm.pipeline_stage == 3
+    assert model.text_decoder.output_layer.pipeline_stage == 3
+
+
+def test_parallelize_checks_before_touching_the_model():
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.preset("tiny"))
+    with pytest.raises(ParallelConfigError, match="tp=4 does not divide text.num_key_value_heads=2"):
+        parallelize(model, ParallelConfig(world_size=8, tp=4))
+    assert _strategy(model.text_decoder.decoder.layers[0].self_attention.linear_qkv.matmul) is None
