@@ -1,17 +1,17 @@
 """ms_mm.ops: the thin op layer every model builds on.
 
 Owns the single kernel switch (``kernels()``: Ascend fused kernels vs portable math), the
-parameter-holding building blocks (Linear, RMSNorm, LayerNorm, Embedding, CoreAttention, each
+parameter-holding building blocks (Linear, RMSNorm, LayerNorm, Embedding, CoreAttention, GatedMLP, each
 keeping its primitives as attributes so parallel plans can shard them) and the stateless
 helpers (rotary, GELU variants, SiLU). Models import from here and never check the device.
 """
 from ms_mm.ops.attention import CoreAttention
 from ms_mm.ops.functional import apply_rotary, gelu, rotate_half, silu, swiglu
 from ms_mm.ops.switch import kernels, use_fused
-from ms_mm.ops.layers import Embedding, LayerNorm, Linear, RMSNorm
+from ms_mm.ops.layers import Embedding, GatedMLP, LayerNorm, Linear, RMSNorm
 
 __all__ = [
     "kernels", "use_fused",
-    "Linear", "RMSNorm", "LayerNorm", "Embedding", "CoreAttention",
+    "Linear", "RMSNorm", "LayerNorm", "Embedding", "CoreAttention", "GatedMLP",
     "rotate_half", "apply_rotary", "gelu", "silu", "swiglu",
 ]

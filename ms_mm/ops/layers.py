@@ -97,3 +97,20 @@ class Embedding(nn.Cell):
 
     def construct(self, ids):
         return self.gather(self.weight, ids, 0)
+
+
+class GatedMLP(nn.Cell):
+    """SwiGLU MLP, down(silu(gate(x)) * up(x)), with gate and up fused in ``linear_fc1`` as [gate; up] rows
+    (the MM checkpoint layout; one GEMM instead of two)."""
+
+    def __init__(self, hidden_size, intermediate_size, has_bias=False):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.linear_fc1 = Linear(hidden_size, 2 * intermediate_size, has_bias=has_bias)
+        self.linear_fc2 = Linear(intermediate_size, hidden_size, has_bias=has_bias)
+
+    def construct(self, x):
+        gate_up = self.linear_fc1(x)
+        gate = gate_up[..., :self.intermediate_size]
+        up = gate_up[..., self.intermediate_size:]
+        return self.linear_fc2(ops.silu(gate) * up)

@@ -18,24 +18,8 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.ops.functional_overload import gmm
 
-from ms_mm.ops.layers import Linear
+from ms_mm.ops.layers import GatedMLP
 from ms_mm.ops.switch import use_fused
-
-
-class GatedMLP(nn.Cell):
-    """down(silu(gate(x)) * up(x)) with gate and up fused in ``linear_fc1`` ([gate; up] rows), no bias."""
-
-    def __init__(self, hidden_size, intermediate_size):
-        super().__init__()
-        self.intermediate_size = intermediate_size
-        self.linear_fc1 = Linear(hidden_size, 2 * intermediate_size, has_bias=False)
-        self.linear_fc2 = Linear(intermediate_size, hidden_size, has_bias=False)
-
-    def construct(self, x):
-        gate_up = self.linear_fc1(x)
-        gate = gate_up[..., :self.intermediate_size]
-        up = gate_up[..., self.intermediate_size:]
-        return self.linear_fc2(ops.silu(gate) * up)
 
 
 def dense_combine_weights(topk_idx, topk_weight, num_experts):

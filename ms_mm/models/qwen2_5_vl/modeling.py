@@ -12,7 +12,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from ms_mm.ops import CoreAttention, Embedding, Linear, RMSNorm, apply_rotary, gelu, use_fused
+from ms_mm.ops import CoreAttention, Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, gelu, use_fused
 
 # Additive mask value: exp() of it underflows to exactly 0 in fp32, and adding it to a score
 # never overflows (unlike finfo.min + a negative score).
@@ -30,22 +30,6 @@ def _segment_mask(segments):
     same = ops.equal(ops.expand_dims(segments, 1), ops.expand_dims(segments, 0))
     zeros = ops.zeros(same.shape, ms.float32)
     return ops.expand_dims(ops.expand_dims(ops.select(same, zeros, zeros + MASK_VALUE), 0), 0)
-
-
-class GatedMLP(nn.Cell):
-    """down(silu(gate(x)) * up(x)) with gate and up fused in ``linear_fc1`` as [gate; up]."""
-
-    def __init__(self, hidden_size, intermediate_size, has_bias):
-        super().__init__()
-        self.intermediate_size = intermediate_size
-        self.linear_fc1 = Linear(hidden_size, 2 * intermediate_size, has_bias=has_bias)
-        self.linear_fc2 = Linear(intermediate_size, hidden_size, has_bias=has_bias)
-
-    def construct(self, x):
-        gate_up = self.linear_fc1(x)
-        gate = gate_up[..., : self.intermediate_size]
-        up = gate_up[..., self.intermediate_size:]
-        return self.linear_fc2(ops.silu(gate) * up)
 
 
 # ----------------------------------------------------------------------------------------- vision
