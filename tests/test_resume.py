@@ -20,6 +20,7 @@ import pytest
 from ms_mm.training import mm_checkpoint as mmc
 from ms_mm.training.arguments import parse_args
 from ms_mm.training.trainer import train
+from training_logs import logged
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,10 +153,12 @@ def test_kill_during_save_keeps_previous_checkpoint(toy_jsons, tmp_path):
     assert mmc.latest_iteration(save) == 4
 
 
-def test_qwen2_5_vl_resume_from_a_chosen_iteration(tmp_path):
-    """Tiny Qwen2.5-VL on the demo data (the real data loader): train 4 iterations saving every 2,
-    point latest_checkpointed_iteration.txt back at 2 (the guide's way to pick an iteration) and
-    resume: iterations 3-4 repeat the first run's losses."""
+@pytest.mark.parametrize("model_id", ["qwen2_5vl", "deepseekvl2"])
+def test_resume_from_a_chosen_iteration(tmp_path, model_id):
+    """Tiny Qwen2.5-VL / DeepSeek-VL2 on their demo data (the real data loaders): train 4 iterations
+    saving every 2, point latest_checkpointed_iteration.txt back at 2 (the guide's way to pick an
+    iteration) and resume: iterations 3-4 repeat the first run's losses (and DeepSeek-VL2's CE / MoE
+    aux losses and expert loads)."""
     from ms_mm.training.launch import prepare_embedded_default
 
     freeze = {"image_encoder": {"vision_encoder": {"freeze": False}, "vision_projector": {"freeze": False}},
@@ -163,16 +166,22 @@ def test_qwen2_5_vl_resume_from_a_chosen_iteration(tmp_path):
     old = os.getcwd()
     os.chdir(tmp_path)
     try:
-        emb = prepare_embedded_default("qwen2_5vl", freeze, workdir=tmp_path)
+        emb = prepare_embedded_default(model_id, freeze, workdir=tmp_path)
     finally:
         os.chdir(old)
     save = tmp_path / "save"
     argv = ["--mm-model", emb["mm_model"], "--mm-data", emb["mm_data"], "--micro-batch-size", "2",
             "--global-batch-size", "4", "--lr", "1e-3", "--lr-warmup-iters", "1", "--seed", "5",
-            "--train-iters", "4", "--save", str(save), "--save-interval", "2", "--num-workers", "1"]
-    full, _ = _run(argv + ["--load", emb["load"]])
+            "--train-iters", "4", "--save", str(save), "--save-interval", "2", "--num-workers", "1",
+            "--log-interval", "1"]
+    full, full_log = _run(argv + ["--load", emb["load"]])
     assert mmc.latest_iteration(save) == 4 and (save / "iter_0000002").is_dir()
     (save / mmc.LATEST_FILE).write_text("2\n")
     resumed, log = _run(argv + ["--load", str(save)])
     assert "iteration 2" in log and len(resumed) == 2
     np.testing.assert_allclose(resumed, full[2:], rtol=1e-5)
+    if model_id == "deepseekvl2":
+        for name in ("ce loss", "moe aux loss", "expert load max/mean"):
+            before, after = logged(full_log, name), logged(log, name)
+            assert len(before) == 4 and len(after) == 2, (name, before, after)
+            np.testing.assert_allclose(after, before[2:], rtol=1e-5, err_msg=name)

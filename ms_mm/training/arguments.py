@@ -64,6 +64,15 @@ ACCEPTED_FLAGS = {
     "--recompute-granularity": (1, "recomputation is not configured from the command line"),
     "--recompute-method": (1, "recomputation is not configured from the command line"),
     "--recompute-num-layers": (1, "recomputation is not configured from the command line"),
+    # MindSpeed-MM's DeepSeek-VL2 script: MoE kernels and MLA switches (sizes live in model.json)
+    "--moe-grouped-gemm": (0, "ms_mm.ops chooses the MoE kernels by device"),
+    "--moe-permutation-async-comm": (0, "ms_mm.ops chooses the MoE kernels by device"),
+    "--moe-token-dispatcher-type": (1, "ms_mm.ops chooses the MoE token dispatch by device"),
+    "--use-fused-moe-token-permute-and-unpermute": (0, "ms_mm.ops chooses the MoE kernels by device"),
+    "--multi-head-latent-attention": (0, "comes from model.json (text_decoder.multi_head_latent_attention)"),
+    "--qk-layernorm": (0, "MLA's q/kv norms come with model.json's multi_head_latent_attention"),
+    "--position-embedding-type": (1, "comes from model.json"),
+    "--trust-remote-code": (0, "ms-mm never runs checkpoint code (see mm-convert --cfg.trust_remote_code)"),
 }
 
 

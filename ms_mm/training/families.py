@@ -298,6 +298,9 @@ def deepseek_vl2_step_metrics(config, outputs, batch) -> Dict[str, Any]:
 def deepseek_vl2_check_parallel_sizes(config, args) -> None:
     ep = args.expert_model_parallel_size
     experts = config.language_config.n_routed_experts
+    if ep > 1 and not experts:
+        raise ValueError(f"--expert-model-parallel-size {ep}: this model has no routed experts "
+                         f"(text_decoder.num_moe_experts is not set)")
     if ep > 1 and experts % ep:
         raise ValueError(f"--expert-model-parallel-size {ep} does not divide the {experts} routed experts "
                          f"(text_decoder.num_moe_experts {experts}): each expert-parallel rank must hold "

@@ -90,10 +90,14 @@ def _drop_flag(argv: List[str], flag: str) -> List[str]:
     return [a for a in argv if a != flag]
 
 
+def _hf_dir_key(model_id: str) -> str:
+    return EMBEDDED_DEFAULTS.get(model_id, {}).get("hf_dir_key", HF_DIR_KEY)
+
+
 def _hf_dir(data_json: dict, model_id: str) -> Optional[str]:
     """The HF checkpoint directory the data json names (the tokenizer / processor source)."""
     value = data_json
-    for key in EMBEDDED_DEFAULTS.get(model_id, {}).get("hf_dir_key", HF_DIR_KEY).split("."):
+    for key in _hf_dir_key(model_id).split("."):
         if not isinstance(value, dict):
             return None
         value = value.get(key)
@@ -253,8 +257,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.load is not None and not _weights_present(args.load):
         missing.append(f"LOAD_PATH {args.load}")
     if hf_path is not None and not _weights_present(hf_path):
-        key = EMBEDDED_DEFAULTS.get(model_id, {}).get("hf_dir_key", HF_DIR_KEY).rsplit(".", 1)[-1]
-        missing.append(f"{key} {hf_path}")
+        missing.append(f"{_hf_dir_key(model_id).rsplit('.', 1)[-1]} {hf_path}")
     embedded = None
     if missing:
         if model_id not in EMBEDDED_DEFAULTS:
@@ -264,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         recipe = EMBEDDED_DEFAULTS[model_id]
         hub = recipe.get("hub_repo") or recipe["hub_org"] + "/" + Path(hf_path or args.load or "").name
         convert = " ".join(["mm-convert", recipe["converter"], "hf_to_mm", *recipe["convert_flags"]])
-        where = recipe["hf_dir_key"].rsplit(".", 1)[-1]
+        where = _hf_dir_key(model_id).rsplit(".", 1)[-1]
         print(f"[ms-mm] {' and '.join(missing)} not found: running the embedded default (tiny model + demo data, "
               f"1 worker on {device}); for real weights download {hub} to the data json's {where}, "
               f"convert it with `{convert}` into LOAD_PATH (see README.md).", flush=True)

@@ -93,7 +93,13 @@ def setup_runtime(args: TrainArgs):
     world = launched_world_size()
     args.validate(world, device)
     ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device(device)
+    try:
+        ms.set_device(device)
+    except RuntimeError:
+        # the runtime is already up in this process (kernels ran before: tests, notebooks); that
+        # is fine when it is already this device
+        if ms.get_context("device_target") != device:
+            raise
     rank = 0
     if world > 1:
         from mindspore.communication import get_group_size, get_rank, init
