@@ -240,21 +240,21 @@ def test_deepseek_vl2_family_trains_through_the_same_engine(tmp_path):
             np.testing.assert_array_equal(before[k], after[k], err_msg=k)
 
 
-def test_bad_sample_stops_with_one_line_naming_it(tmp_path, capsys):
-    """A record whose image is missing: without --skip-bad-samples the run stops with exit status 1
-    and a message naming the data file; the checkpoint saved before it is kept."""
+def _demo_run_with_missing_images(tmp_path, bad_indices, shuffle=True):
+    """Tiny Qwen2.5-VL model json + demo data whose records at `bad_indices` point at a missing image."""
     from ms_mm.data.demo import demo_data_config, make_demo_dataset
     from ms_mm.data.tiny_tokenizer import asset_dir
     from ms_mm.training.families import qwen2_5_vl_model_json
     from ms_mm.models.qwen2_5_vl import Qwen2_5_VLConfig
-    from ms_mm.training.trainer import main
 
     data_file = make_demo_dataset(tmp_path / "data", n=4, seed=0)
     records = json.loads(data_file.read_text())
-    for r in records:
-        r["images"] = ["images/does_not_exist.png"] * len(r["images"])
+    for i in bad_indices:
+        records[i]["images"] = ["images/does_not_exist.png"] * len(records[i]["images"])
     data_file.write_text(json.dumps(records))
-    (tmp_path / "data.json").write_text(json.dumps(demo_data_config(tmp_path / "data", processor_dir=asset_dir())))
+    data_cfg = demo_data_config(tmp_path / "data", processor_dir=asset_dir())
+    data_cfg["dataloader_param"]["shuffle"] = shuffle
+    (tmp_path / "data.json").write_text(json.dumps(data_cfg))
     special = json.loads((Path(asset_dir()) / "special_ids.json").read_text())
     cfg = Qwen2_5_VLConfig.preset("tiny")
     cfg.text.vocab_size = int(special.get("vocab_size") or special["tokenizer_size"])
@@ -263,8 +263,33 @@ def test_bad_sample_stops_with_one_line_naming_it(tmp_path, capsys):
         if k in special:
             setattr(cfg, k, special[k])
     (tmp_path / "model.json").write_text(json.dumps(qwen2_5_vl_model_json(cfg)))
-    rc = main(["--mm-model", str(tmp_path / "model.json"), "--mm-data", str(tmp_path / "data.json"),
-               "--train-iters", "2", "--num-workers", "1"])
+    return ["--mm-model", str(tmp_path / "model.json"), "--mm-data", str(tmp_path / "data.json"), "--num-workers", "1"]
+
+
+def test_bad_sample_stops_with_one_line_naming_it(tmp_path, capsys):
+    """A record whose image is missing: without --skip-bad-samples the run stops with exit status 1
+    and a message naming the data file."""
+    from ms_mm.training.trainer import main
+
+    argv = _demo_run_with_missing_images(tmp_path, bad_indices=range(4))
+    rc = main(argv + ["--train-iters", "2"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "does_not_exist.png" in err and "--skip-bad-samples" in err
+
+
+def test_skip_bad_samples_trains_on_and_reports_the_count(tmp_path, capsys):
+    """With --skip-bad-samples the run finishes and its log says how many samples it skipped: records
+    in file order [good, bad, good, bad], one sample per step, two steps -> exactly one skipped."""
+    from ms_mm.training.trainer import main
+
+    argv = _demo_run_with_missing_images(tmp_path, bad_indices=[1, 3], shuffle=False)
+    rc = main(argv + ["--train-iters", "2", "--skip-bad-samples", "--micro-batch-size", "1",
+                      "--global-batch-size", "1", "--log-interval", "1"])
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert rc == 0, out
+    lines = [l for l in out.splitlines() if "iteration" in l and "lm loss" in l]
+    assert len(lines) == 2, out
+    assert "skipped bad samples" not in lines[0]
+    assert "skipped bad samples: 1" in lines[1]
