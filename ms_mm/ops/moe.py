@@ -5,7 +5,7 @@ Owns how tokens reach their top-k experts and how the expert outputs are combine
 ``linear_fc1.weight [2*I, H]`` (rows = [gate; up]) and ``linear_fc2.weight [H, I]`` per expert,
 under ``local_experts.{e}``.
 
-Two dispatch paths, chosen once from ``kernels()``:
+Three dispatch paths (``RoutedExperts.dispatch``), the default chosen once from ``kernels()``:
 - portable (CPU and anything else): every expert runs on every token and the outputs are combined
   with a dense ``[T, E]`` weight matrix scattered from the top-k (zero where not chosen). Shapes stay
   static, so graph mode compiles one graph for any routing; the price is E/k times the expert FLOPs,
@@ -13,6 +13,12 @@ Two dispatch paths, chosen once from ``kernels()``:
 - ascend: sort tokens by expert (``moe_token_permute``), one grouped matmul per projection over the
   stacked expert weights (``gmm`` with per-expert row counts), and ``moe_token_unpermute`` to scatter
   back with the routing weights. It runs only the chosen (token, expert) pairs.
+- batched (what the expert-parallel plan selects, ``ms_mm.parallel.deepseek_vl2``): the same maths
+  as portable, written as two batch matmuls over the expert axis of the stacked expert weights
+  ``[E, 2I, H]`` / ``[E, H, I]`` (held by ``self.bmm_fc1`` / ``self.bmm_fc2``), so semi-auto
+  parallel can split the expert axis over EP ranks: each rank runs only its experts, MindSpore
+  derives the token exchange into the expert axis and the reduction of the combine over it.
+  The per-expert parameters stay separate (they are the checkpoint names), stacked on use.
 """
 import mindspore as ms
 from mindspore import nn, ops
@@ -24,9 +30,9 @@ from ms_mm.ops.switch import use_fused
 
 def dense_combine_weights(topk_idx, topk_weight, num_experts):
     """[T, k] expert ids + weights -> [T, E] weights (sum over the k slots; zero for unchosen experts)."""
-    one_hot = ops.one_hot(topk_idx, num_experts, ops.ones((), topk_weight.dtype),
-                          ops.zeros((), topk_weight.dtype))  # [T, k, E]
-    return (one_hot * ops.expand_dims(topk_weight, -1)).sum(axis=1)
+    # built in fp32: OneHot takes no bf16 on/off values, and the k-slot sum stays in fp32
+    one_hot = ops.one_hot(topk_idx, num_experts, ops.ones((), ms.float32), ops.zeros((), ms.float32))  # [T, k, E]
+    return (one_hot * ops.expand_dims(topk_weight.astype(ms.float32), -1)).sum(axis=1).astype(topk_weight.dtype)
 
 
 class RoutedExperts(nn.Cell):
@@ -39,16 +45,35 @@ class RoutedExperts(nn.Cell):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.local_experts = nn.CellList([GatedMLP(hidden_size, intermediate_size) for _ in range(num_experts)])
-        self.fused = use_fused()
+        self.dispatch = "grouped" if use_fused() else "portable"
+        self.stack_fc1 = ops.Stack(axis=0)   # per-expert [2I, H] -> [E, 2I, H]
+        self.stack_fc2 = ops.Stack(axis=0)   # per-expert [H, I] -> [E, H, I]
+        self.broadcast = ops.BroadcastTo((num_experts, -1, hidden_size))
+        self.bmm_fc1 = ops.BatchMatMul(transpose_b=True)   # [E, T, H] x [E, 2I, H] -> [E, T, 2I]
+        self.bmm_fc2 = ops.BatchMatMul(transpose_b=True)   # [E, T, I] x [E, H, I] -> [E, T, H]
+        self.combine_mul = ops.Mul()                       # [E, T, H] * [E, T, 1]
+        self.combine_sum = ops.ReduceSum(keep_dims=False)  # over the expert axis
 
     def construct(self, x, topk_idx, topk_weight):
-        if self.fused:
+        if self.dispatch == "grouped":
             return self._grouped(x, topk_idx, topk_weight)
+        if self.dispatch == "batched":
+            return self._batched(x, topk_idx, topk_weight)
         combine = dense_combine_weights(topk_idx, topk_weight, self.num_experts).astype(x.dtype)  # [T, E]
         out = ops.zeros_like(x)
         for e in range(self.num_experts):
             out = out + combine[:, e:e + 1] * self.local_experts[e](x)
         return out
+
+    def _batched(self, x, topk_idx, topk_weight):
+        combine = dense_combine_weights(topk_idx, topk_weight, self.num_experts).astype(x.dtype)  # [T, E]
+        w1 = self.stack_fc1([m.linear_fc1.weight.astype(x.dtype) for m in self.local_experts])  # [E, 2I, H]
+        w2 = self.stack_fc2([m.linear_fc2.weight.astype(x.dtype) for m in self.local_experts])  # [E, H, I]
+        h = self.bmm_fc1(self.broadcast(ops.expand_dims(x, 0)), w1)
+        h = ops.silu(h[..., :self.intermediate_size]) * h[..., self.intermediate_size:]
+        y = self.bmm_fc2(h, w2)
+        weights = ops.expand_dims(ops.transpose(combine, (1, 0)), -1)  # [E, T, 1]
+        return self.combine_sum(self.combine_mul(y, weights), 0)
 
     def _grouped(self, x, topk_idx, topk_weight):
         # Ascend path: only the chosen (token, expert) pairs are computed.

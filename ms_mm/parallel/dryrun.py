@@ -19,7 +19,14 @@ The parallel sizes are checked against the model first (``ParallelConfig.check_m
 that does not divide stops with one line naming the size and the shape. ``--skip-checks`` hands
 it to MindSpore instead; its error is shown followed by our one-line reading of it.
 
-``--mm-model`` takes a preset name (``tiny``, ``3b``, ``7b``, ``32b``, ``72b``) or a JSON file in any
+DeepSeek-VL2 (``--ep N`` / ``--expert-model-parallel-size N`` spreads its routed experts):
+``--mm-model`` takes the presets ``tiny-deepseek`` (the parity fixture's tiny model),
+``deepseek-vl2-tiny``, ``deepseek-vl2-small``, ``deepseek-vl2``, or a JSON file: the official HF
+``config.json`` (``model_type: deepseek_vl_v2``), our ``DeepseekVL2Config.to_dict()`` or
+``{"preset": "tiny-deepseek", ...overrides}``, or a MindSpeed-MM DeepSeek-VL2 ``model.json``
+(SigLIP ``vision_encoder``, MoE / MLA ``text_decoder``). The family is taken from the json.
+
+For Qwen2.5-VL ``--mm-model`` takes a preset name (``tiny``, ``3b``, ``7b``, ``32b``, ``72b``) or a JSON file in any
 of these forms: our ``Qwen2_5_VLConfig.to_dict()`` (``{"vision": .., "text": .., token ids}``),
 the same nested under ``"mm_model"`` / ``"model"`` / ``"config"``, ``{"preset": "7b", ...overrides}``,
 an HF ``config.json`` (``vision_config`` + ``text_config`` or the flat release form), or a
@@ -117,25 +124,82 @@ def _from_megatron(data: dict, dropped: list):
     return _from_ours({**top, "vision": vision, "text": text}, dropped)
 
 
+# DryRun names of the DeepSeek-VL2 presets -> ``DeepseekVL2Config.preset`` names
+DEEPSEEK_PRESETS = {"tiny-deepseek": "tiny", "deepseek-vl2-tiny": "Tiny", "deepseek-vl2-small": "Small",
+                    "deepseek-vl2": "Base", "deepseek-vl2-base": "Base"}
+
+
+def _is_deepseek(data: dict) -> bool:
+    """A DeepSeek-VL2 model json: HF ``config.json`` / our ``to_dict()`` (``language_config``), a preset
+    override, or a MindSpeed-MM ``model.json`` with a SigLIP tower or MoE/MLA ``text_decoder``."""
+    if "language_config" in data or data.get("model_type") == "deepseek_vl_v2":
+        return True
+    if str(data.get("preset", "")) in DEEPSEEK_PRESETS:  # ("tiny" alone is Qwen2.5-VL's)
+        return True
+    if isinstance(data.get("text_decoder"), dict):
+        vision = (data.get("image_encoder") or {}).get("vision_encoder") or {}
+        text = data["text_decoder"]
+        return (str(vision.get("model_name", "")).startswith("siglip")
+                or "deepseek" in str(data.get("model_id", "")).lower()
+                or "num_moe_experts" in text or "multi_head_latent_attention" in text)
+    return False
+
+
+def _deepseek_config(data: dict, dropped: list):
+    from ms_mm.models.deepseek_vl2 import DeepseekVL2Config
+    if "text_decoder" in data:
+        from ms_mm.models.deepseek_vl2.config import config_from_mindspeed
+        return config_from_mindspeed(data)
+    if "model_type" in data:
+        from adapters.deepseek_vl2 import config_from_hf
+        return config_from_hf(data)
+    merged = {}
+    if "preset" in data:
+        merged = DeepseekVL2Config.preset(DEEPSEEK_PRESETS.get(data["preset"], data["preset"])).to_dict()
+    for key, value in data.items():
+        if key == "preset":
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    known = {f.name for f in dataclasses.fields(DeepseekVL2Config)}
+    dropped.extend(k for k in merged if k not in known)
+    return DeepseekVL2Config.from_dict({k: v for k, v in merged.items() if k in known})
+
+
+def model_family(config) -> str:
+    """``qwen2_5_vl`` or ``deepseek_vl2``: the plan's family of a model config."""
+    from ms_mm.parallel.plans import plan_for_config
+    return plan_for_config(config).family
+
+
 def load_model_config(spec):
-    """A Qwen2.5-VL config from a preset name, a JSON path or an already-parsed dict (see module doc)."""
+    """A model config (Qwen2.5-VL or DeepSeek-VL2, the family taken from the json) from a preset name,
+    a JSON path or an already-parsed dict (see module doc)."""
+    from ms_mm.models.deepseek_vl2 import DeepseekVL2Config
     from ms_mm.models.qwen2_5_vl import Qwen2_5_VLConfig
-    if isinstance(spec, Qwen2_5_VLConfig):
+    if isinstance(spec, (Qwen2_5_VLConfig, DeepseekVL2Config)):
         return spec
     if isinstance(spec, str) and not os.path.exists(spec):
         if spec.endswith(".json"):
             raise FileNotFoundError(f"--mm-model {spec}: no such file")
+        if spec in DEEPSEEK_PRESETS:
+            return DeepseekVL2Config.preset(DEEPSEEK_PRESETS[spec])
         return Qwen2_5_VLConfig.preset(spec)
     data = spec
     if not isinstance(spec, dict):
         with open(spec) as fh:
             data = json.load(fh)
     for key in ("mm_model", "model", "config"):
-        if isinstance(data.get(key), dict) and not ("vision" in data or "text_decoder" in data):
+        if isinstance(data.get(key), dict) and not ("vision" in data or "text_decoder" in data
+                                                     or "language_config" in data):
             data = data[key]
             break
     dropped: list = []
-    if "vision_config" in data:
+    if _is_deepseek(data):
+        config = _deepseek_config(data, dropped)
+    elif "vision_config" in data:
         from adapters.qwen2_5_vl import config_from_hf
         config = config_from_hf(data)
     elif "text_decoder" in data:
@@ -144,16 +208,20 @@ def load_model_config(spec):
         config = _from_ours(data, dropped)
     if dropped:
         print(f"ms_mm.parallel.dryrun: ignored model json key(s): {', '.join(sorted(dropped))}", file=sys.stderr)
-    return config.validate()
+    config.validate()
+    return config
 
 
 # --------------------------------------------------------------------------------- synthetic batch
 def synthetic_batch(config, batch_size: int, seq_len: int, image_tokens: Optional[int] = None):
-    """Model inputs for ``batch_size`` samples of ``seq_len`` tokens, each with one square image.
+    """Model inputs for ``batch_size`` samples of ``seq_len`` tokens, each with one square image
+    (DeepSeek-VL2: see ``synthetic_deepseek_batch``).
 
     The image takes about a quarter of the sequence (at least one merged 2x2 patch group) unless
     ``image_tokens`` says how many merged tokens; all other tokens are supervised text.
     """
+    if model_family(config) == "deepseek_vl2":
+        return synthetic_deepseek_batch(config, batch_size, seq_len)
     import numpy as np
     from ms_mm.models.qwen2_5_vl import build_model_inputs
     vc = config.vision
@@ -178,6 +246,28 @@ def synthetic_batch(config, batch_size: int, seq_len: int, image_tokens: Optiona
         "pixel_values": rng.standard_normal((batch_size * n_patches, vc.patch_dim)).astype(np.float32),
         "image_grid_thw": np.array([grid] * batch_size, np.int64),
     }
+    return build_model_inputs(batch, config)
+
+
+def synthetic_deepseek_batch(config, batch_size: int, seq_len: int):
+    """DeepSeek-VL2 inputs: per sample one image cropped to 1x1 tiles (global view + one local
+    tile) right after the first token, the rest supervised text."""
+    import numpy as np
+    from ms_mm.models.deepseek_vl2 import build_model_inputs
+    from ms_mm.models.deepseek_vl2.inputs import num_image_tokens
+    n_image = num_image_tokens(1, 1, config)
+    if n_image + 2 > seq_len:
+        raise ValueError(f"seq_len={seq_len} is too short for a 1x1-tile image of {n_image} tokens plus text")
+    tile, vocab = config.vision_config.image_size, config.language_config.vocab_size
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab, size=(batch_size, seq_len)).astype(np.int64)
+    seq_mask = np.zeros((batch_size, seq_len), bool)
+    seq_mask[:, 1:1 + n_image] = True
+    labels = np.where(seq_mask, -100, ids)
+    labels[:, 0] = -100
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels,
+             "images": rng.standard_normal((batch_size, 2, 3, tile, tile)).astype(np.float32),
+             "images_seq_mask": seq_mask, "images_spatial_crop": np.ones((batch_size, 1, 2), np.int64)}
     return build_model_inputs(batch, config)
 
 
@@ -254,7 +344,8 @@ def _total_ram_gb() -> float:
 
 
 def _worker_args(config, pc: ParallelConfig, micro_batch_size, seq_len, level, dtype, micro_batches):
-    return {"model": config.to_dict(), "parallel": pc.to_dict(), "micro_batch_size": micro_batch_size,
+    return {"family": model_family(config), "model": config.to_dict(), "parallel": pc.to_dict(),
+            "micro_batch_size": micro_batch_size,
             "seq_len": seq_len, "level": level, "dtype": dtype, "micro_batches": micro_batches}
 
 
@@ -341,14 +432,14 @@ def _worker(spec_path: str) -> int:
     from mindspore import nn
     from mindspore.communication import init
     from mindspore.nn.utils import no_init_parameters
-    from ms_mm.models.qwen2_5_vl import MODEL_INPUT_NAMES, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from ms_mm.parallel.context import set_parallel_context
     from ms_mm.parallel.pipeline import PipelineTrainOneStepCell, StackedPipelineCell
     from ms_mm.parallel.plans import plan_for_model
     import numpy as np
 
     pc = ParallelConfig(**spec["parallel"])
-    config = Qwen2_5_VLConfig.from_dict(spec["model"])
+    config_class, model_class, input_names = _family_classes(spec["family"])
+    config = config_class.from_dict(spec["model"])
     dtype = {"bf16": ms.bfloat16, "fp16": ms.float16, "fp32": ms.float32}[spec["dtype"]]
     micro_batches = spec["micro_batches"]
 
@@ -358,7 +449,7 @@ def _worker(spec_path: str) -> int:
     set_parallel_context(pc)
 
     with no_init_parameters():
-        model = Qwen2_5_VLForConditionalGeneration(config, compute_dtype=dtype)
+        model = model_class(config, compute_dtype=dtype)
         plan_for_model(model).apply(model, pc)
         net = _loss_only_cell()(model)
         if pc.pp > 1:
@@ -373,7 +464,7 @@ def _worker(spec_path: str) -> int:
 
     # the global batch of one micro batch: micro_batch_size rows per data-parallel rank
     inputs = synthetic_batch(config, spec["micro_batch_size"] * pc.dp, spec["seq_len"])
-    arrays = [inputs[k] for k in MODEL_INPUT_NAMES]
+    arrays = [inputs[k] for k in input_names]
     if pc.pp > 1:  # identical micro batches, stacked on a leading axis (see StackedPipelineCell)
         arrays = [np.stack([a] * micro_batches) for a in arrays]
     args = [ms.Tensor(a) for a in arrays]
@@ -388,6 +479,15 @@ def _worker(spec_path: str) -> int:
     print(f"{STEP_OK} rank={os.environ.get('RANK_ID')} out={getattr(out, 'shape', out)} "
           f"compile+step {time.time() - t1:.1f}s total {time.time() - t0:.1f}s", flush=True)
     return 0
+
+
+def _family_classes(family: str):
+    """(config class, model class, model input names) of a family."""
+    if family == "deepseek_vl2":
+        from ms_mm.models.deepseek_vl2 import MODEL_INPUT_NAMES, DeepseekVL2Config, DeepseekVL2ForCausalLM
+        return DeepseekVL2Config, DeepseekVL2ForCausalLM, MODEL_INPUT_NAMES
+    from ms_mm.models.qwen2_5_vl import MODEL_INPUT_NAMES, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    return Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, MODEL_INPUT_NAMES
 
 
 def _loss_only_cell():
@@ -429,7 +529,9 @@ def default_ranks(pc: ParallelConfig, which="stages") -> List[int]:
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m ms_mm.parallel.dryrun", description=__doc__.split("\n")[0])
-    p.add_argument("--mm-model", required=True, help="preset (tiny, 3b, 7b, 32b, 72b) or model json")
+    p.add_argument("--mm-model", required=True,
+                   help="preset (Qwen2.5-VL: tiny, 3b, 7b, 32b, 72b; DeepSeek-VL2: tiny-deepseek, deepseek-vl2-tiny, "
+                        "deepseek-vl2-small, deepseek-vl2) or a model json (family taken from it)")
     p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1)
     p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1)
     p.add_argument("--cp", "--context-parallel-size", dest="cp", type=int, default=1)
@@ -474,7 +576,7 @@ def main(argv=None) -> int:
     except (ParallelConfigError, ValueError, FileNotFoundError) as e:
         print(f"ms-mm dryrun: {e}", file=sys.stderr)
         return 2
-    print(f"DryRun {args.mm_model}: world_size={pc.world_size} dp={pc.dp} tp={pc.tp} pp={pc.pp} "
+    print(f"DryRun {args.mm_model}: world_size={pc.world_size} dp={pc.dp} tp={pc.tp} pp={pc.pp} ep={pc.ep} "
           f"micro_batch_size={args.micro_batch_size} seq_len={args.seq_len} level={args.level} dtype={args.dtype}")
     for r in results:
         if r.ok:

@@ -3,8 +3,8 @@
 A plan is an object with ``family``, ``check(parallel_config, model_config)`` (raise
 ``ParallelConfigError`` naming the size and shape that do not fit) and
 ``apply(model, parallel_config)`` (attach shard strategies / pipeline stages to the model's
-Cells, in place, and return the model). Families register by config class name, so the
-DeepSeek-VL2 plan (expert parallel) goes beside the Qwen2.5-VL one without touching it.
+Cells, in place, and return the model). Families register by config and model class name:
+Qwen2.5-VL (``qwen2_5_vl.py``: dp, tp, pp) and DeepSeek-VL2 (``deepseek_vl2.py``: dp, tp, ep).
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import importlib
 _PLAN_MODULES = {
     "Qwen2_5_VLConfig": "ms_mm.parallel.qwen2_5_vl",
     "Qwen2_5_VLForConditionalGeneration": "ms_mm.parallel.qwen2_5_vl",
+    "DeepseekVL2Config": "ms_mm.parallel.deepseek_vl2",
+    "DeepseekVL2ForCausalLM": "ms_mm.parallel.deepseek_vl2",
 }
 
 

@@ -40,11 +40,11 @@ def replicated_linear(linear: nn.Cell, dp: int) -> None:
         _set(linear.bias_add, ((dp, 1), (1,)))
 
 
-def head_parallel_attention(attn: nn.Cell, dp: int, tp: int, mask_batch: int = None) -> None:
+def head_parallel_attention(attn: nn.Cell, dp: int, tp: int, mask_batch: int = None, has_mask: bool = True) -> None:
     """``ms_mm.ops.CoreAttention`` on q [B, N, S, D], k/v [B, Nkv, S, D] with heads split by tp.
 
     ``mask_batch`` is the split of the mask's batch axis: ``dp`` for a per-sample [B, 1, S, S]
-    mask, 1 for one mask broadcast over the batch.
+    mask, 1 for one mask broadcast over the batch; ``has_mask=False`` for attention called without one.
     """
     mask_batch = dp if mask_batch is None else mask_batch
     heads = (dp, tp, 1, 1)
@@ -57,7 +57,7 @@ def head_parallel_attention(attn: nn.Cell, dp: int, tp: int, mask_batch: int = N
         _set(attn.tile, ((dp, tp, 1, 1, 1),))
     if getattr(attn, "flash_attention", None) is not None:
         # q, k, v, then the boolean mask (the None inputs take no strategy)
-        _set(attn.flash_attention, (heads, heads, heads, (mask_batch, 1, 1, 1)))
+        _set(attn.flash_attention, (heads, heads, heads) + (((mask_batch, 1, 1, 1),) if has_mask else ()))
 
 
 def vocab_parallel_embedding(embedding: nn.Cell, dp: int, tp: int) -> None:

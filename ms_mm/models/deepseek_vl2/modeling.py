@@ -148,6 +148,8 @@ class DownsampleMlpProjector(nn.Cell):
         self.ratio = cfg.downsample_ratio
         self.grid = grid
         self.pad = (-grid) % self.ratio
+        # zero rows / columns bottom-right of [N, g, g, C]; the primitive needs no fill scalar (bf16 has none)
+        self.pad_grid = ops.Pad(((0, 0), (0, self.pad), (0, self.pad), (0, 0)))
         inner = cfg.n_embed * cfg.mlp_ratio
         cells = [Linear(cfg.input_dim * self.ratio * self.ratio, inner)]
         for _ in range(1, cfg.depth - 1):
@@ -160,7 +162,7 @@ class DownsampleMlpProjector(nn.Cell):
         g, r = self.grid, self.ratio
         x = x.reshape(n, g, g, c)
         if self.pad > 0:
-            x = ops.pad(x, (0, 0, 0, self.pad, 0, self.pad))
+            x = self.pad_grid(x)
         s = (g + self.pad) // r
         x = x.reshape(n, s, r, s, r, c)
         x = ops.transpose(x, (0, 1, 3, 5, 2, 4)).reshape(n, s * s, c * r * r)  # (c, kh, kw) as F.unfold
@@ -304,6 +306,7 @@ class TopKRouter(nn.Cell):
         self.seq_aux = cfg.seq_aux
         self.weight = Parameter(initializer(Normal(0.02), (self.num_experts, cfg.hidden_size), ms.float32),
                                 name="weight")
+        self.matmul = ops.MatMul(transpose_b=True)  # a primitive attribute, so a parallel plan can shard it
         if self.topk_method == "noaux_tc":
             # e_score_correction_bias: steers the choice only, updated outside the gradient
             self.expert_bias = Parameter(initializer("zeros", (self.num_experts,), ms.float32),
@@ -325,7 +328,7 @@ class TopKRouter(nn.Cell):
     def construct(self, x):
         b, s, h = x.shape
         t = b * s
-        logits = ops.matmul(x.reshape(t, h).astype(ms.float32), ops.transpose(self.weight.astype(ms.float32), (1, 0)))
+        logits = self.matmul(x.reshape(t, h).astype(ms.float32), self.weight.astype(ms.float32))
         if self.scoring_func == "softmax":
             scores = ops.softmax(logits, -1)
         else:
