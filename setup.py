@@ -20,7 +20,7 @@ setup(
         "tensorboardX",
         "tqdm",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "tensorboard"]},  # tensorboard: the tests read event files back
     entry_points={
         "console_scripts": [
             "mm-convert=convert.cli:main",
