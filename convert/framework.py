@@ -248,12 +248,12 @@ def make_layout(spec: FamilySpec, config, tp_size: int = 1,
 
 def hf_to_mm(hf_dir, mm_dir, family: Union[str, FamilySpec], tp_size: int = 1,
              pp_layers: Optional[Mapping[str, Any]] = None, iteration: Union[str, int] = "release",
-             ep_size: int = 1, trust_remote_code: bool = True) -> Path:
+             ep_size: int = 1, trust_remote_code: bool = False) -> Path:
     """Convert an HF weight dir into `mm_dir/<iteration>/...` (+ latest_checkpointed_iteration.txt).
 
     `ep_size` > 1 deals the routed experts out to EP ranks (expert i → rank i // (E / ep_size),
-    renumbered from 0 there). `trust_remote_code=False` refuses custom-code model types
-    (`check_trust_remote_code`; the CLI's default, as MindSpeed-MM's).
+    renumbered from 0 there). `trust_remote_code=False` (the default, as in MindSpeed-MM) refuses
+    custom-code model types (`check_trust_remote_code`); nothing from the checkpoint is ever executed.
     """
     spec = get_spec(family)
     hf_config = read_hf_config(hf_dir)
@@ -298,7 +298,7 @@ def check_layout_args(layout: ParallelLayout, tp_size, pp_layers, mm_dir, ep_siz
 def mm_to_hf(mm_dir, hf_dir, save_hf_dir, family: Union[str, FamilySpec], tp_size: Optional[int] = None,
              pp_layers: Optional[Mapping[str, Any]] = None, iteration: Union[str, int, None] = None,
              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, ep_size: Optional[int] = None,
-             trust_remote_code: bool = True) -> Path:
+             trust_remote_code: bool = False) -> Path:
     """Write an MM checkpoint (merged over TP/PP) back as HF safetensors into `save_hf_dir`.
 
     `hf_dir` supplies config.json (the shapes) and the tokenizer/processor files copied along.

@@ -17,7 +17,17 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import FIXTURE_ROOT
-from convert import hf_to_mm, mm_to_hf, resplit
+from convert import hf_to_mm as _hf_to_mm, mm_to_hf as _mm_to_hf, resplit
+
+# The checkpoints here are in the official custom-code layout (model_type deepseek_vl_v2): the Python
+# API, like the CLI, converts them only when told to trust them (nothing is executed either way).
+def hf_to_mm(*args, **kwargs):
+    return _hf_to_mm(*args, trust_remote_code=True, **kwargs)
+
+
+def mm_to_hf(*args, **kwargs):
+    return _mm_to_hf(*args, trust_remote_code=True, **kwargs)
+
 from convert.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -323,7 +333,7 @@ def test_expert_parallel_conversion_streams(tmp_path):
         open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM: ru_maxrss is inherited over exec
         base = status("VmRSS")
         convert.framework.hf_to_mm("{tmp_path}/hf", "{tmp_path}/mm", "deepseek_vl2", 2,
-                                   {{"llm": [2, 2], "vit": [2, 0]}}, ep_size=4)
+                                   {{"llm": [2, 2], "vit": [2, 0]}}, ep_size=4, trust_remote_code=True)
         peak = status("VmHWM")
         print(json.dumps({{"base_kb": base, "peak_kb": peak}}))
         assert sum(1 for _ in pathlib.Path("{tmp_path}/mm/release").rglob("*.safetensors")) == 16
@@ -335,3 +345,15 @@ def test_expert_parallel_conversion_streams(tmp_path):
     growth = (m["peak_kb"] - m["base_kb"]) * 1024
     largest = 8192 * 512 * 4  # embedding / output layer, 16 MiB
     assert growth < 3 * largest < size / 5, (growth / 2 ** 20, size / 2 ** 20)
+
+
+def test_python_api_also_defaults_to_not_trusting_custom_code(tmp_path):
+    """Without trust_remote_code the Python API refuses the custom model type before writing anything."""
+    from convert.framework import RemoteCodeNotTrusted
+
+    with pytest.raises(RemoteCodeNotTrusted, match="deepseek_vl_v2"):
+        _hf_to_mm(MLA, tmp_path / "mm", "deepseek_vl2")
+    assert not (tmp_path / "mm").exists()
+    with pytest.raises(RemoteCodeNotTrusted, match="deepseek_vl_v2"):
+        _mm_to_hf(tmp_path / "mm", MLA, tmp_path / "back", "deepseek_vl2")
+    assert not (tmp_path / "back").exists()

@@ -88,8 +88,9 @@ def test_converter_round_trip_and_config(fixture_root, tmp_path):
     for k, v in orig.items():
         np.testing.assert_array_equal(back[k], v, err_msg=k)
     # through an MM checkpoint split over tp 2 x pp 2 and back (the mm-convert actions)
-    hf_to_mm(d, tmp_path / "mm", "DeepSeekVLConverter", tp_size=2, pp_layers={"vit": [[2, 0]], "llm": [[1, 1]]})
-    mm_to_hf(tmp_path / "mm", d, tmp_path / "hf", "deepseek_vl2")
+    hf_to_mm(d, tmp_path / "mm", "DeepSeekVLConverter", tp_size=2, pp_layers={"vit": [[2, 0]], "llm": [[1, 1]]},
+             trust_remote_code=True)
+    mm_to_hf(tmp_path / "mm", d, tmp_path / "hf", "deepseek_vl2", trust_remote_code=True)
     again = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert set(again) == set(orig)
     for k, v in orig.items():
