@@ -193,6 +193,22 @@ def test_skip_bad_samples_counts_and_continues(demo, tmp_path, caplog):
     assert sorted(m.split(f"{path}:")[1].split(":")[0] for m in logged if str(path) in m) == list("34567")
 
 
+def test_loader_that_can_never_fill_a_batch_fails_instead_of_hanging(demo, tmp_path):
+    """Too few records for one micro batch, or an epoch of only bad samples: an error, not a stall."""
+    with pytest.raises(ValueError, match="cannot fill one micro batch of 32"):
+        build_dataloader(_cfg(demo), micro_batch_size=32, seed=0)  # 20 records
+
+    good = json.loads((demo / "mllm_format_demo_data.json").read_text())[:4]
+    path = tmp_path / "all_bad.jsonl"
+    path.write_text("".join(json.dumps({**r, "images": ["images/nowhere.png"] * len(r["images"])}) + "\n"
+                            for r in good))
+    cfg = _cfg(demo, shuffle=False)
+    cfg["dataset_param"]["basic_parameters"]["dataset"] = str(path)
+    with build_dataloader(cfg, micro_batch_size=1, seed=0, skip_bad_samples=True) as loader:
+        with pytest.raises(ValueError, match="gave no micro batch of 1: 4 bad samples were skipped"):
+            next(loader)
+
+
 def test_malformed_json_file_names_file(tmp_path, demo):
     bad = tmp_path / "broken.json"
     bad.write_text('[{"messages": []},\n  {oops}]')

@@ -132,6 +132,11 @@ class MllmDataLoader:
         self.skip_bad_samples = skip_bad_samples
         self.num_epochs = num_epochs
         self._position = {"epoch": 0, "cursor": 0, "skipped": 0, "batches": 0}
+        if drop_last and len(self) == 0:
+            # an endless loader with nothing to emit would block the train step forever
+            raise ValueError(f"dataset has {len(dataset)} records: {self.samples_per_epoch} per rank "
+                             f"(world_size {world_size}) cannot fill one micro batch of {micro_batch_size} "
+                             f"(drop_last); use a smaller micro batch or more data")
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
@@ -295,6 +300,8 @@ class MllmDataLoader:
             skipped, batches = position["skipped"], position["batches"]
             samples = []
             exhausted = False
+            # a whole epoch (read from its start) that gives no batch would repeat forever: an error
+            whole_epoch, emitted_in_epoch, skipped_at_epoch_start = position["cursor"] == 0, 0, skipped
             while not self._stop.is_set():
                 while not exhausted and len(pending) < window:
                     nxt = next(stream, None)
@@ -311,9 +318,15 @@ class MllmDataLoader:
                 if index is None:  # end of an epoch: a partial batch is dropped or emitted
                     if samples and not self.drop_last:
                         batches += 1
+                        emitted_in_epoch += 1
                         if not self._emit(samples, epoch + 1, 0, skipped, batches):
                             return
+                    if whole_epoch and emitted_in_epoch == 0:
+                        raise ValueError(
+                            f"epoch {epoch} of this rank's {self.samples_per_epoch} records gave no micro batch of "
+                            f"{self.micro_batch_size}: {skipped - skipped_at_epoch_start} bad samples were skipped")
                     samples = []
+                    whole_epoch, emitted_in_epoch, skipped_at_epoch_start = True, 0, skipped
                     continue
                 try:
                     samples.append(fut.result())
@@ -325,6 +338,7 @@ class MllmDataLoader:
                     logger.warning("skipping bad sample (%d so far): %s", skipped, e)
                 if len(samples) == self.micro_batch_size:
                     batches += 1
+                    emitted_in_epoch += 1
                     if not self._emit(samples, epoch, cursor, skipped, batches):
                         return
                     samples = []
