@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ms_mm.parallel.config import ParallelConfig, ParallelConfigError
+from ms_mm.parallel.fake_cann import FakeCannError
 
 STEP_OK = "MS_MM_DRYRUN_STEP_OK"
 _USED = re.compile(r"Used peak memory usage \(without fragments\):\s*(\d+)M")
@@ -573,7 +574,7 @@ def main(argv=None) -> int:
                              skip_checks=args.skip_checks, timeout=args.timeout,
                              parallel_ranks=args.parallel_ranks, fake_cann_root=args.fake_cann,
                              host_mem_limit_gb=args.host_mem_limit_gb)
-    except (ParallelConfigError, ValueError, FileNotFoundError) as e:
+    except (ParallelConfigError, ValueError, FileNotFoundError, FakeCannError) as e:
         print(f"ms-mm dryrun: {e}", file=sys.stderr)
         return 2
     print(f"DryRun {args.mm_model}: world_size={pc.world_size} dp={pc.dp} tp={pc.tp} pp={pc.pp} ep={pc.ep} "
