@@ -385,42 +385,49 @@ def run_dryrun(model_config, parallel_config: ParallelConfig, micro_batch_size: 
                                                  micro_batches)))
     limit_kb = int(host_mem_limit_gb * 1024 * 1024) if host_mem_limit_gb else None
     pending, running, results = list(ranks), [], []
-    while pending or running:
-        while pending and len(running) < max(1, parallel_ranks):
-            rank = pending.pop(0)
-            rank_dir = workdir / f"rank{rank}"
-            rank_dir.mkdir(exist_ok=True)
-            env = dryrun_env(root, rank_id=rank, rank_size=pc.world_size, level=level)
-            env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], _PROJECT_ROOT])
-            log_path = rank_dir / "dryrun.log"
-            log = open(log_path, "w")
-            proc = subprocess.Popen([sys.executable, "-m", "ms_mm.parallel.dryrun", "--worker", str(spec_path)],
-                                    cwd=rank_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
-            running.append({"rank": rank, "proc": proc, "log": log, "log_path": log_path, "start": time.time(),
-                            "killed": ""})
-        time.sleep(0.5)
-        for job in list(running):
-            proc = job["proc"]
-            if proc.poll() is None:
-                if time.time() - job["start"] > timeout:
-                    job["killed"] = f"ms-mm: rank {job['rank']} did not finish within {timeout:.0f}s; stopped"
-                elif limit_kb and _rss_kb(proc.pid) > limit_kb:
-                    job["killed"] = (f"ms-mm: rank {job['rank']} used more than {host_mem_limit_gb:g} GiB of host "
-                                     f"memory while compiling; stopped (raise --host-mem-limit-gb)")
-                if not job["killed"]:
-                    continue
-                proc.kill()
-                proc.wait()
-            running.remove(job)
+    try:
+        while pending or running:
+            while pending and len(running) < max(1, parallel_ranks):
+                rank = pending.pop(0)
+                rank_dir = workdir / f"rank{rank}"
+                rank_dir.mkdir(exist_ok=True)
+                env = dryrun_env(root, rank_id=rank, rank_size=pc.world_size, level=level)
+                env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], _PROJECT_ROOT])
+                log_path = rank_dir / "dryrun.log"
+                log = open(log_path, "w")
+                proc = subprocess.Popen([sys.executable, "-m", "ms_mm.parallel.dryrun", "--worker", str(spec_path)],
+                                        cwd=rank_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
+                running.append({"rank": rank, "proc": proc, "log": log, "log_path": log_path, "start": time.time(),
+                                "killed": ""})
+            time.sleep(0.5)
+            for job in list(running):
+                proc = job["proc"]
+                if proc.poll() is None:
+                    if time.time() - job["start"] > timeout:
+                        job["killed"] = f"ms-mm: rank {job['rank']} did not finish within {timeout:.0f}s; stopped"
+                    elif limit_kb and _rss_kb(proc.pid) > limit_kb:
+                        job["killed"] = (f"ms-mm: rank {job['rank']} used more than {host_mem_limit_gb:g} GiB of host "
+                                         f"memory while compiling; stopped (raise --host-mem-limit-gb)")
+                    if not job["killed"]:
+                        continue
+                    proc.kill()
+                    proc.wait()
+                running.remove(job)
+                job["log"].close()
+                text = job["log_path"].read_text(errors="replace")
+                used, actual = parse_peak_memory(text)
+                result = RankResult(job["rank"], proc.returncode, STEP_OK in text and not job["killed"], used, actual,
+                                    time.time() - job["start"], str(job["log_path"]))
+                if not result.ok:
+                    result.error = job["killed"] or extract_error(text) or text[-2000:]
+                    result.hint = explain_error(text, pc)
+                results.append(result)
+    finally:  # interrupted (Ctrl-C) or failed here: no compiling rank process outlives us
+        for job in running:
+            if job["proc"].poll() is None:
+                job["proc"].kill()
+                job["proc"].wait()
             job["log"].close()
-            text = job["log_path"].read_text(errors="replace")
-            used, actual = parse_peak_memory(text)
-            result = RankResult(job["rank"], proc.returncode, STEP_OK in text and not job["killed"], used, actual,
-                                time.time() - job["start"], str(job["log_path"]))
-            if not result.ok:
-                result.error = job["killed"] or extract_error(text) or text[-2000:]
-                result.hint = explain_error(text, pc)
-            results.append(result)
     return sorted(results, key=lambda r: r.rank)
 
 
