@@ -45,7 +45,7 @@ import numpy as np
 from ms_mm.data.errors import BadSampleError
 from ms_mm.data.loader import MllmDataLoader, load_data_config, padded_length
 from ms_mm.data.mllm_dataset import _BadRecord, read_records
-from ms_mm.data.processor import IGNORE_INDEX
+from ms_mm.data.processor import IGNORE_INDEX, load_image
 from ms_mm.models.deepseek_vl2.inputs import select_best_resolution  # numpy only: one copy of the rule
 
 __all__ = [
@@ -176,21 +176,6 @@ class DeepseekVL2DataProcessor:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
     # ------------------------------------------------------------------ images
-    def load_image(self, image):
-        """A path or PIL image → RGB PIL image; unreadable files are bad samples."""
-        from PIL import Image
-
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise BadSampleError(f"image not found: {path}")
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for a corrupt file
-            raise BadSampleError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
-
     def _to_array(self, img) -> np.ndarray:
         x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
         x = x.transpose(2, 0, 1)
@@ -241,7 +226,7 @@ class DeepseekVL2DataProcessor:
         if n_tags != len(images):
             raise BadSampleError(f"the conversation has {n_tags} {self.image_token} tag(s) but {len(images)} "
                                  "image(s) are given")
-        pil_images = [self.load_image(im) for im in images]
+        pil_images = [load_image(im) for im in images]
         cropping = len(pil_images) <= 2
 
         ids, labels, seq_mask = [self.bos_token_id], [self.bos_token_id], [False]
