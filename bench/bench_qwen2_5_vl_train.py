@@ -102,16 +102,14 @@ def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
     from mindformers.core.optim import AdamW
 
     from convert import load_hf_as_mm
+    from ms_mm.models import load_state_dict
     from ms_mm.models.qwen2_5_vl import MODEL_INPUT_NAMES, Qwen2_5_VLForConditionalGeneration, build_model_inputs
     from ms_mm.training.train_step import TrainStep
 
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     config, state = load_hf_as_mm(str(ckpt), "qwen2_5_vl")
     model = Qwen2_5_VLForConditionalGeneration(config)
-    params = {k: ms.Parameter(ms.Tensor(v), name=k) for k, v in state.items()}
-    not_loaded, _ = ms.load_param_into_net(model, params, strict_load=True)
-    if not_loaded:
-        raise RuntimeError(f"parameters not loaded from {ckpt}: {not_loaded[:5]}")
+    load_state_dict(model, state)  # checks every name and shape before loading
     model.set_train(True)
     opt = AdamW(model.trainable_params(), learning_rate=LR, betas=BETAS, eps=EPS, weight_decay=WD)
     step = TrainStep(model, opt)
