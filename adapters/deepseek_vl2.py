@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from adapters.spec import Concat, FamilySpec, GroupedRows, Layout, Rule, SpecError
+from convert.spec import Concat, FamilySpec, GroupedRows, Layout, Rule, SpecError
 from ms_mm.models.deepseek_vl2.config import DeepseekVL2Config, LanguageConfig
 
 __all__ = ["config_from_hf", "SPEC", "RowStack"]
@@ -280,7 +280,7 @@ def parity_outputs(config: DeepseekVL2Config, state: Dict[str, np.ndarray], inpu
     """
     import mindspore as ms
 
-    from ms_mm.models import load_state_dict
+    from ms_mm.training.weights import load_state_dict
     from ms_mm.models.deepseek_vl2 import MODEL_INPUT_NAMES, DeepseekVL2ForCausalLM, build_model_inputs
 
     unknown = [g for g in gradients if g not in ("grad", "grad_ce_only")]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
-from adapters.spec import Concat, FamilySpec, GroupedRows, Rule
+from convert.spec import Concat, FamilySpec, GroupedRows, Rule
 from ms_mm.training.mm_checkpoint import MEGATRON_TP_RULES, VLM_PP_STAGES
 from ms_mm.models.qwen2_5_vl.config import Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
 

@@ -102,7 +102,7 @@ def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
     from mindformers.core.optim import AdamW
 
     from convert import load_hf_as_mm
-    from ms_mm.models import load_state_dict
+    from ms_mm.training.weights import load_state_dict
     from ms_mm.models.qwen2_5_vl import MODEL_INPUT_NAMES, Qwen2_5_VLForConditionalGeneration, build_model_inputs
     from ms_mm.training.train_step import TrainStep
 

@@ -9,7 +9,7 @@
 * `load_hf_as_mm` / `mm_state_to_hf` (`mm_grads_to_hf`) — the same rules on in-memory dicts,
   for parity tests and `mm-parity`.
 
-Family specifics live in `adapters/<family>.py` (see `adapters/spec.py` for the format); the
+Family specifics live in `adapters/<family>.py` (see `convert/spec.py` for the format); the
 MM directory format lives in `ms_mm/training/mm_checkpoint.py`.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from adapters.spec import FamilySpec, Rule, SpecError, expand_rules
+from convert.spec import FamilySpec, Rule, SpecError, expand_rules
 from convert.registry import get_spec
 from ms_mm.training.mm_checkpoint import (
     BF16, CheckpointError, LazyTensor, ParallelLayout, SafetensorsFile, SafetensorsWriter, open_model,
@@ -76,10 +76,14 @@ def _fmt_list(items: Sequence[str], limit: int = 8) -> str:
 # HF side
 # ---------------------------------------------------------------------------------------------
 
-def read_hf_config(hf_dir) -> Dict[str, Any]:
-    path = Path(hf_dir) / "config.json"
+def read_hf_config(hf_dir, spec: Optional[FamilySpec] = None) -> Dict[str, Any]:
+    """The checkpoint's config as one dict: `config.json`, or what the spec's `read_hf_config` hook
+    assembles (families whose release splits the config over several files)."""
     if not Path(hf_dir).is_dir():
         raise ConversionError(f"HF directory {hf_dir} does not exist")
+    if spec is not None and spec.read_hf_config is not None:
+        return spec.read_hf_config(Path(hf_dir))
+    path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ConversionError(f"{path} not found (the HF directory needs its config.json)")
     try:
@@ -256,7 +260,7 @@ def hf_to_mm(hf_dir, mm_dir, family: Union[str, FamilySpec], tp_size: int = 1,
     custom-code model types (`check_trust_remote_code`); nothing from the checkpoint is ever executed.
     """
     spec = get_spec(family)
-    hf_config = read_hf_config(hf_dir)
+    hf_config = read_hf_config(hf_dir, spec)
     check_trust_remote_code(spec, hf_config, hf_dir, trust_remote_code)
     config = spec.config_from_hf(hf_config)
     layout = make_layout(spec, config, tp_size, pp_layers, ep_size)
@@ -306,7 +310,7 @@ def mm_to_hf(mm_dir, hf_dir, save_hf_dir, family: Union[str, FamilySpec], tp_siz
     """
     spec = get_spec(family)
     hf_dir, save_hf_dir = Path(hf_dir), Path(save_hf_dir)
-    hf_config = read_hf_config(hf_dir)
+    hf_config = read_hf_config(hf_dir, spec)
     check_trust_remote_code(spec, hf_config, hf_dir, trust_remote_code)
     config = spec.config_from_hf(hf_config)
     try:
@@ -453,7 +457,7 @@ def load_hf_as_mm(hf_dir, family: Union[str, FamilySpec] = "qwen2_5_vl",
                   dtype: Optional[np.dtype] = np.float32) -> Tuple[Any, Dict[str, np.ndarray]]:
     """(model config, {MM name: array}) from an HF dir; floats widened to `dtype` (None keeps them)."""
     spec = get_spec(family)
-    config = spec.config_from_hf(read_hf_config(hf_dir))
+    config = spec.config_from_hf(read_hf_config(hf_dir, spec))
     plan = _plan_hf_to_mm(spec, config, HFCheckpoint(hf_dir, spec))
     out = {}
     for name, lazy in plan.items():

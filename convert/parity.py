@@ -110,7 +110,7 @@ def run_qwen2_5_vl(hf_dir, inputs: Dict[str, np.ndarray], grad_names: List[str])
     import mindspore as ms
 
     import convert
-    from ms_mm.models import load_state_dict
+    from ms_mm.training.weights import load_state_dict
     from ms_mm.models.qwen2_5_vl import (MODEL_INPUT_NAMES, VISION_INPUT_NAMES,
                                          Qwen2_5_VLForConditionalGeneration, build_model_inputs, get_rope_index)
 

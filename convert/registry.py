@@ -1,6 +1,6 @@
 """Family registry: finds the `FamilySpec` of a model family or converter name.
 
-Every module in `adapters/` that defines a module-level `SPEC` (an `adapters.spec.FamilySpec`)
+Every module in `adapters/` that defines a module-level `SPEC` (an `convert.spec.FamilySpec`)
 is a family; adding `adapters/<family>.py` is all it takes to plug a new one in. Modules are
 imported lazily, the one named after the family first, so a broken sibling adapter cannot
 break the others (its import error is reported only if the name asked for is not found).
@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 from typing import Dict, List, Tuple
 
-from adapters.spec import FamilySpec
+from convert.spec import FamilySpec
 
 __all__ = ["get_spec", "known_specs", "UnknownFamilyError"]
 

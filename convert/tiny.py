@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from adapters.spec import expand_rules
+from convert.spec import expand_rules
 from convert.framework import INDEX_FILE
 from convert.registry import get_spec
 from ms_mm.training.mm_checkpoint import BF16, SafetensorsWriter

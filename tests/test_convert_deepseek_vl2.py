@@ -302,7 +302,7 @@ def test_tiny_model_loads_into_the_mindspore_model(tmp_path):
     """Names and shapes of the tiny checkpoint, through the converter, fit DeepseekVL2ForCausalLM."""
     from convert import load_hf_as_mm
     from convert.tiny import build_tiny
-    from ms_mm.models import load_state_dict
+    from ms_mm.training.weights import load_state_dict
     from ms_mm.models.deepseek_vl2 import DeepseekVL2ForCausalLM
     for mla in (True, False):
         d = build_tiny("deepseek_vl2", tmp_path / f"tiny{mla}", seed=0, mla=mla)

@@ -156,7 +156,7 @@ def test_routed_experts_portable_dispatch():
     """ms_mm.ops.moe.RoutedExperts == sum_k w_k * SwiGLU_{e_k}(x), computed token by token in numpy."""
     import mindspore as ms
 
-    from ms_mm.models import load_state_dict
+    from ms_mm.training.weights import load_state_dict
     from ms_mm.ops.moe import RoutedExperts
 
     rng = np.random.default_rng(7)

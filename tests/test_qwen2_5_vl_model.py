@@ -11,7 +11,7 @@ import pytest
 
 import mindspore as ms
 
-from ms_mm.models import load_state_dict
+from ms_mm.training.weights import load_state_dict
 from ms_mm.models.qwen2_5_vl import (MODEL_INPUT_NAMES, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                                      build_model_inputs, get_rope_index, vision_layout)
 

@@ -214,6 +214,8 @@ class FamilySpec:
                     ``trust_remote_code=True`` (the model's code ships outside transformers, e.g.
                     DeepSeek-VL2's ``deepseek_vl_v2``); `mm-convert` then wants
                     ``--cfg.trust_remote_code True`` as MindSpeed-MM does (nothing is executed here)
+    read_hf_config  hf_dir (Path) → the config dict given to `config_from_hf`, for releases whose config
+                    is not one `config.json` (None: read `config.json`); raise ConversionError naming the file
     """
     family: str
     converter: str
@@ -228,6 +230,7 @@ class FamilySpec:
     pp_stages: Optional[List[Dict[str, Any]]] = None
     hf_extra_files: Sequence[str] = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.md")
     custom_model_types: Optional[Sequence[str]] = None
+    read_hf_config: Optional[Callable[[Any], Dict[str, Any]]] = None
 
     def canonical_hf_name(self, name: str) -> str:
         for pat, repl in self.hf_aliases:
