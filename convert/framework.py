@@ -344,17 +344,29 @@ def mm_to_hf(mm_dir, hf_dir, save_hf_dir, family: Union[str, FamilySpec], tp_siz
     shards: List[List[Tuple[str, Tuple[int, ...], np.dtype]]] = [[]]
     size = 0
     total = 0
+    file_names: List[str] = []  # with spec.hf_weight_file: one shard per named file, no index
     for _, parts in planned:
         for h, s, dt in parts:
             nbytes = int(np.prod(s, dtype=np.int64)) * np.dtype(dt).itemsize
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append((h, s, dt))
-            size += nbytes
+            if spec.hf_weight_file is not None:
+                fname = spec.hf_weight_file(h)
+                if fname not in file_names:
+                    file_names.append(fname)
+                    if len(file_names) > len(shards):
+                        shards.append([])
+                shards[file_names.index(fname)].append((h, s, dt))
+            else:
+                if shards[-1] and size + nbytes > max_shard_bytes:
+                    shards.append([])
+                    size = 0
+                shards[-1].append((h, s, dt))
+                size += nbytes
             total += nbytes
     n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    if file_names:
+        names = file_names
+    else:
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     shard_of = {h: i for i, shard in enumerate(shards) for h, _, _ in shard}
     remaining = [len(s) for s in shards]
 
@@ -376,7 +388,7 @@ def mm_to_hf(mm_dir, hf_dir, save_hf_dir, family: Union[str, FamilySpec], tp_siz
                 if remaining[i] == 0:
                     writers.pop(i).close()
             del hf_parts
-        if n > 1:
+        if n > 1 and not file_names:
             index = {"metadata": {"total_size": total}, "weight_map": {h: names[shard_of[h]] for h in shard_of}}
             (stage / INDEX_FILE).write_text(json.dumps(index, indent=2))
         _copy_extra_files(spec, hf_dir, stage)

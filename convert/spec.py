@@ -216,6 +216,8 @@ class FamilySpec:
                     ``--cfg.trust_remote_code True`` as MindSpeed-MM does (nothing is executed here)
     read_hf_config  hf_dir (Path) → the config dict given to `config_from_hf`, for releases whose config
                     is not one `config.json` (None: read `config.json`); raise ConversionError naming the file
+    hf_weight_file  HF tensor name → the weight file `mm_to_hf` writes it to, for releases whose weights live
+                    in named files (None: `model.safetensors`, sharded above max_shard_size, + index)
     """
     family: str
     converter: str
@@ -231,6 +233,7 @@ class FamilySpec:
     hf_extra_files: Sequence[str] = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.md")
     custom_model_types: Optional[Sequence[str]] = None
     read_hf_config: Optional[Callable[[Any], Dict[str, Any]]] = None
+    hf_weight_file: Optional[Callable[[str], str]] = None
 
     def canonical_hf_name(self, name: str) -> str:
         for pat, repl in self.hf_aliases:

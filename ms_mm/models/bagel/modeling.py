@@ -1,0 +1,567 @@
+"""BAGEL-MoT in MindSpore: Qwen2 Mixture-of-Transformers decoder, SigLIP NaViT tower + connector,
+latent (FLUX VAE) input/output heads, timestep embedder and the rectified-flow + CE objective.
+
+Token routing. The packed sequence is held in *model row order*: every text token (including the
+special ones), then every ViT patch token, then every VAE-latent token (`inputs.build_model_inputs`
+computes the permutation from the packed positions, host-side). Text + ViT rows are the
+"understanding" tokens (und weights), latent rows the "generation" tokens (`*_moe_gen` weights), so the
+MoT routing is two static slices and the scatter back to packed positions happens only host-side.
+Attention is permutation-equivariant: ONE joint attention runs over all rows with the RoPE positions
+and the additive mask (per-split causal / full / noise, block-diagonal per sample) permuted alike.
+
+Parameter names are the MM checkpoint names (table in `adapters/bagel.py`). Everything that
+depends on the data (orders, masks, gather indices) arrives as inputs: `construct` has static shapes
+and compiles in graph mode. The VAE is frozen (upstream encodes under no_grad before the forward) and
+runs separately: `AutoEncoder` gives the posterior moments and the latent, `LatentDecoder` decodes.
+"""
+import math
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+from ms_mm.ops import CoreAttention, Embedding, GatedMLP, LayerNorm, Linear, RMSNorm, apply_rotary, gelu, use_fused
+from ms_mm.models.bagel.layers import Conv2d, GroupNorm, upsample_nearest_2x
+
+__all__ = ["Bagel", "AutoEncoder", "LatentDecoder", "sincos_2d_table", "timestep_frequencies", "rope_inv_freq"]
+
+
+# ------------------------------------------------------------------------------ constant tables
+def sincos_2d_table(embed_dim: int, grid_size: int) -> np.ndarray:
+    """DiT's frozen 2-D sin-cos table [grid_size**2, embed_dim] (row = h * grid_size + w).
+
+    First half of the channels encodes h, second half w; each half is [sin(pos*omega), cos(pos*omega)]
+    with omega = 10000^(-k / (dim/4)), computed in float64 and stored as float32 (as upstream).
+    """
+    half = embed_dim // 2
+    omega = 1.0 / 10000 ** (np.arange(half // 2, dtype=np.float64) / (half / 2.0))
+    coords = np.arange(grid_size, dtype=np.float32)
+    h = np.repeat(coords, grid_size).astype(np.float64)   # row-major grid: h changes slowest
+    w = np.tile(coords, grid_size).astype(np.float64)
+
+    def one_axis(pos):
+        out = np.outer(pos, omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([one_axis(h), one_axis(w)], axis=1).astype(np.float32)
+
+
+def timestep_frequencies(dim: int, max_period: float) -> np.ndarray:
+    """exp(-ln(max_period) * k / (dim/2)) for k < dim/2, in float32 like torch's arange/exp."""
+    half = dim // 2
+    k = np.arange(half, dtype=np.float32)
+    return np.exp(np.float32(-math.log(max_period)) * k / np.float32(half)).astype(np.float32)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """Qwen2's default RoPE: 1 / theta^(2i / head_dim), fp32."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    return (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
+
+
+def _act(name):
+    return "tanh" if name == "gelu_pytorch_tanh" else "none"
+
+
+class PositionTable(nn.Cell):
+    """A frozen [side*side, hidden] 2-D sin-cos table looked up by flattened position id."""
+
+    def __init__(self, side, hidden_size):
+        super().__init__()
+        self.pos_embed = Parameter(Tensor(sincos_2d_table(hidden_size, side)), name="pos_embed", requires_grad=False)
+
+    def construct(self, position_ids):
+        return ops.gather(self.pos_embed, position_ids, 0)
+
+
+# ------------------------------------------------------------------------------------ LLM (MoT)
+class MoTAttention(nn.Cell):
+    """Joint GQA attention over und + gen rows, each group projected by its own q/k/v/o and q/k-norms.
+
+    ``linear_qkv`` rows are grouped per KV head g: [q heads g*r .. g*r+r-1; k_g; v_g] (Megatron layout).
+    """
+
+    def __init__(self, c):
+        super().__init__()
+        self.num_heads = c.num_attention_heads
+        self.num_kv_heads = c.num_key_value_heads
+        self.group = self.num_heads // self.num_kv_heads
+        self.head_dim = c.head_dim
+        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.linear_qkv = Linear(c.hidden_size, qkv_out, has_bias=True)
+        self.linear_qkv_moe_gen = Linear(c.hidden_size, qkv_out, has_bias=True)
+        self.qk_norm = c.qk_norm
+        if c.qk_norm:
+            self.q_layernorm = RMSNorm(self.head_dim, eps=c.rms_norm_eps)
+            self.k_layernorm = RMSNorm(self.head_dim, eps=c.rms_norm_eps)
+            self.q_layernorm_moe_gen = RMSNorm(self.head_dim, eps=c.rms_norm_eps)
+            self.k_layernorm_moe_gen = RMSNorm(self.head_dim, eps=c.rms_norm_eps)
+        self.linear_proj = Linear(self.num_heads * self.head_dim, c.hidden_size, has_bias=False)
+        self.linear_proj_moe_gen = Linear(self.num_heads * self.head_dim, c.hidden_size, has_bias=False)
+        self.core_attention = CoreAttention(self.num_heads, self.num_kv_heads, head_dim=self.head_dim)
+        self.fused = use_fused()
+
+    def _split_qkv(self, qkv):
+        n = qkv.shape[0]
+        qkv = ops.reshape(qkv, (n, self.num_kv_heads, self.group + 2, self.head_dim))
+        q = ops.reshape(qkv[:, :, :self.group], (n, self.num_heads, self.head_dim))
+        return q, qkv[:, :, self.group], qkv[:, :, self.group + 1]
+
+    def construct(self, x_und, x_gen, cos, sin, mask):
+        n_und = x_und.shape[0]
+        q_u, k_u, v_u = self._split_qkv(self.linear_qkv(x_und))
+        q_g, k_g, v_g = self._split_qkv(self.linear_qkv_moe_gen(x_gen))
+        if self.qk_norm:
+            q_u, k_u = self.q_layernorm(q_u), self.k_layernorm(k_u)
+            q_g, k_g = self.q_layernorm_moe_gen(q_g), self.k_layernorm_moe_gen(k_g)
+        # [S, heads, hd] -> [1, heads, S, hd]
+        q = ops.expand_dims(ops.transpose(ops.cat((q_u, q_g), 0), (1, 0, 2)), 0)
+        k = ops.expand_dims(ops.transpose(ops.cat((k_u, k_g), 0), (1, 0, 2)), 0)
+        v = ops.expand_dims(ops.transpose(ops.cat((v_u, v_g), 0), (1, 0, 2)), 0)
+        q = apply_rotary(q, cos, sin, self.fused)
+        k = apply_rotary(k, cos, sin, self.fused)
+        out = self.core_attention(q, k, v, mask)
+        out = ops.reshape(ops.transpose(out[0], (1, 0, 2)), (-1, self.num_heads * self.head_dim))
+        return self.linear_proj(out[:n_und]), self.linear_proj_moe_gen(out[n_und:])
+
+
+class MoTDecoderLayer(nn.Cell):
+    def __init__(self, c):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.input_layernorm_moe_gen = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.self_attention = MoTAttention(c)
+        self.pre_mlp_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.pre_mlp_layernorm_moe_gen = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, has_bias=False)
+        self.mlp_moe_gen = GatedMLP(c.hidden_size, c.intermediate_size, has_bias=False)
+
+    def construct(self, h_und, h_gen, cos, sin, mask):
+        a_und, a_gen = self.self_attention(self.input_layernorm(h_und), self.input_layernorm_moe_gen(h_gen),
+                                           cos, sin, mask)
+        h_und = h_und + a_und
+        h_gen = h_gen + a_gen
+        h_und = h_und + self.mlp(self.pre_mlp_layernorm(h_und))
+        h_gen = h_gen + self.mlp_moe_gen(self.pre_mlp_layernorm_moe_gen(h_gen))
+        return h_und, h_gen
+
+
+class MoTDecoder(nn.Cell):
+    def __init__(self, c):
+        super().__init__()
+        self.num_layers = c.num_hidden_layers
+        self.layers = nn.CellList([MoTDecoderLayer(c) for _ in range(c.num_hidden_layers)])
+        self.final_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.final_layernorm_moe_gen = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+
+    def construct(self, h_und, h_gen, cos, sin, mask):
+        for i in range(self.num_layers):
+            h_und, h_gen = self.layers[i](h_und, h_gen, cos, sin, mask)
+        return self.final_layernorm(h_und), self.final_layernorm_moe_gen(h_gen)
+
+
+class TextEmbedding(nn.Cell):
+    def __init__(self, c):
+        super().__init__()
+        self.word_embeddings = Embedding(c.vocab_size, c.hidden_size)
+
+    def construct(self, ids):
+        return self.word_embeddings(ids)
+
+
+class TextDecoder(nn.Cell):
+    """Embedding, MoT decoder stack (+ its RoPE tables) and the LM head."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.embedding = TextEmbedding(c)
+        self.decoder = MoTDecoder(c)
+        self.output_layer = Linear(c.hidden_size, c.vocab_size, has_bias=False)
+        self.inv_freq = Tensor(rope_inv_freq(c.head_dim, c.rope_theta))
+
+    def rope(self, position_ids):
+        freqs = ops.expand_dims(ops.cast(position_ids, ms.float32), 1) * self.inv_freq
+        emb = ops.expand_dims(ops.expand_dims(ops.cat((freqs, freqs), -1), 0), 0)  # [1, 1, S, hd]
+        return ops.cos(emb), ops.sin(emb)
+
+
+# ----------------------------------------------------------------------------------- ViT (NaViT)
+class VisionAttention(nn.Cell):
+    """SigLIP attention; ``linear_qkv`` rows per head [q_h; k_h; v_h]. Images attend only to themselves
+    (the additive mask is block-diagonal per image, the cu_seqlens of upstream's varlen call)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.num_heads = c.num_attention_heads
+        self.head_dim = c.head_dim
+        self.linear_qkv = Linear(c.hidden_size, 3 * c.hidden_size, has_bias=True)
+        self.linear_proj = Linear(c.hidden_size, c.hidden_size, has_bias=True)
+        self.core_attention = CoreAttention(self.num_heads, self.num_heads, head_dim=self.head_dim)
+
+    def construct(self, x, mask):
+        n = x.shape[0]
+        qkv = ops.reshape(self.linear_qkv(x), (n, self.num_heads, 3, self.head_dim))
+        qkv = ops.expand_dims(ops.transpose(qkv, (2, 1, 0, 3)), 1)  # [3, 1, heads, N, hd]
+        out = self.core_attention(qkv[0], qkv[1], qkv[2], mask)
+        out = ops.reshape(ops.transpose(out[0], (1, 0, 2)), (n, self.num_heads * self.head_dim))
+        return self.linear_proj(out)
+
+
+class VisionMLP(nn.Cell):
+    def __init__(self, in_dim, hidden_dim, out_dim, act):
+        super().__init__()
+        self.approximate = _act(act)
+        self.linear_fc1 = Linear(in_dim, hidden_dim, has_bias=True)
+        self.linear_fc2 = Linear(hidden_dim, out_dim, has_bias=True)
+
+    def construct(self, x):
+        return self.linear_fc2(gelu(self.linear_fc1(x), approximate=self.approximate))
+
+
+class VisionBlock(nn.Cell):
+    def __init__(self, c):
+        super().__init__()
+        self.input_layernorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.self_attention = VisionAttention(c)
+        self.pre_mlp_layernorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.mlp = VisionMLP(c.hidden_size, c.intermediate_size, c.hidden_size, c.hidden_act)
+
+    def construct(self, x, mask):
+        x = x + self.self_attention(self.input_layernorm(x), mask)
+        return x + self.mlp(self.pre_mlp_layernorm(x))
+
+
+class VisionBlocks(nn.Cell):
+    def __init__(self, c):
+        super().__init__()
+        self.layers = nn.CellList([VisionBlock(c) for _ in range(c.num_hidden_layers)])
+
+
+class PatchEmbed(nn.Cell):
+    """The Conv2d patch embedding in its Linear form (upstream's convert_conv2d_to_linear): input rows
+    are patches flattened as (p, q, c)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.proj = Linear(c.patch_dim, c.hidden_size, has_bias=True)
+
+    def construct(self, x):
+        return self.proj(x)
+
+
+class VisionEncoder(nn.Cell):
+    """Patch embedding + learned position embedding, the used SigLIP layers, then post_layernorm."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.depth = c.num_hidden_layers
+        self.patch_embed = PatchEmbed(c)
+        self.position_embedding = Embedding(c.num_positions, c.hidden_size)
+        self.blocks = VisionBlocks(c)
+        self.post_layernorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def construct(self, pixels, position_ids, mask):
+        x = self.patch_embed(pixels) + self.position_embedding(position_ids)
+        for i in range(self.depth):
+            x = self.blocks.layers[i](x, mask)
+        return self.post_layernorm(x)
+
+
+class Connector(nn.Cell):
+    def __init__(self, in_dim, out_dim, act):
+        super().__init__()
+        self.encoder = VisionMLP(in_dim, out_dim, out_dim, act)
+
+    def construct(self, x):
+        return self.encoder(x)
+
+
+class ImageEncoder(nn.Cell):
+    def __init__(self, config):
+        super().__init__()
+        self.encoder = VisionEncoder(config.vit)
+        self.projector = Connector(config.vit.hidden_size, config.llm.hidden_size, config.connector_act)
+
+    def construct(self, pixels, position_ids, mask):
+        return self.projector(self.encoder(pixels, position_ids, mask))
+
+
+# ------------------------------------------------------------------------------ generation heads
+class TimestepEmbedder(nn.Cell):
+    """Sinusoidal [cos, sin] features of t (no x1000 scaling) -> Linear -> SiLU -> Linear.
+    Sub-cell names `mlp.0` / `mlp.2` as upstream's nn.Sequential."""
+
+    def __init__(self, hidden_size, frequency_dim, max_period):
+        super().__init__()
+        self.freqs = Tensor(timestep_frequencies(frequency_dim, max_period))
+        self.mlp = nn.CellList([Linear(frequency_dim, hidden_size), nn.SiLU(), Linear(hidden_size, hidden_size)])
+
+    def construct(self, t):
+        args = ops.expand_dims(t, 1) * self.freqs
+        feats = ops.cat((ops.cos(args), ops.sin(args)), -1)
+        return self.mlp[2](ops.silu(self.mlp[0](feats)))
+
+
+# ----------------------------------------------------------------------------------------- BAGEL
+class Bagel(nn.Cell):
+    """The BAGEL train forward (upstream `Bagel.forward` + the training loop's loss reduction).
+
+    Inputs (`inputs.MODEL_INPUT_NAMES`, in order): text ids; ViT patch pixels, their position ids and
+    the per-image ViT mask; the padded VAE latents with the patchify gather index, latent position ids,
+    RAW timesteps and the flow noise; RoPE position ids and the joint additive mask (model row order);
+    CE rows / labels / weights; MSE rows, the latent rows of their targets, and their weights.
+
+    Returns ``(loss, ce, mse, ce_per_token, ce_logits, velocity_pred, velocity_target,
+    mse_elementwise, packed_latent_clean, timesteps_effective, last_hidden_state (model row order),
+    vit_connector_out)``; ``loss`` is the training objective.
+    """
+
+    def __init__(self, config, compute_dtype=ms.float32):
+        super().__init__()
+        config.validate()
+        c = config.llm
+        self.config = config
+        self.compute_dtype = compute_dtype
+        self.hidden_size = c.hidden_size
+        self.timestep_shift = float(config.timestep_shift)
+        self.ce_weight = float(config.ce_weight)
+        self.mse_weight = float(config.mse_weight)
+        self.text_decoder = TextDecoder(c)
+        self.image_encoder = ImageEncoder(config)
+        self.vit_pos_embed = PositionTable(config.vit_max_num_patch_per_side, c.hidden_size)
+        self.latent_pos_embed = PositionTable(config.max_latent_size, c.hidden_size)
+        self.time_embedder = TimestepEmbedder(c.hidden_size, config.timestep_frequency_dim, config.timestep_max_period)
+        self.vae2llm = Linear(config.patch_latent_dim, c.hidden_size, has_bias=True)
+        self.llm2vae = Linear(c.hidden_size, config.patch_latent_dim, has_bias=True)
+        self.vae = AutoEncoder(config.vae)
+        for p in self.vae.get_parameters():
+            p.requires_grad = False
+
+    def effective_timesteps(self, raw):
+        s = ops.sigmoid(raw)
+        shift = self.timestep_shift
+        return shift * s / (1.0 + (shift - 1.0) * s)
+
+    def construct(self, text_ids, vit_pixels, vit_position_ids, vit_attention_mask, padded_latent,
+                  latent_gather_index, latent_position_ids, timesteps, noise, position_ids, attention_mask,
+                  ce_rows, ce_labels, ce_weights, mse_rows, mse_latent_rows, mse_weights):
+        dt = self.compute_dtype
+        text_emb = ops.cast(self.text_decoder.embedding(text_ids), dt)
+
+        vit_out = self.image_encoder(ops.cast(vit_pixels, dt), vit_position_ids, vit_attention_mask)
+        vit_emb = vit_out + ops.cast(self.vit_pos_embed(vit_position_ids), dt)
+
+        # rectified flow: x_t = (1 - t) x0 + t noise, the model predicts v = noise - x0
+        x0 = ops.gather(ops.reshape(padded_latent, (-1,)), latent_gather_index, 0)  # [(h w), (p q c)]
+        t = self.effective_timesteps(ops.cast(timesteps, ms.float32))
+        t_col = ops.expand_dims(t, 1)
+        x_t = (1.0 - t_col) * x0 + t_col * noise
+        latent_emb = (self.vae2llm(ops.cast(x_t, dt)) + ops.cast(self.time_embedder(t), dt)
+                      + ops.cast(self.latent_pos_embed(latent_position_ids), dt))
+
+        h_und = ops.cat((text_emb, vit_emb), 0)
+        cos, sin = self.text_decoder.rope(position_ids)
+        h_und, h_gen = self.text_decoder.decoder(h_und, latent_emb, ops.cast(cos, dt), ops.cast(sin, dt),
+                                                 attention_mask)
+        hidden = ops.cat((h_und, h_gen), 0)
+
+        logits = ops.cast(self.text_decoder.output_layer(ops.gather(hidden, ce_rows, 0)), ms.float32)
+        log_probs = ops.log_softmax(logits, -1)
+        one_hot = ops.one_hot(ce_labels, logits.shape[-1], Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
+        ce_per_token = -ops.reduce_sum(log_probs * one_hot, -1)
+        ce = ops.reduce_sum(ce_per_token * ce_weights)
+
+        velocity_pred = ops.cast(self.llm2vae(ops.gather(hidden, mse_rows, 0)), ms.float32)
+        velocity_target = noise - x0
+        diff = velocity_pred - ops.gather(velocity_target, mse_latent_rows, 0)
+        mse_elementwise = diff * diff
+        mse = ops.reduce_sum(ops.mean(mse_elementwise, -1) * mse_weights)
+
+        loss = self.ce_weight * ce + self.mse_weight * mse
+        return (loss, ce, mse, ce_per_token, logits, velocity_pred, velocity_target, mse_elementwise, x0, t,
+                hidden, vit_out)
+
+
+# -------------------------------------------------------------------------------------- FLUX VAE
+class ResnetBlock(nn.Cell):
+    def __init__(self, in_ch, out_ch, groups, eps):
+        super().__init__()
+        self.norm1 = GroupNorm(groups, in_ch, eps)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = GroupNorm(groups, out_ch, eps)
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
+        self.has_shortcut = in_ch != out_ch
+        if self.has_shortcut:
+            self.nin_shortcut = Conv2d(in_ch, out_ch, 1)
+
+    def construct(self, x):
+        h = self.conv1(ops.silu(self.norm1(x)))
+        h = self.conv2(ops.silu(self.norm2(h)))
+        if self.has_shortcut:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Cell):
+    """Single-head self-attention over all pixels, 1x1-conv q/k/v/proj_out, residual."""
+
+    def __init__(self, ch, groups, eps):
+        super().__init__()
+        self.norm = GroupNorm(groups, ch, eps)
+        self.q = Conv2d(ch, ch, 1)
+        self.k = Conv2d(ch, ch, 1)
+        self.v = Conv2d(ch, ch, 1)
+        self.proj_out = Conv2d(ch, ch, 1)
+        self.core_attention = CoreAttention(1, 1, head_dim=ch)
+
+    def construct(self, x):
+        b, c, h, w = x.shape
+        n = self.norm(x)
+
+        def tokens(t):  # b c h w -> b 1 (h w) c
+            return ops.expand_dims(ops.transpose(ops.reshape(t, (b, c, h * w)), (0, 2, 1)), 1)
+
+        out = self.core_attention(tokens(self.q(n)), tokens(self.k(n)), tokens(self.v(n)))
+        out = ops.reshape(ops.transpose(out[:, 0], (0, 2, 1)), (b, c, h, w))
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Cell):
+    """Pad right/bottom by one, then a stride-2 3x3 conv (FLUX's asymmetric padding)."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = Conv2d(ch, ch, 3, stride=2, padding=0)
+
+    def construct(self, x):
+        return self.conv(ops.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Cell):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = Conv2d(ch, ch, 3, padding=1)
+
+    def construct(self, x):
+        return self.conv(upsample_nearest_2x(x))
+
+
+class _Level(nn.Cell):
+    """One resolution level (`down.{i}` / `up.{i}`): res blocks, then an optional resampler."""
+
+    def __init__(self, blocks, resample=None, resample_name="downsample"):
+        super().__init__()
+        self.block = nn.CellList(blocks)
+        self.has_resample = resample is not None
+        if resample is not None:
+            setattr(self, resample_name, resample)
+
+
+class Encoder(nn.Cell):
+    def __init__(self, c):
+        super().__init__()
+        g, eps = c.num_groups, c.norm_eps
+        self.num_levels = len(c.ch_mult)
+        self.conv_in = Conv2d(c.in_channels, c.ch, 3, padding=1)
+        in_mult = (1,) + tuple(c.ch_mult)
+        levels = []
+        block_in = c.ch
+        for i, mult in enumerate(c.ch_mult):
+            block_in = c.ch * in_mult[i]
+            block_out = c.ch * mult
+            blocks = []
+            for _ in range(c.num_res_blocks):
+                blocks.append(ResnetBlock(block_in, block_out, g, eps))
+                block_in = block_out
+            last = i == self.num_levels - 1
+            levels.append(_Level(blocks, None if last else Downsample(block_in), "downsample"))
+        self.down = nn.CellList(levels)
+        self.mid = _Mid(block_in, g, eps)
+        self.norm_out = GroupNorm(g, block_in, eps)
+        self.conv_out = Conv2d(block_in, 2 * c.z_channels, 3, padding=1)
+
+    def construct(self, x):
+        h = self.conv_in(x)
+        for i in range(self.num_levels):
+            level = self.down[i]
+            for blk in level.block:
+                h = blk(h)
+            if level.has_resample:
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(ops.silu(self.norm_out(h)))
+
+
+class _Mid(nn.Cell):
+    def __init__(self, ch, groups, eps):
+        super().__init__()
+        self.block_1 = ResnetBlock(ch, ch, groups, eps)
+        self.attn_1 = AttnBlock(ch, groups, eps)
+        self.block_2 = ResnetBlock(ch, ch, groups, eps)
+
+    def construct(self, h):
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+class Decoder(nn.Cell):
+    def __init__(self, c):
+        super().__init__()
+        g, eps = c.num_groups, c.norm_eps
+        self.num_levels = len(c.ch_mult)
+        block_in = c.ch * c.ch_mult[-1]
+        self.conv_in = Conv2d(c.z_channels, block_in, 3, padding=1)
+        self.mid = _Mid(block_in, g, eps)
+        levels = [None] * self.num_levels
+        for i in reversed(range(self.num_levels)):
+            block_out = c.ch * c.ch_mult[i]
+            blocks = []
+            for _ in range(c.num_res_blocks + 1):
+                blocks.append(ResnetBlock(block_in, block_out, g, eps))
+                block_in = block_out
+            levels[i] = _Level(blocks, Upsample(block_in) if i != 0 else None, "upsample")
+        self.up = nn.CellList(levels)
+        self.norm_out = GroupNorm(g, block_in, eps)
+        self.conv_out = Conv2d(block_in, c.out_ch, 3, padding=1)
+
+    def construct(self, z):
+        h = self.mid(self.conv_in(z))
+        for i in range(self.num_levels - 1, -1, -1):
+            level = self.up[i]
+            for blk in level.block:
+                h = blk(h)
+            if level.has_resample:
+                h = level.upsample(h)
+        return self.conv_out(ops.silu(self.norm_out(h)))
+
+
+class AutoEncoder(nn.Cell):
+    """FLUX VAE. ``construct(images)`` -> (moments [B, 2z, h, w] = [mean; logvar], latent =
+    scale * (mean - shift)): the posterior mean, as the fixture (upstream training samples instead)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.z_channels = c.z_channels
+        self.scale_factor = float(c.scale_factor)
+        self.shift_factor = float(c.shift_factor)
+        self.encoder = Encoder(c)
+        self.decoder = Decoder(c)
+
+    def construct(self, images):
+        moments = self.encoder(images)
+        mean = moments[:, :self.z_channels]
+        return moments, self.scale_factor * (mean - self.shift_factor)
+
+
+class LatentDecoder(nn.Cell):
+    """latent -> image: decoder(z / scale + shift). Shares the `AutoEncoder`'s decoder."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.scale_factor = vae.scale_factor
+        self.shift_factor = vae.shift_factor
+        self.decoder = vae.decoder
+
+    def construct(self, z):
+        return self.decoder(z / self.scale_factor + self.shift_factor)
