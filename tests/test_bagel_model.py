@@ -13,14 +13,19 @@ from ms_mm.models.bagel.inputs import MASK_VALUE
 from ms_mm.training.mm_checkpoint import SafetensorsFile
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "bagel" / "forward"
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture {FIXTURE} not present")
+# extra cases from the official code (scripts/make_bagel_fixtures.py): GQA, 2 ViT images, edit-style
+# clean + noised latents of different sizes, VAE ch_mult [1, 2] with res blocks, timestep_shift 3
+SHAPES = Path(__file__).resolve().parent / "fixtures" / "bagel_shapes"
+CASES = [pytest.param(FIXTURE, id="shared-forward",
+                      marks=pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture {FIXTURE} not present"))]
+CASES += [pytest.param(d, id=d.name) for d in sorted(SHAPES.iterdir()) if (d / "outputs.npz").is_file()]
 
 # (atol, rtol). README suggests activations 1e-4/1e-4, losses 1e-5, gradients 1e-5 + 1e-3; observed here:
-# LLM / heads / ViT <= 6e-6, VAE <= 2.5e-5, losses ~1e-6, gradients <= 2e-7 -- so all but the VAE are tighter.
+# LLM / heads / ViT <= 8e-6, VAE <= 2.5e-5, losses <= 1e-6, gradients <= 1.2e-6 -- all but the VAE tighter.
 TOL_ACTIVATION = (2e-5, 1e-4)
 TOL_VAE = (1e-4, 1e-4)
 TOL_LOSS = (5e-6, 0.0)
-TOL_GRAD = (1e-6, 1e-3)
+TOL_GRAD = (5e-6, 1e-3)
 
 
 def _tolerance(key):
@@ -33,28 +38,30 @@ def _tolerance(key):
     return TOL_ACTIVATION
 
 
-@pytest.fixture(scope="module")
-def fixture_arrays():
-    with np.load(FIXTURE / "inputs.npz") as i, np.load(FIXTURE / "outputs.npz") as o:
+def _arrays(case):
+    with np.load(case / "inputs.npz") as i, np.load(case / "outputs.npz") as o:
         return {k: i[k] for k in i.files}, {k: o[k] for k in o.files}
 
 
 @pytest.fixture(scope="module")
-def parity_outputs(fixture_arrays):
+def fixture_arrays():
+    if not FIXTURE.is_dir():
+        pytest.skip(f"fixture {FIXTURE} not present")
+    return _arrays(FIXTURE)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_parity_every_reference_array(case):
     import mindspore as ms
     from ms_mm.models.bagel.parity import run_parity
 
-    inputs, ref = fixture_arrays
+    inputs, ref = _arrays(case)
     previous = ms.get_context("mode")
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
-        return run_parity(str(FIXTURE), inputs, [k[len("grad."):] for k in ref if k.startswith("grad.")])
+        parity_outputs = run_parity(str(case), inputs, [k[len("grad."):] for k in ref if k.startswith("grad.")])
     finally:
         ms.set_context(mode=previous)
-
-
-def test_parity_every_reference_array(fixture_arrays, parity_outputs):
-    _, ref = fixture_arrays
     failures = []
     for key, want in ref.items():
         assert key in parity_outputs, f"run_parity did not produce {key}"
@@ -79,11 +86,17 @@ def test_run_parity_rejects_bad_input_key(fixture_arrays):
         run_parity(str(FIXTURE), broken, [])
 
 
-def test_joint_mask_matches_upstream_nested_masks(fixture_arrays):
-    """The one packed mask (model row order) equals upstream's per-sample masks, block-diagonally."""
-    inputs, _ = fixture_arrays
-    config = config_from_hf(convert.framework.read_hf_config(FIXTURE, convert.get_spec("bagel")))
-    model_inputs = build_model_inputs(inputs, config)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("source", ["split_lens", "nested_masks"])
+def test_joint_mask_matches_upstream_nested_masks(case, source):
+    """The one packed mask (model row order) equals upstream's per-sample masks, block-diagonally, whether
+    built from split_lens / attn_modes or taken from the nested masks of upstream's non-flex batch."""
+    inputs, _ = _arrays(case)
+    config = config_from_hf(convert.framework.read_hf_config(case, convert.get_spec("bagel")))
+    batch = dict(inputs)
+    if source == "nested_masks":
+        del batch["split_lens"], batch["attn_modes"]
+    model_inputs = build_model_inputs(batch, config)
     rows = model_inputs["row_of_position"]
     mask = model_inputs["attention_mask"][0, 0][np.ix_(rows, rows)]  # back to packed order
     start = 0
@@ -99,23 +112,26 @@ def test_joint_mask_matches_upstream_nested_masks(fixture_arrays):
     assert np.all(rows[inputs["packed_vae_token_indexes"]] >= n_und)
 
 
-def test_hf_mm_hf_round_trip_is_bit_exact(tmp_path):
-    mm_dir = convert.hf_to_mm(FIXTURE, tmp_path / "mm", "BagelConverter")
-    out = convert.mm_to_hf(tmp_path / "mm", FIXTURE, tmp_path / "hf", "bagel")
+@pytest.mark.parametrize("case", CASES)
+def test_hf_mm_hf_round_trip_is_bit_exact(case, tmp_path):
+    mm_dir = convert.hf_to_mm(case, tmp_path / "mm", "BagelConverter")
+    out = convert.mm_to_hf(tmp_path / "mm", case, tmp_path / "hf", "bagel")
     for fname in ("ema.safetensors", "ae.safetensors"):
-        src, dst = SafetensorsFile(FIXTURE / fname), SafetensorsFile(out / fname)
+        src, dst = SafetensorsFile(case / fname), SafetensorsFile(out / fname)
         assert sorted(src.keys()) == sorted(dst.keys()), fname
         for k in src.keys():
             a, b = src.get(k), dst.get(k)
             assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), f"{fname}: {k}"
     assert not (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists()
     for name in ("llm_config.json", "vit_config.json", "ae_config.json", "bagel_config.json"):
-        assert json.loads((out / name).read_text()) == json.loads((FIXTURE / name).read_text())
+        assert json.loads((out / name).read_text()) == json.loads((case / name).read_text())
     assert (tmp_path / "mm" / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
     assert mm_dir.name == "release"
 
 
 def test_config_presets_forms_and_validation():
+    if not FIXTURE.is_dir():
+        pytest.skip(f"fixture {FIXTURE} not present")
     hf = convert.framework.read_hf_config(FIXTURE, convert.get_spec("bagel"))
     tiny = config_from_hf(hf)
     assert tiny.to_dict() == BagelConfig.preset("tiny").to_dict()

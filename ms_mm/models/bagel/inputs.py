@@ -11,7 +11,8 @@ attention modes, loss indexes, ViT patches, padded latents, raw timesteps and th
 * ONE additive attention mask [1, 1, S, S] over the packed sequence in row order, built from
   `sample_lens`, `split_lens`, `attn_modes` exactly as upstream's `prepare_attention_mask_per_sample`
   (causal: lower triangle + the whole prefix; full: the split + prefix; noise: the split + prefix, and
-  no other token may attend to it), block-diagonal over samples;
+  no other token may attend to it), block-diagonal over samples. A batch of upstream's non-flex path
+  has no split_lens / attn_modes but `nested_attention_mask_{i}` (0 / -inf) per sample: those are used then;
 * a block-diagonal ViT mask per image (`vit_token_seqlens`, upstream's cu_seqlens);
 * the latent patchify `c (h p) (w q) -> (h w) (p q c)` of each image's top-left (h*p, w*p) crop as a
   gather index into the flattened `padded_latent`;
@@ -38,7 +39,7 @@ MODEL_INPUT_NAMES = (
 
 BATCH_KEYS = (
     "sequence_length", "sample_lens", "packed_text_ids", "packed_text_indexes", "packed_position_ids",
-    "split_lens", "attn_modes", "packed_label_ids", "ce_loss_indexes",
+    "packed_label_ids", "ce_loss_indexes",
     "packed_vit_tokens", "packed_vit_token_indexes", "packed_vit_position_ids", "vit_token_seqlens",
     "padded_latent", "patchified_vae_latent_shapes", "packed_latent_position_ids", "packed_vae_token_indexes",
     "packed_timesteps", "mse_loss_indexes",
@@ -95,6 +96,35 @@ def _additive(allowed: np.ndarray) -> np.ndarray:
     return np.where(allowed, np.float32(0.0), np.float32(MASK_VALUE)).astype(np.float32)[None, None]
 
 
+def _sample_masks(batch, sample_lens):
+    """Per-sample boolean "may attend" matrices, from split_lens + attn_modes (or the nested masks)."""
+    if "split_lens" not in batch or "attn_modes" not in batch:
+        keys = [f"nested_attention_mask_{i}" for i in range(len(sample_lens))]
+        if not all(k in batch for k in keys):
+            raise ValueError("missing key(s) ['split_lens', 'attn_modes'] (or one nested_attention_mask_{i} per "
+                             "sample)")
+        masks = [np.asarray(batch[k]) == 0 for k in keys]
+        for k, m, n in zip(keys, masks, sample_lens):
+            if m.shape != (n, n):
+                raise ValueError(f"{k} has shape {list(m.shape)}, expected [{n}, {n}] (sample_lens)")
+        return masks
+    split_lens = _ints(batch, "split_lens")
+    attn_modes = [str(m) for m in np.asarray(batch["attn_modes"]).reshape(-1)]
+    if len(attn_modes) != len(split_lens):
+        raise ValueError(f"attn_modes has {len(attn_modes)} entries, split_lens {len(split_lens)}")
+    if int(split_lens.sum()) != int(sample_lens.sum()):
+        raise ValueError(f"split_lens sum {int(split_lens.sum())} differs from sequence_length {int(sample_lens.sum())}")
+    masks = []
+    bounds = np.concatenate([[0], np.cumsum(split_lens)])
+    sample_bounds = np.concatenate([[0], np.cumsum(sample_lens)])
+    for a, b in zip(sample_bounds[:-1], sample_bounds[1:]):
+        sel = [i for i in range(len(split_lens)) if bounds[i] >= a and bounds[i + 1] <= b]
+        if sum(int(split_lens[i]) for i in sel) != b - a:
+            raise ValueError(f"split_lens do not tile the sample spanning positions [{a}, {b})")
+        masks.append(attention_mask_per_sample(split_lens[sel], [attn_modes[i] for i in sel]))
+    return masks
+
+
 def build_model_inputs(batch: Dict[str, np.ndarray], config, rng: Optional[np.random.Generator] = None
                        ) -> Dict[str, np.ndarray]:
     """Packed batch -> {name: array} with every `MODEL_INPUT_NAMES` key, plus the host-side
@@ -108,13 +138,9 @@ def build_model_inputs(batch: Dict[str, np.ndarray], config, rng: Optional[np.ra
         raise ValueError(f"missing key(s) {missing}")
     seq_len = int(np.asarray(batch["sequence_length"]).reshape(()))
     sample_lens = _ints(batch, "sample_lens")
-    split_lens = _ints(batch, "split_lens")
-    attn_modes = [str(m) for m in np.asarray(batch["attn_modes"]).reshape(-1)]
-    if len(attn_modes) != len(split_lens):
-        raise ValueError(f"attn_modes has {len(attn_modes)} entries, split_lens {len(split_lens)}")
-    if int(sample_lens.sum()) != seq_len or int(split_lens.sum()) != seq_len:
-        raise ValueError(f"sample_lens sum {int(sample_lens.sum())} / split_lens sum {int(split_lens.sum())} "
-                         f"differ from sequence_length {seq_len}")
+    if int(sample_lens.sum()) != seq_len:
+        raise ValueError(f"sample_lens sum {int(sample_lens.sum())} differs from sequence_length {seq_len}")
+    per_sample = _sample_masks(batch, sample_lens)
 
     text_idx = _ints(batch, "packed_text_indexes")
     vit_idx = _ints(batch, "packed_vit_token_indexes")
@@ -127,15 +153,7 @@ def build_model_inputs(batch: Dict[str, np.ndarray], config, rng: Optional[np.ra
     row_of_position[order] = np.arange(seq_len)
     n_und = text_idx.size + vit_idx.size
 
-    # joint attention mask: per-sample split masks, block-diagonal over samples, then into row order
-    per_sample, start = [], 0
-    bounds = np.concatenate([[0], np.cumsum(split_lens)])
-    sample_bounds = np.concatenate([[0], np.cumsum(sample_lens)])
-    for a, b in zip(sample_bounds[:-1], sample_bounds[1:]):
-        sel = [i for i in range(len(split_lens)) if bounds[i] >= a and bounds[i + 1] <= b]
-        if sum(int(split_lens[i]) for i in sel) != b - a:
-            raise ValueError(f"split_lens do not tile the sample spanning positions [{a}, {b})")
-        per_sample.append(attention_mask_per_sample(split_lens[sel], [attn_modes[i] for i in sel]))
+    # joint attention mask: per-sample masks, block-diagonal over samples, then into row order
     allowed = _block_diagonal(sample_lens, per_sample)[np.ix_(order, order)]
 
     # ViT: patches attend within their own image

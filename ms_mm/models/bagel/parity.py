@@ -27,7 +27,7 @@ def run_parity(hf_dir, inputs: Dict[str, np.ndarray], grad_names: List[str]) -> 
     from ms_mm.models.bagel.modeling import Bagel, LatentDecoder
     from ms_mm.training.weights import load_state_dict
 
-    known = set(BATCH_KEYS) | set(INPUT_KEYS) | {"noise"}
+    known = set(BATCH_KEYS) | set(INPUT_KEYS) | {"noise", "split_lens", "attn_modes"}
     unknown = sorted(k for k in inputs if k not in known and not k.startswith(_KNOWN_EXTRA))
     if unknown:
         raise ValueError(f"inputs: unknown key(s) {unknown}; a BAGEL batch has {sorted(known)}")
