@@ -1,0 +1,224 @@
+"""Lumina-mGPT 2.0 decoder config (Chameleon architecture with Lumina's training switches), its
+presets, and the reader of the checkpoint's ``config.json`` (`config_from_hf`).
+
+Upstream conventions named once here:
+* q/k norm = LayerNorm over head_dim with eps **1e-5 hard-coded** (``QK_NORM_EPS``, not
+  rms_norm_eps) and a per-head affine whose (model_parallel_size, head_dim) weight/bias is
+  repeat-interleaved over the heads (num_heads / mp query heads, num_kv_heads / mp key heads per row);
+* RMSNorm with rms_norm_eps; RoPE rotate-half with rope_theta (optional linear scaling);
+* ``swin_norm``: norms after attention / MLP instead of before;
+* loss = CE + z_loss_weight * mean(logsumexp(logits)^2) over the target positions;
+* ``mask_image_logits``: the logits of the tokens whose ``vocabulary_map`` name starts with
+  ``IMGIMG`` (Chameleon's original VQ image tokens) are set to the fp32 minimum;
+* the embedding row ``pad_token_id`` is never trained (torch ``padding_idx``).
+The image-token layout ids (`LuminaTokenConfig`) are resolved from ``vocabulary_map`` names.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, List, Optional, Tuple
+
+__all__ = ["LuminaMGPT2Config", "LuminaTokenConfig", "config_from_hf", "QK_NORM_EPS"]
+
+QK_NORM_EPS = 1e-5  # ChameleonLayerNorm.forward's literal eps
+
+
+@dataclass
+class LuminaTokenConfig:
+    """Token ids of the image layout (FlexARItemProcessor): ``<racm3:break>`` starts an image,
+    ``<reserved0{8800+n}>`` says n grids of 32 px (height, then width), ``<reserved08799>`` ends each
+    row of codes, ``<eoss>`` ends the image; code c is token ``code_offset + c``; ``<reserved08706>``
+    is the conversation's turn separator. Defaults are the released tokenizer's ids."""
+    image_start_id: int = 8197       # <racm3:break>
+    image_end_id: int = 8196         # <eoss>
+    newline_id: int = 8803           # <reserved08799>
+    grid_base_id: int = 8804         # <reserved08800>: grid count n is grid_base_id + n
+    code_offset: int = 155000        # <MOVQGAN0> / FlexARItemProcessor.get_image_token
+    separator_id: int = 8710         # <reserved08706>
+    codebook_size: int = 16384
+    patch_size: int = 32             # pixels per grid
+    downsample: int = 8              # pixels per code (MoVQGAN's factor)
+
+    def validate(self) -> "LuminaTokenConfig":
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"LuminaTokenConfig.{f.name}: must be a non-negative int, got {v!r}")
+        if self.patch_size % self.downsample:
+            raise ValueError(f"LuminaTokenConfig.patch_size: {self.patch_size} is not a multiple of "
+                             f"downsample={self.downsample}")
+        return self
+
+    @classmethod
+    def from_vocabulary_map(cls, vocab: Dict[str, int], **overrides) -> "LuminaTokenConfig":
+        """Resolve the ids by name (the released names; a tiny vocabulary keeps the names, not the ids)."""
+        def get(name, default):
+            return int(vocab[name]) if name in vocab else default
+
+        d = cls()
+        codes = sorted(int(v) for k, v in vocab.items() if k.startswith("<MOVQGAN"))
+        kw = dict(image_start_id=get("<racm3:break>", d.image_start_id),
+                  image_end_id=get("<eoss>", d.image_end_id),
+                  newline_id=get("<reserved08799>", d.newline_id),
+                  grid_base_id=get("<reserved08800>", d.grid_base_id),
+                  code_offset=get("<MOVQGAN0>", d.code_offset),
+                  separator_id=get("<reserved08706>", d.separator_id),
+                  codebook_size=len(codes) if codes else d.codebook_size)
+        kw.update(overrides)
+        return cls(**kw).validate()
+
+
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "max_position_embeddings", "model_parallel_size")
+
+
+@dataclass
+class LuminaMGPT2Config:
+    """Field names = the checkpoint's config.json (ChameleonXLLMXConfig)."""
+    vocab_size: int = 172032
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    max_position_embeddings: int = 10240
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[Dict[str, Any]] = None   # None or {"type": "linear", "factor": f}
+    model_parallel_size: int = 1
+    swin_norm: bool = False
+    z_loss_weight: float = 0.0
+    mask_image_logits: bool = False
+    masked_image_token_ids: Tuple[int, ...] = ()   # vocabulary_map ids of IMGIMG* names
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    pad_token_id: Optional[int] = None
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+    tokens: LuminaTokenConfig = field(default_factory=LuminaTokenConfig)
+
+    def __post_init__(self):
+        if isinstance(self.tokens, dict):
+            self.tokens = LuminaTokenConfig(**self.tokens)
+        self.masked_image_token_ids = tuple(int(i) for i in self.masked_image_token_ids)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> "LuminaMGPT2Config":
+        def bad(name, why):
+            raise ValueError(f"LuminaMGPT2Config.{name}: {why}")
+
+        for name in _INT_FIELDS:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(name, f"must be a positive int, got {v!r}")
+        if self.hidden_size % self.num_attention_heads:
+            bad("num_attention_heads", f"{self.num_attention_heads} does not divide hidden_size={self.hidden_size}")
+        if self.head_dim % 2:
+            bad("hidden_size", f"head_dim = {self.head_dim} must be even for rotary embeddings")
+        if self.num_attention_heads % self.num_key_value_heads:
+            bad("num_key_value_heads", f"{self.num_key_value_heads} does not divide num_attention_heads="
+                                       f"{self.num_attention_heads}")
+        mp = self.model_parallel_size
+        if self.num_attention_heads % mp:
+            bad("model_parallel_size", f"{mp} does not divide num_attention_heads={self.num_attention_heads} "
+                                       f"(the q_norm rows are shared by num_heads / mp heads)")
+        if self.num_key_value_heads % mp:
+            bad("model_parallel_size", f"{mp} does not divide num_key_value_heads={self.num_key_value_heads} "
+                                       f"(the k_norm rows are shared by num_kv_heads / mp heads)")
+        if self.rms_norm_eps <= 0:
+            bad("rms_norm_eps", f"must be > 0, got {self.rms_norm_eps!r}")
+        if self.rope_theta <= 0:
+            bad("rope_theta", f"must be > 0, got {self.rope_theta!r}")
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            if not isinstance(rs, dict) or rs.get("type") != "linear" or not float(rs.get("factor", 0)) > 0:
+                bad("rope_scaling", f"only None or {{'type': 'linear', 'factor': > 0}} is supported, got {rs!r}")
+        if self.z_loss_weight < 0:
+            bad("z_loss_weight", f"must be >= 0, got {self.z_loss_weight!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            bad("dropout", f"must be in [0, 1), got {self.dropout!r}")
+        if self.attention_dropout != 0.0:
+            bad("attention_dropout", f"only 0.0 is supported (Lumina-mGPT trains with it off), got "
+                                     f"{self.attention_dropout!r}")
+        if self.hidden_act != "silu":
+            bad("hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            bad("pad_token_id", f"{self.pad_token_id} is outside the vocabulary [0, {self.vocab_size})")
+        out = [i for i in self.masked_image_token_ids if not 0 <= i < self.vocab_size]
+        if out:
+            bad("masked_image_token_ids", f"ids {out[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        self.tokens.validate()
+        last_code = self.tokens.code_offset + self.tokens.codebook_size - 1
+        if last_code >= self.vocab_size:
+            bad("tokens.code_offset", f"image codes reach id {last_code}, beyond vocab_size={self.vocab_size}")
+        return self
+
+    # ---------------------------------------------------------------- forms
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["masked_image_token_ids"] = list(self.masked_image_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "LuminaMGPT2Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"LuminaMGPT2Config.from_dict: unknown field(s) {unknown}")
+        return cls(**d).validate()
+
+    @classmethod
+    def preset(cls, name: str) -> "LuminaMGPT2Config":
+        if name not in _PRESETS:
+            raise ValueError(f"LuminaMGPT2Config.preset: unknown preset {name!r}; known: {sorted(_PRESETS)}")
+        kw = dict(_PRESETS[name])
+        kw["tokens"] = LuminaTokenConfig(**kw.get("tokens", {}))
+        return cls(**kw).validate()
+
+
+_PRESETS: Dict[str, Dict[str, Any]] = {
+    # ../shared/fixtures/lumina_mgpt2/forward/hf/config.json
+    "tiny": dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, model_parallel_size=2, z_loss_weight=1e-5,
+                 pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                 tokens=dict(image_start_id=97, image_end_id=96, newline_id=199, grid_base_id=200, code_offset=256,
+                             separator_id=106, codebook_size=64)),
+    # Lumina-mGPT 2.0 7B: Chameleon-7B sizes (hidden 4096, 32 layers, 32 heads, MHA, FFN 11008, one q/k-norm
+    # row: mp 1), the released token ids (image codes 155000..171383) and train.sh's z_loss_weight 1e-5.
+    # vocab_size / max_position_embeddings are not in the public code: check them against the release's config.json.
+    "7B": dict(z_loss_weight=1e-5, pad_token_id=None, eos_token_id=151666),
+}
+
+
+def config_from_hf(hf: Dict[str, Any]) -> LuminaMGPT2Config:
+    """The checkpoint's ``config.json`` (ChameleonXLLMXConfig.save_pretrained) -> LuminaMGPT2Config."""
+    if not isinstance(hf, dict):
+        raise TypeError(f"config_from_hf expects the parsed config.json dict, got {type(hf).__name__}")
+    mt = hf.get("model_type")
+    if mt not in (None, "chameleon"):
+        raise ValueError(f"config.json model_type is {mt!r}, expected 'chameleon' (Lumina-mGPT 2.0)")
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if k not in hf]
+    if missing:
+        raise ValueError(f"config.json lacks field(s) {missing}")
+    names = {f.name for f in fields(LuminaMGPT2Config)} - {"tokens", "masked_image_token_ids"}
+    kw = {k: hf[k] for k in names if k in hf}
+    # ChameleonConfig's own defaults where the file leaves a field out
+    kw.setdefault("num_key_value_heads", hf["num_attention_heads"])
+    kw.setdefault("intermediate_size", 11008)
+    kw.setdefault("max_position_embeddings", 4096)
+    kw.setdefault("mask_image_logits", True)
+    kw.setdefault("bos_token_id", 1)
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if isinstance(kw.get(k), list):
+            kw[k] = kw[k][0] if kw[k] else None
+    vocab = hf.get("vocabulary_map") or {}
+    kw["masked_image_token_ids"] = tuple(sorted(int(v) for k, v in vocab.items() if k.startswith("IMGIMG")))
+    kw["tokens"] = LuminaTokenConfig.from_vocabulary_map(vocab)
+    return LuminaMGPT2Config(**kw).validate()

@@ -1,0 +1,226 @@
+"""Lumina-mGPT 2.0 decoder (Chameleon with per-head q/k LayerNorm, swin_norm, z-loss, image-logit mask).
+
+`LuminaMGPT2ForCausalLM(config).construct(input_ids [B,S], labels [B,S], position_ids [B,S])` returns
+``(loss, logits, ce_loss, z_loss)``: ``loss = ce_loss + z_loss_weight * z_loss`` is the training
+objective (xllmx finetune.py), ``logits`` [B, S, V] fp32, ``ce_loss`` the mean CE over shifted targets
+!= -100 (upstream's ``c_loss``), ``z_loss`` the mean of logsumexp(shift_logits)^2 over the same targets.
+Attention is causal over the whole row (as upstream: no padding mask; padded tail positions are
+computed and ignored through their -100 labels). Dropout (``config.dropout``, on both residual
+branches) is active only in training mode (``net.set_train(True)``).
+
+Parameter names are MindSpeed-MM-style (see adapters/lumina_mgpt2.py for the HF table):
+``text_decoder.embedding.word_embeddings``, ``text_decoder.decoder.layers.{i}.{input_layernorm,
+self_attention.{linear_qkv, q_layernorm, k_layernorm, linear_proj}, pre_mlp_layernorm,
+mlp.{linear_fc1, linear_fc2}}``, ``text_decoder.decoder.final_layernorm``, ``text_decoder.output_layer``.
+With ``swin_norm`` the two layer norms keep their names but sit after attention / MLP.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import One, Zero, initializer
+
+from ms_mm.ops import CoreAttention, Embedding, GatedMLP, Linear, RMSNorm, rotate_half, use_fused
+from ms_mm.models.lumina_mgpt2.config import QK_NORM_EPS, LuminaMGPT2Config
+
+__all__ = ["LuminaMGPT2ForCausalLM", "LuminaDecoder", "GroupedHeadLayerNorm", "causal_lm_losses", "logsumexp"]
+
+_FP32_MIN = float(np.finfo(np.float32).min)
+
+
+class GroupedHeadLayerNorm(nn.Cell):
+    """LayerNorm over head_dim of x [..., heads, head_dim] (no affine in the statistics), then the
+    affine of row ``h // (heads / groups)`` of ``weight`` / ``bias`` [groups, head_dim] for head h
+    (upstream ChameleonLayerNorm's repeat_interleave over model-parallel groups)."""
+
+    def __init__(self, num_heads, groups, head_dim, eps=QK_NORM_EPS):
+        super().__init__()
+        self.num_heads = num_heads
+        self.groups = groups
+        self.per_group = num_heads // groups
+        self.head_dim = head_dim
+        self.weight = Parameter(initializer(One(), (groups, head_dim), ms.float32), name="weight")
+        self.bias = Parameter(initializer(Zero(), (groups, head_dim), ms.float32), name="bias")
+        self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=float(eps))
+        self.ones = Tensor(np.ones(head_dim, np.float32))
+        self.zeros = Tensor(np.zeros(head_dim, np.float32))
+
+    def _per_head(self, p):
+        p = ops.broadcast_to(ops.expand_dims(p, 1), (self.groups, self.per_group, self.head_dim))
+        return p.reshape(self.num_heads, self.head_dim)
+
+    def construct(self, x):
+        y = self.layer_norm(x.astype(ms.float32), self.ones, self.zeros)[0]
+        y = y * self._per_head(self.weight) + self._per_head(self.bias)
+        return y.astype(x.dtype)
+
+
+def _rope_cos_sin(position_ids, inv_freq):
+    """position_ids [B, S] -> cos, sin [B, 1, S, D] (rotate-half layout: the halves repeat)."""
+    freqs = ops.expand_dims(position_ids.astype(ms.float32), -1) * inv_freq
+    emb = ops.cat((freqs, freqs), -1)
+    return ops.expand_dims(ops.cos(emb), 1), ops.expand_dims(ops.sin(emb), 1)
+
+
+class LuminaAttention(nn.Cell):
+    """Causal GQA with q/k grouped-head LayerNorm before RoPE. ``linear_qkv`` rows in Megatron layout:
+    per KV group [q heads of the group; k; v] (as Qwen's LLM, docs/internals.md)."""
+
+    def __init__(self, c: LuminaMGPT2Config):
+        super().__init__()
+        self.heads = c.num_attention_heads
+        self.kv_heads = c.num_key_value_heads
+        self.rep = self.heads // self.kv_heads
+        self.head_dim = d = c.head_dim
+        self.linear_qkv = Linear(c.hidden_size, (self.heads + 2 * self.kv_heads) * d, has_bias=c.attention_bias)
+        self.q_layernorm = GroupedHeadLayerNorm(self.heads, c.model_parallel_size, d)
+        self.k_layernorm = GroupedHeadLayerNorm(self.kv_heads, c.model_parallel_size, d)
+        self.linear_proj = Linear(self.heads * d, c.hidden_size, has_bias=c.attention_bias)
+        self.core_attention = CoreAttention(self.heads, self.kv_heads, head_dim=d)
+        scale = float(c.rope_scaling["factor"]) if c.rope_scaling else 1.0
+        inv = 1.0 / (c.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+        self.inv_freq = Tensor((inv / scale).astype(np.float32))  # linear scaling = positions / factor
+        self.fused = use_fused()
+
+    def construct(self, x, position_ids, mask):
+        b, s, _ = x.shape
+        d = self.head_dim
+        qkv = self.linear_qkv(x).reshape(b, s, self.kv_heads, (self.rep + 2) * d)
+        q = self.q_layernorm(qkv[..., :self.rep * d].reshape(b, s, self.heads, d))
+        k = self.k_layernorm(qkv[..., self.rep * d:(self.rep + 1) * d])
+        v = qkv[..., (self.rep + 1) * d:]
+        q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))
+        cos, sin = _rope_cos_sin(position_ids, self.inv_freq)
+        cos, sin = cos.astype(q.dtype), sin.astype(q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        out = self.core_attention(q, k, v, mask)
+        return self.linear_proj(ops.transpose(out, (0, 2, 1, 3)).reshape(b, s, self.heads * d))
+
+
+class LuminaDecoderLayer(nn.Cell):
+    """Pre-norm: x + attn(norm(x)), x + mlp(norm(x)). swin_norm: x + norm(attn(x)), x + norm(mlp(x))."""
+
+    def __init__(self, c: LuminaMGPT2Config):
+        super().__init__()
+        self.swin_norm = c.swin_norm
+        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.self_attention = LuminaAttention(c)
+        self.pre_mlp_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, has_bias=c.mlp_bias)
+        self.dropout = nn.Dropout(p=c.dropout) if c.dropout > 0 else None
+
+    def _drop(self, x):
+        return x if self.dropout is None else self.dropout(x)
+
+    def construct(self, x, position_ids, mask):
+        if self.swin_norm:
+            x = x + self._drop(self.input_layernorm(self.self_attention(x, position_ids, mask)))
+            return x + self._drop(self.pre_mlp_layernorm(self.mlp(x)))
+        x = x + self._drop(self.self_attention(self.input_layernorm(x), position_ids, mask))
+        return x + self._drop(self.mlp(self.pre_mlp_layernorm(x)))
+
+
+class _Embedding(nn.Cell):
+    def __init__(self, c: LuminaMGPT2Config):
+        super().__init__()
+        self.word_embeddings = Embedding(c.vocab_size, c.hidden_size, weight_init=0.02)
+
+
+class _Blocks(nn.Cell):
+    def __init__(self, c: LuminaMGPT2Config):
+        super().__init__()
+        self.layers = nn.CellList([LuminaDecoderLayer(c) for _ in range(c.num_hidden_layers)])
+        self.final_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+
+    def construct(self, x, position_ids, mask):
+        for layer in self.layers:
+            x = layer(x, position_ids, mask)
+        return self.final_layernorm(x)
+
+
+class LuminaDecoder(nn.Cell):
+    """Embedding -> layers -> final norm -> lm head (fp32 logits, image-token mask if configured)."""
+
+    def __init__(self, c: LuminaMGPT2Config, compute_dtype=ms.float32):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        self.pad_token_id = c.pad_token_id
+        self.tie = c.tie_word_embeddings
+        self.embedding = _Embedding(c)
+        self.decoder = _Blocks(c)
+        if not self.tie:
+            self.output_layer = Linear(c.hidden_size, c.vocab_size, has_bias=False)
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.mask_logits = bool(c.mask_image_logits and c.masked_image_token_ids)
+        if self.mask_logits:
+            m = np.zeros(c.vocab_size, np.bool_)
+            m[list(c.masked_image_token_ids)] = True
+            self.logit_mask = Tensor(m)
+
+    def embed(self, input_ids):
+        x = self.embedding.word_embeddings(input_ids)
+        if self.pad_token_id is not None:
+            # torch nn.Embedding(padding_idx): the pad row is read but never receives a gradient
+            x = ops.where(ops.expand_dims(input_ids == self.pad_token_id, -1), ops.stop_gradient(x), x)
+        return x.astype(self.compute_dtype)
+
+    def construct(self, input_ids, position_ids):
+        x = self.embed(input_ids)
+        s = input_ids.shape[1]
+        causal = ops.triu(ops.ones((s, s), ms.float32), 1) * _FP32_MIN
+        h = self.decoder(x, position_ids, causal.reshape(1, 1, s, s))
+        if self.tie:
+            b = h.shape[0]
+            w = self.embedding.word_embeddings.weight.astype(h.dtype)
+            logits = self.matmul(h.reshape(b * s, -1), w).reshape(b, s, -1)
+        else:
+            logits = self.output_layer(h)
+        logits = logits.astype(ms.float32)
+        if self.mask_logits:
+            logits = ops.where(self.logit_mask, ops.full_like(logits, _FP32_MIN), logits)
+        return logits
+
+
+_E = Tensor(np.float32(np.e))
+
+
+def logsumexp(x):
+    """log(sum(exp(x))) over the last axis, accurate to ~1 ulp in fp32. MindSpore's CPU ``exp`` /
+    ``log`` / ``logsumexp`` are fast approximations (~1e-5 relative for exp, ~2e-6 absolute for log),
+    which puts a z-loss of ~40 off by ~3e-5; ``pow(e, x)`` and ``log1p`` are accurate (the sum is >= 1,
+    as the max term is exactly 1)."""
+    m = ops.stop_gradient(x.max(-1, keepdims=True))
+    s = ops.pow(_E, x - m).sum(-1)
+    return ops.log1p(s - 1.0) + m.squeeze(-1)
+
+
+def causal_lm_losses(logits, labels):
+    """(CE, z-loss) over logits[:, t] vs labels[:, t+1] for targets != -100, both means over those
+    targets: CE = lse - logit[target], z = lse^2 (lse = logsumexp over the vocabulary, fp32)."""
+    v = logits.shape[-1]
+    shift_logits = logits[:, :-1].reshape(-1, v)
+    shift_labels = labels[:, 1:].reshape(-1)
+    valid = shift_labels != -100
+    safe = ops.where(valid, shift_labels, ops.zeros_like(shift_labels))
+    lse = logsumexp(shift_logits)
+    picked = ops.gather_elements(shift_logits, 1, ops.expand_dims(safe, -1)).squeeze(-1)
+    w = valid.astype(ms.float32)
+    n = ops.maximum(w.sum(), 1.0)
+    return ((lse - picked) * w).sum() / n, (lse * lse * w).sum() / n
+
+
+class LuminaMGPT2ForCausalLM(nn.Cell):
+    def __init__(self, config: LuminaMGPT2Config, compute_dtype=ms.float32):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.z_loss_weight = float(config.z_loss_weight)
+        self.text_decoder = LuminaDecoder(config, compute_dtype)
+
+    def construct(self, input_ids, labels, position_ids):
+        logits = self.text_decoder(input_ids, position_ids)
+        ce, z = causal_lm_losses(logits, labels)
+        return ce + self.z_loss_weight * z, logits, ce, z
