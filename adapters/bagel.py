@@ -260,10 +260,13 @@ PP_STAGES = [
     {"key": "vit", "layers": "image_encoder.encoder.blocks.layers.",
      "firsts": ["image_encoder.encoder.patch_embed.", "image_encoder.encoder.position_embedding."],
      "lasts": ["image_encoder.encoder.post_layernorm.", "image_encoder.projector."]},
+    # the packed sequence is assembled on the LLM's first stage (text embedding + ViT / latent inputs; the
+    # frozen VAE encodes there too), the velocity head sits with the LM head on its last
     {"key": "llm", "layers": "text_decoder.decoder.layers.",
-     "firsts": ["text_decoder.embedding."],
+     "firsts": ["text_decoder.embedding.", "vit_pos_embed.", "latent_pos_embed.", "time_embedder.", "vae2llm.",
+                "vae."],
      "lasts": ["text_decoder.decoder.final_layernorm.", "text_decoder.decoder.final_layernorm_moe_gen.",
-               "text_decoder.output_layer."]},
+               "text_decoder.output_layer.", "llm2vae."]},
 ]
 
 SPEC = FamilySpec(

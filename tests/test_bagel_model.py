@@ -168,3 +168,20 @@ def test_config_presets_forms_and_validation():
     bad(r"bagel\.start_of_image=400", start_of_image=400)
     bad(r"vit\.rope=True", vit__rope=True)
     bad(r"unknown field\(s\) \['hidden'\]", llm__hidden=3)
+
+
+def test_tp2_pp2_split_and_back_is_bit_exact(tmp_path):
+    """TP 2 (qkv / qkv_moe_gen by KV group, gated and plain MLPs, vocab) + PP 2 (generation heads placed
+    with the LLM's first / last stage) on the GQA case, merged back to the release files exactly."""
+    case = SHAPES / "gqa_edit"
+    convert.hf_to_mm(case, tmp_path / "mm", "bagel", tp_size=2, pp_layers={"llm": [1, 2], "vit": [2, 0]})
+    last = SafetensorsFile(tmp_path / "mm" / "release" / "mp_rank_01_001" / "model.safetensors")
+    assert last.shape("text_decoder.decoder.layers.1.self_attention.linear_qkv_moe_gen.weight") == (32, 32)
+    assert "llm2vae.weight" in last.keys() and "vae2llm.weight" not in last.keys()
+    out = convert.mm_to_hf(tmp_path / "mm", case, tmp_path / "hf", "bagel")
+    for fname in ("ema.safetensors", "ae.safetensors"):
+        src, dst = SafetensorsFile(case / fname), SafetensorsFile(out / fname)
+        assert sorted(src.keys()) == sorted(dst.keys())
+        assert all(src.get(k).tobytes() == dst.get(k).tobytes() for k in src.keys()), fname
+    with pytest.raises(convert.ConversionError, match=r"tp_size 2 does not divide the LLM attention heads"):
+        convert.hf_to_mm(FIXTURE, tmp_path / "mm3", "bagel", tp_size=2)
