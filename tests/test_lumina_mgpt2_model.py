@@ -9,6 +9,7 @@ Observed here: logits 2.2e-6, c_loss 0, z_loss 3.8e-6 (of 41.5: one ulp), gradie
 logits are held to atol 1e-5 / rtol 1e-5 and gradients to atol 1e-6 + rtol 1e-4.
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,25 @@ def test_switches_the_fixture_leaves_off(case):
     np.testing.assert_array_equal(net(*args)[1].asnumpy(), out_eval)  # no dropout in eval
     net.set_train(True)
     assert not np.allclose(net(*args)[1].asnumpy(), out_eval)
+
+
+SHAPES = Path(__file__).resolve().parent / "fixtures" / "lumina_mgpt2_shapes"
+SHAPE_CASES = ["lm_swin_mha_mp4", "lm_gqa8x2_mp2_masked"]
+
+
+@pytest.mark.parametrize("name", SHAPE_CASES)
+def test_decoder_variants_parity(name):
+    """Extra cases from the official code (scripts/make_lumina_mgpt2_fixtures.py): swin_norm with one
+    q/k-norm row per head and <pad> ids inside the text; 8x2 GQA with mask_image_logits."""
+    d = SHAPES / name
+    inputs, ref = dict(np.load(d / "inputs.npz")), dict(np.load(d / "outputs.npz"))
+    grad_names = sorted({k.split(".", 1)[1] for k in ref if k.startswith("grad")})
+    out = run_parity(d / "hf", inputs, grad_names)
+    assert set(out) == set(ref)
+    _close(out["logits"], ref["logits"], 1e-5, 1e-5, "logits")
+    for key in ("c_loss", "z_loss", "loss", "z_loss_weight"):
+        _close(out[key], ref[key], 1e-5, 0, key)
+    for key in ref:
+        if key.startswith("grad"):
+            _close(out[key], ref[key], 1e-6, 1e-4, key)
+    assert not out["grad.model.embed_tokens.weight"][1].any()  # padding_idx row
