@@ -1,4 +1,4 @@
-"""Qwen2.5-VL: HF config → `Qwen2_5_VLConfig`, and the HF ⇄ MM weight spec (`SPEC`).
+"""Qwen2.5-VL: the HF ⇄ MM weight spec (`SPEC`); the HF config reader is `config.config_from_hf`.
 
 Names follow MindSpeed-MM's renaming (docs/internals.md table). Two HF spellings are read:
 transformers 4.57.1 (`text_config` nested; in-memory keys `model.language_model.*`,
@@ -9,54 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
+import numpy as np
+
 from convert.spec import Concat, FamilySpec, GroupedRows, Rule
 from ms_mm.training.mm_checkpoint import MEGATRON_TP_RULES, VLM_PP_STAGES
-from ms_mm.models.qwen2_5_vl.config import Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
+from ms_mm.models.qwen2_5_vl.config import Qwen2_5_VLConfig, config_from_hf
 
 __all__ = ["config_from_hf", "SPEC"]
-
-_TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings", "hidden_act")
-_VISION_FIELDS = ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size", "in_channels",
-                  "patch_size", "temporal_patch_size", "spatial_merge_size", "window_size",
-                  "fullatt_block_indexes", "tokens_per_second", "hidden_act")
-_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
-                 "vision_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
-
-
-def config_from_hf(hf: Dict[str, Any]) -> Qwen2_5_VLConfig:
-    """Build the model config from an HF `config.json` dict (4.57.1 nested or original release flat)."""
-    if not isinstance(hf, dict):
-        raise TypeError(f"config_from_hf expects the parsed config.json dict, got {type(hf).__name__}")
-    mt = hf.get("model_type")
-    if mt not in (None, "qwen2_5_vl"):
-        raise ValueError(f"config.json model_type is {mt!r}, expected 'qwen2_5_vl'")
-    text_src = hf.get("text_config") or hf  # 4.57.1 nests the LLM, the release keeps it top level
-    vis_src = dict(hf.get("vision_config") or {})
-    if "in_chans" in vis_src and "in_channels" not in vis_src:  # original release spelling
-        vis_src["in_channels"] = vis_src["in_chans"]
-    missing = [f for f in ("vocab_size", "hidden_size", "num_hidden_layers") if f not in text_src]
-    if missing:
-        raise ValueError(f"config.json lacks LLM field(s) {missing} (looked in 'text_config' and the top level)")
-    if not vis_src:
-        raise ValueError("config.json has no 'vision_config'")
-
-    text = {k: text_src[k] for k in _TEXT_FIELDS if k in text_src}
-    if "num_key_value_heads" not in text and "num_attention_heads" in text:
-        text["num_key_value_heads"] = text["num_attention_heads"]
-    rope = text_src.get("rope_scaling") or hf.get("rope_scaling") or {}
-    if "mrope_section" in rope:
-        text["mrope_section"] = list(rope["mrope_section"])
-    tie = hf.get("tie_word_embeddings", text_src.get("tie_word_embeddings", False))
-    text["tie_word_embeddings"] = bool(tie)
-    vision = {k: vis_src[k] for k in _VISION_FIELDS if k in vis_src}
-    tokens = {k: hf.get(k, text_src.get(k)) for k in _TOKEN_FIELDS if k in hf or k in text_src}
-    for k, v in list(tokens.items()):
-        if isinstance(v, list):  # eos may be a list in generation-style configs: the first is the one
-            tokens[k] = v[0] if v else None
-    return Qwen2_5_VLConfig(vision=Qwen2_5_VLVisionConfig(**vision), text=Qwen2_5_VLTextConfig(**text),
-                            **tokens).validate()
-
 
 def _as_config(config) -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig.from_dict(config) if isinstance(config, dict) else config
@@ -150,6 +109,13 @@ def _tied_copies(config) -> List[Tuple[str, str]]:
     return []
 
 
+def _init_tensor(name, shape, rng):
+    """Tiny-checkpoint init: token embeddings ~ N(0, 1) (the default rule handles the rest)."""
+    if "embed_tokens" in name:
+        return rng.standard_normal(shape, dtype=np.float32)
+    return None
+
+
 SPEC = FamilySpec(
     family="qwen2_5_vl",
     converter="Qwen2_5_VLConverter",
@@ -164,4 +130,5 @@ SPEC = FamilySpec(
     tied_copies=_tied_copies,
     tp_rules=list(MEGATRON_TP_RULES),
     pp_stages=[dict(s) for s in VLM_PP_STAGES],
+    init_tensor=_init_tensor,
 )

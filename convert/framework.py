@@ -465,9 +465,14 @@ def _count_layers(reader, layout: ParallelLayout, key: str) -> int:
 # in-memory helpers (parity)
 # ---------------------------------------------------------------------------------------------
 
-def load_hf_as_mm(hf_dir, family: Union[str, FamilySpec] = "qwen2_5_vl",
+def load_hf_as_mm(hf_dir, family: Union[str, FamilySpec, None] = None,
                   dtype: Optional[np.dtype] = np.float32) -> Tuple[Any, Dict[str, np.ndarray]]:
-    """(model config, {MM name: array}) from an HF dir; floats widened to `dtype` (None keeps them)."""
+    """(model config, {MM name: array}) from an HF dir; floats widened to `dtype` (None keeps them).
+    `family` defaults to the family whose config form the directory's `config.json` is."""
+    if family is None:
+        from ms_mm import registry
+
+        family = registry.family_for_json(read_hf_config(hf_dir), f"{Path(hf_dir) / 'config.json'}").name
     spec = get_spec(family)
     config = spec.config_from_hf(read_hf_config(hf_dir, spec))
     plan = _plan_hf_to_mm(spec, config, HFCheckpoint(hf_dir, spec))

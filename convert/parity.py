@@ -9,14 +9,15 @@ model runs in MindSpore graph mode in fp32, and gradients are mapped back to HF 
 written array is compared with the same key there, with the suggested fp32 tolerances, and the
 exit status says whether all of them hold.
 
-Families register a runner in ``FAMILIES`` (``"module:function"``, imported on demand):
+A family offers runners in its registry record (``Family.parity``: mm-parity name -> runner,
+``ms_mm/models/<family>/parity.py``):
 ``runner(hf_dir, inputs: dict[str, np.ndarray], grad_names: list[str]) -> dict[str, np.ndarray]``;
-it raises ``ParityError("inputs: ...")`` for a bad input key or shape (the CLI puts the file name in).
+it raises ``ParityError("inputs: ...")`` (or ``ValueError``) for a bad input key or shape (the CLI puts
+the file name in).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import re
 import sys
@@ -25,10 +26,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-FAMILIES: Dict[str, str] = {
-    "qwen2_5_vl": "convert.parity:run_qwen2_5_vl",
-    "deepseek_vl2": "adapters.deepseek_vl2:run_parity",
-}
+from ms_mm import registry
 
 # (atol, rtol) per output kind (DESIGN.md); integer outputs (ids, routing) are compared exactly
 TOLERANCES = {
@@ -50,16 +48,15 @@ class ParityError(ValueError):
     """Bad family, input file, key or shape: the message names it."""
 
 
-def register_family(name: str, runner: str) -> None:
-    """Add (or replace) a family runner given as ``"module:function"``."""
-    FAMILIES[name] = runner
+def parity_names() -> List[str]:
+    return sorted(name for f in registry.families() for name in f.parity)
 
 
 def _runner(family: str):
-    if family not in FAMILIES:
-        raise ParityError(f"unknown model family {family!r} for mm-parity; known: {', '.join(sorted(FAMILIES))}")
-    module, func = FAMILIES[family].split(":")
-    return getattr(importlib.import_module(module), func)
+    for f in registry.families():
+        if family in f.parity:
+            return f.parity[family]
+    raise ParityError(f"unknown model family {family!r} for mm-parity; known: {', '.join(parity_names())}")
 
 
 def load_npz(path: str, what: str = "--inputs", required: Sequence[str] = ()) -> Dict[str, np.ndarray]:
@@ -98,50 +95,12 @@ def check_grad_names(family, config, mm_state, grad_names) -> None:
                               + (f" (e.g. {', '.join(close)})" if close else ""))
 
 
-def _select_grads(family, config, mm_grads, grad_names):
+def select_grads(family, config, mm_grads, grad_names):
     import convert
 
     spec = convert.get_spec(family)
     hf_grads = convert.mm_grads_to_hf(family, config, mm_grads)
     return {f"grad.{name}": hf_grads[_canonical_hf_name(spec, name)] for name in grad_names}
-
-
-def run_qwen2_5_vl(hf_dir, inputs: Dict[str, np.ndarray], grad_names: List[str]) -> Dict[str, np.ndarray]:
-    import mindspore as ms
-
-    import convert
-    from ms_mm.training.weights import load_state_dict
-    from ms_mm.models.qwen2_5_vl import (MODEL_INPUT_NAMES, VISION_INPUT_NAMES,
-                                         Qwen2_5_VLForConditionalGeneration, build_model_inputs, get_rope_index)
-
-    config, state = convert.load_hf_as_mm(hf_dir, "qwen2_5_vl")
-    check_grad_names("qwen2_5_vl", config, state, grad_names)
-    for key in ("input_ids", "pixel_values", "image_grid_thw"):
-        if key not in inputs:
-            raise ParityError(f"inputs: missing key {key!r} (have {sorted(inputs)})")
-    try:
-        model_inputs = build_model_inputs(inputs, config)
-        position_ids, rope_deltas = get_rope_index(inputs["input_ids"], inputs.get("attention_mask"),
-                                                   inputs["image_grid_thw"], config)
-    except ValueError as e:
-        raise ParityError(f"inputs: {e}") from e
-    net = Qwen2_5_VLForConditionalGeneration(config)
-    load_state_dict(net, state)
-    args = [ms.Tensor(model_inputs[k]) for k in MODEL_INPUT_NAMES]
-    vision_args = [ms.Tensor(model_inputs[k]) for k in VISION_INPUT_NAMES]
-    out = {"position_ids": position_ids.astype(np.int64), "rope_deltas": rope_deltas.astype(np.int64)}
-    out["image_embeds"] = net.image_encoder(*vision_args).asnumpy()
-    if grad_names:
-        weights = net.trainable_params()
-        step = ms.jit(ms.value_and_grad(net, None, weights, has_aux=True))
-        (loss, logits), grads = step(*args)
-        mm_grads = {p.name: g.asnumpy() for p, g in zip(weights, grads)}
-        out.update(_select_grads("qwen2_5_vl", config, mm_grads, grad_names))
-    else:
-        loss, logits = net(*args)
-    out["loss"] = np.asarray(loss.asnumpy(), np.float32).reshape(())
-    out["logits"] = logits.asnumpy()
-    return out
 
 
 def run_parity(family: str, hf_dir, inputs: Dict[str, np.ndarray], grad_names: Sequence[str] = ()):
@@ -188,7 +147,7 @@ def _save_npz_atomic(path: str, arrays: Dict[str, np.ndarray]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mm-parity", description=__doc__.split("\n\n")[0])
-    parser.add_argument("family", help=f"model family ({', '.join(sorted(FAMILIES))})")
+    parser.add_argument("family", help=f"model family ({', '.join(parity_names())})")
     parser.add_argument("--hf-dir", required=True, help="checkpoint directory in the upstream HF layout")
     parser.add_argument("--inputs", required=True, help=".npz with the processor outputs (fixture format)")
     parser.add_argument("--out", required=True, help=".npz to write")

@@ -1,9 +1,11 @@
-"""Family registry: finds the `FamilySpec` of a model family or converter name.
+"""Conversion specs by name: the `FamilySpec` of a model family or converter name.
 
-Every module in `adapters/` that defines a module-level `SPEC` (an `convert.spec.FamilySpec`)
-is a family; adding `adapters/<family>.py` is all it takes to plug a new one in. Modules are
-imported lazily, the one named after the family first, so a broken sibling adapter cannot
-break the others (its import error is reported only if the name asked for is not found).
+A family registered in `ms_mm.registry` names its adapter module (`Family.adapter`), whose module-level
+`SPEC` (a `convert.spec.FamilySpec`) any name of the family (family, model_id, converter) finds. A
+module in `adapters/` with a `SPEC` and no family record (a converter alone) is found too, by its
+module or converter name. Modules are imported lazily, by name, the one named after the family
+first, so a broken sibling adapter cannot break the others (its import error is reported only if
+the name asked for is not found).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pkgutil
 from typing import Dict, List, Tuple
 
 from convert.spec import FamilySpec
+from ms_mm import registry
 
 __all__ = ["get_spec", "known_specs", "UnknownFamilyError"]
 
@@ -35,7 +38,7 @@ def _load(module_name: str):
 def known_specs() -> Tuple[List[FamilySpec], Dict[str, str]]:
     """All importable family specs, and {module: error} for adapters that failed to import."""
     errors = {}
-    import adapters
+    adapters = importlib.import_module("adapters")   # by name: family modules are never imported statically
     for info in pkgutil.iter_modules(adapters.__path__):
         if info.name in ("spec",) or info.name.startswith("_"):
             continue
@@ -50,6 +53,14 @@ def get_spec(name: str) -> FamilySpec:
     """Spec by family ("qwen2_5_vl") or converter name ("Qwen2_5_VLConverter")."""
     if isinstance(name, FamilySpec):
         return name
+    try:
+        family = registry.get(name)
+    except registry.UnknownFamilyError:
+        family = None
+    if family is not None and family.adapter:
+        spec = family.spec()
+        _CACHE[spec.family] = spec
+        return spec
     for spec in _CACHE.values():
         if name in (spec.family, spec.converter):
             return spec

@@ -214,6 +214,8 @@ class FamilySpec:
                     ``trust_remote_code=True`` (the model's code ships outside transformers, e.g.
                     DeepSeek-VL2's ``deepseek_vl_v2``); `mm-convert` then wants
                     ``--cfg.trust_remote_code True`` as MindSpeed-MM does (nothing is executed here)
+    init_tensor     (HF name, shape, numpy Generator) → array or None: the random init of the family's own
+                    tensors in tiny checkpoints (`convert.tiny.write_random_hf`; None: the default rule)
     read_hf_config  hf_dir (Path) → the config dict given to `config_from_hf`, for releases whose config
                     is not one `config.json` (None: read `config.json`); raise ConversionError naming the file
     hf_weight_file  HF tensor name → the weight file `mm_to_hf` writes it to, for releases whose weights live
@@ -234,6 +236,7 @@ class FamilySpec:
     custom_model_types: Optional[Sequence[str]] = None
     read_hf_config: Optional[Callable[[Any], Dict[str, Any]]] = None
     hf_weight_file: Optional[Callable[[str], str]] = None
+    init_tensor: Optional[Callable[[str, Tuple[int, ...], Any], Any]] = None
 
     def canonical_hf_name(self, name: str) -> str:
         for pat, repl in self.hf_aliases:

@@ -10,7 +10,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from convert import ConversionError, hf_to_mm, load_hf_as_mm, mm_grads_to_hf, mm_to_hf, resplit
-from convert.tiny import qwen2_5_vl_tiny_config, write_random_hf
+from convert.tiny import write_random_hf
+from ms_mm.models.qwen2_5_vl.tiny import qwen2_5_vl_tiny_config
 from ms_mm.training.mm_checkpoint import BF16, SafetensorsFile, load_model, read_safetensors
 
 from conftest import FIXTURE_ROOT

@@ -211,10 +211,10 @@ def test_resplit_across_ep_tp_pp(tmp_path):
 
 @pytest.mark.parametrize("mha", [False, True])
 def test_tiny_builder(tmp_path, mha):
-    """MLA with the bundled tokenizer (ms_mm/assets/deepseek_vl2_tokenizer); MHA with the fixture's
+    """MLA with the bundled tokenizer (ms_mm/models/deepseek_vl2/assets); MHA with the fixture's
     tokenizer passed as --assets."""
     d = tmp_path / "tiny"
-    assets = MLA if mha else REPO / "ms_mm/assets/deepseek_vl2_tokenizer"
+    assets = MLA if mha else REPO / "ms_mm/models/deepseek_vl2/assets"
     args = ["deepseek_vl2", "--out", str(d), "--seed", "5"] + (["--mha", "--assets", str(MLA)] if mha else [])
     if mha:  # in process
         from convert.tiny import main as tiny_main
@@ -280,7 +280,8 @@ def test_tiny_builder_needs_tokenizer_assets(tmp_path, capsys):
 
 def test_bf16_sharded_checkpoint_round_trip(tmp_path):
     """A bf16 checkpoint in several HF files (index.json) → ep 2 x tp 2 x pp 2 → sharded HF again."""
-    from convert.tiny import deepseek_vl2_tiny_config, write_random_hf
+    from convert.tiny import write_random_hf
+    from ms_mm.models.deepseek_vl2.tiny import deepseek_vl2_tiny_config
     cfg = deepseek_vl2_tiny_config(448, 400, 401, 402)
     hf = write_random_hf(tmp_path / "hf", cfg, "deepseek_vl2", seed=1, dtype="bfloat16", max_shard_bytes=400_000)
     files = sorted(p.name for p in hf.glob("*.safetensors"))
@@ -313,7 +314,8 @@ def test_tiny_model_loads_into_the_mindspore_model(tmp_path):
 def test_expert_parallel_conversion_streams(tmp_path):
     """~300 MB of experts → MM with ep=4, tp=2, pp=2: peak RSS growth stays near one tensor."""
     import textwrap
-    from convert.tiny import deepseek_vl2_tiny_config, write_random_hf
+    from convert.tiny import write_random_hf
+    from ms_mm.models.deepseek_vl2.tiny import deepseek_vl2_tiny_config
     cfg = deepseek_vl2_tiny_config(8192, 1, 2, 3)
     cfg["language_config"].update(hidden_size=512, intermediate_size=1024, moe_intermediate_size=512,
                                   num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,

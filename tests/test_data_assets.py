@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ms_mm.data import IGNORE_INDEX, Qwen2VLDataProcessor, build_dataset
+from ms_mm.data import IGNORE_INDEX
 from ms_mm.data import demo
-from ms_mm.data.tiny_tokenizer import (NON_SPECIAL_ADDED_TOKENS, SPECIAL_TOKENS, asset_dir, build_tiny_tokenizer,
+from ms_mm.models.qwen2_5_vl.processing import Qwen2VLDataProcessor, build_dataset
+from ms_mm.models.qwen2_5_vl.demo import demo_data_config
+from ms_mm.models.qwen2_5_vl.tokenizer import (NON_SPECIAL_ADDED_TOKENS, SPECIAL_TOKENS, asset_dir, build_tiny_tokenizer,
                                        copy_assets, special_ids)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +134,7 @@ def test_demo_data_is_deterministic_and_well_formed(demo_dir, tmp_path):
             with Image.open(tmp_path / p) as im:
                 assert im.size[0] in demo.SIDES and im.size[1] in demo.SIDES
                 assert np.array_equal(np.asarray(im), np.asarray(Image.open(demo_dir / p)))
-    cfg = demo.demo_data_config(tmp_path)
+    cfg = demo_data_config(tmp_path)
     ds = build_dataset(cfg)
     lengths = [len(ds[i]["input_ids"]) for i in range(len(ds))]
     # every sample fits the demo cutoff, and each image costs 4..16 tokens under the tiny budget
@@ -201,7 +203,7 @@ def test_llava_converter_output_feeds_the_dataset(tmp_path, monkeypatch):
     r = _run(tmp_path, "--input", str(src), "--image-dir", "coco", "--output", "o.json")
     assert r.returncode == 0, r.stderr
     monkeypatch.chdir(tmp_path)  # image paths are relative to the working directory, as upstream
-    cfg = demo.demo_data_config(tmp_path)
+    cfg = demo_data_config(tmp_path)
     cfg["dataset_param"]["basic_parameters"].update(dataset="o.json", dataset_dir="./data", cutoff_len=1024)
     ds = build_dataset(cfg)
     first = ds[0]

@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from ms_mm.data import (BadSampleError, IGNORE_INDEX, MllmDataLoader, build_dataloader, build_dataset,
-                        collate)
-from ms_mm.data.demo import make_demo_dataset, demo_data_config
+from ms_mm.data import BadSampleError, IGNORE_INDEX, MllmDataLoader, build_dataloader, collate
+from ms_mm.models.qwen2_5_vl.processing import build_dataset
+from ms_mm.models.qwen2_5_vl.demo import make_demo_dataset, demo_data_config
 from ms_mm.data.loader import epoch_shard
 
 

@@ -34,8 +34,8 @@ def _setup_qwen2_5_vl(d, env):
     subprocess.run([py, "-m", "convert.cli", "Qwen2_5_VLConverter", "hf_to_mm", "--cfg.mm_dir", str(d / "mm"),
                     "--cfg.hf_config.hf_dir", str(d / "hf")], check=True, env=env, cwd=d)
     from adapters.qwen2_5_vl import config_from_hf
-    from ms_mm.data.demo import demo_data_config, make_demo_dataset
-    from ms_mm.training.families import qwen2_5_vl_model_json
+    from ms_mm.models.qwen2_5_vl.demo import demo_data_config, make_demo_dataset
+    from ms_mm.models.qwen2_5_vl.config import mindspeed_model_json as qwen2_5_vl_model_json
 
     make_demo_dataset(d / "data", n=16, seed=1)
     config = config_from_hf(json.loads((d / "hf" / "config.json").read_text()))
@@ -51,8 +51,8 @@ def _setup_deepseek_vl2(d, env):
                     "--cfg.hf_config.hf_dir", str(d / "hf"), "--cfg.trust_remote_code", "True"],
                    check=True, env=env, cwd=d)
     from adapters.deepseek_vl2 import config_from_hf
-    from ms_mm.data.deepseek_vl2_demo import demo_data_config, make_demo_dataset
-    from ms_mm.training.families import deepseek_vl2_model_json
+    from ms_mm.models.deepseek_vl2.demo import demo_data_config, make_demo_dataset
+    from ms_mm.models.deepseek_vl2.config import mindspeed_model_json as deepseek_vl2_model_json
 
     make_demo_dataset(d / "data", n=16, seed=1)
     config = config_from_hf(json.loads((d / "hf" / "config.json").read_text()))

@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 
-from adapters.deepseek_vl2 import parity_outputs
+from ms_mm.models.deepseek_vl2.parity import parity_outputs
 from convert import load_hf_as_mm, mm_grads_to_hf, mm_state_to_hf
-from ms_mm.data.deepseek_vl2 import tile_image
+from ms_mm.models.deepseek_vl2.processing import tile_image
 from ms_mm.models.deepseek_vl2 import DeepseekVL2Config, build_model_inputs, num_image_tokens
 
 CASES = ("forward", "forward_mha")

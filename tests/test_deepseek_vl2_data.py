@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from ms_mm.data import BadSampleError, build_dataloader
-from ms_mm.data.deepseek_vl2 import (DeepseekVL2DataProcessor, build_deepseek_vl2_dataset,
+from ms_mm.models.deepseek_vl2.processing import (DeepseekVL2DataProcessor, build_deepseek_vl2_dataset,
                                      collate_deepseek_vl2, select_best_resolution)
-from ms_mm.data import deepseek_vl2_demo, deepseek_vl2_tokenizer
+from ms_mm.models.deepseek_vl2 import demo as deepseek_vl2_demo, tokenizer as deepseek_vl2_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CONVERTER = REPO / "examples" / "deepseekvl2" / "convert_ai2d_to_dsvl.py"

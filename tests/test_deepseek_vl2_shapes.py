@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapters.deepseek_vl2 import parity_outputs
+from ms_mm.models.deepseek_vl2.parity import parity_outputs
 from convert import load_hf_as_mm, mm_grads_to_hf
 from ms_mm.models.deepseek_vl2 import DeepseekVL2Config, build_model_inputs, select_best_resolution
 

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from ms_mm.training import mm_checkpoint as mmc
-from ms_mm.training.families import (deepseek_vl2_config_from_model_json, deepseek_vl2_model_json,
-                                     deepseek_vl2_step_metrics)
+from ms_mm.models.deepseek_vl2.config import config_from_json as deepseek_vl2_config_from_model_json
+from ms_mm.models.deepseek_vl2.config import mindspeed_model_json as deepseek_vl2_model_json
+from ms_mm.models.deepseek_vl2.family import step_metrics as deepseek_vl2_step_metrics
 from training_logs import logged
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,8 +254,8 @@ def test_image_count_not_matching_image_tags_is_one_line(tmp_path, capsys):
     naming the file and line (the bundled tokenizer + a model json of the matching tile size)."""
     from PIL import Image
 
-    from ms_mm.data.deepseek_vl2_demo import demo_data_config
-    from ms_mm.data.deepseek_vl2_tokenizer import asset_dir
+    from ms_mm.models.deepseek_vl2.demo import demo_data_config
+    from ms_mm.models.deepseek_vl2.tokenizer import asset_dir
     from ms_mm.models.deepseek_vl2 import DeepseekVL2Config
     from ms_mm.training.trainer import main
 

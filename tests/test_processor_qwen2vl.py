@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ms_mm.data import BadSampleError, IGNORE_INDEX, Qwen2VLDataProcessor
+from ms_mm.data import BadSampleError, IGNORE_INDEX
+from ms_mm.models.qwen2_5_vl.processing import Qwen2VLDataProcessor
 
 KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "labels")
 

@@ -273,7 +273,7 @@ from ms_mm.models.qwen2_5_vl import MODEL_INPUT_NAMES, Qwen2_5_VLConfig, Qwen2_5
 cfg = Qwen2_5_VLConfig.preset("tiny")
 net = Qwen2_5_VLForConditionalGeneration(cfg, compute_dtype=ms.bfloat16)
 attn = net.text_decoder.decoder.layers[0].self_attention
-assert mo.kernels() == "ascend" and attn.fused and attn.core_attention.fused
+assert mo.kernels() == "ascend" and mo.use_fused() and attn.core_attention.fused  # apply_rotary picks its kernel from use_fused()
 assert net.image_encoder.encoder.blocks.layers[0].input_layernorm.fused
 batch = dict(np.load(sys.argv[1]))
 args = [ms.Tensor(v) for v in build_model_inputs(batch, cfg).values()]

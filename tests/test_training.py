@@ -85,7 +85,7 @@ def test_bf16_on_cpu_is_a_clear_error():
 @pytest.mark.parametrize("size", ["3b", "7b", "32b", "72b"])
 def test_example_model_json_matches_release_preset(size):
     from ms_mm.models.qwen2_5_vl import Qwen2_5_VLConfig
-    from ms_mm.training.families import qwen2_5_vl_config_from_model_json
+    from ms_mm.models.qwen2_5_vl.config import config_from_json as qwen2_5_vl_config_from_model_json
 
     mj = json.loads((EXAMPLES / f"model_{size}.json").read_text())
     assert qwen2_5_vl_config_from_model_json(mj) == Qwen2_5_VLConfig.preset(size)
@@ -103,7 +103,7 @@ def test_example_scripts_pp_matches_model_json():
 
 
 def test_model_json_pipeline_layers_must_sum():
-    from ms_mm.training.families import qwen2_5_vl_config_from_model_json
+    from ms_mm.models.qwen2_5_vl.config import config_from_json as qwen2_5_vl_config_from_model_json
 
     mj = json.loads((EXAMPLES / "model_7b.json").read_text())
     mj["text_decoder"]["pipeline_num_layers"] = [1, 10, 10, 6]
@@ -147,7 +147,7 @@ def test_loss_falls_and_log_lines(tmp_path):
 def test_freeze_switches(tmp_path):
     from ms_mm.training import mm_checkpoint as mmc
 
-    from ms_mm.training.toy import ToyConfig, build_toy_model
+    from ms_mm.models.toy_vlm.modeling import ToyConfig, build_toy_model
 
     before = {p.name: p.asnumpy() for p in build_toy_model(ToyConfig()).get_parameters()}  # deterministic init
     argv = _toy(tmp_path, freeze=(True, True, False)) + ["--train-iters", "3"]
@@ -219,7 +219,7 @@ def test_bad_model_json_names_the_file(tmp_path):
 def test_deepseek_vl2_family_trains_through_the_same_engine(tmp_path):
     """The engine is model-agnostic: DeepSeek-VL2 (tiny preset, MoE) plugs in by model_id, with the
     same freeze switches and checkpoint layout."""
-    from ms_mm.data.deepseek_vl2_demo import demo_data_config, make_demo_dataset
+    from ms_mm.models.deepseek_vl2.demo import demo_data_config, make_demo_dataset
     from ms_mm.training import mm_checkpoint as mmc
 
     make_demo_dataset(tmp_path / "data", n=8, seed=2)
@@ -242,9 +242,9 @@ def test_deepseek_vl2_family_trains_through_the_same_engine(tmp_path):
 
 def _demo_run_with_missing_images(tmp_path, bad_indices, shuffle=True):
     """Tiny Qwen2.5-VL model json + demo data whose records at `bad_indices` point at a missing image."""
-    from ms_mm.data.demo import demo_data_config, make_demo_dataset
-    from ms_mm.data.tiny_tokenizer import asset_dir
-    from ms_mm.training.families import qwen2_5_vl_model_json
+    from ms_mm.models.qwen2_5_vl.demo import demo_data_config, make_demo_dataset
+    from ms_mm.models.qwen2_5_vl.tokenizer import asset_dir
+    from ms_mm.models.qwen2_5_vl.config import mindspeed_model_json as qwen2_5_vl_model_json
     from ms_mm.models.qwen2_5_vl import Qwen2_5_VLConfig
 
     data_file = make_demo_dataset(tmp_path / "data", n=4, seed=0)

@@ -1,25 +1,19 @@
-"""ms_mm/data: datasets, processors and loaders that turn conversations + images into batches.
+"""ms_mm/data: the family-neutral data engine — reading records, images, batching, the loader.
 
 Public API (see docs/internals.md, "Data API"):
-- `Qwen2VLDataProcessor(processor_dir, min_pixels, max_pixels, ...)`: one sample → processor dict.
 - `build_dataloader(data_cfg, model_config, micro_batch_size, seed, rank, world_size, num_workers,
-  skip_bad_samples)`: the resumable, sharded, prefetching training loader.
-- `collate`, `MllmDataset`, `BadSampleError`; `demo.make_demo_dataset`; `tiny_tokenizer.asset_dir`.
-- DeepSeek-VL2 (`deepseek_vl2.py`): `DeepseekVL2DataProcessor`, `DeepseekVL2Dataset`,
-  `collate_deepseek_vl2`, `build_deepseek_vl2_dataloader` (also reached through `build_dataloader`
-  for a `dataset_type: "deepseekvl2"` data.json); `deepseek_vl2_demo`, `deepseek_vl2_tokenizer`.
+  skip_bad_samples)`: the resumable, sharded, prefetching training loader of the model family whose
+  format the data json's `dataset_type` names (looked up in `ms_mm.registry`).
+- `MllmDataLoader` (order, sharding, prefetch, resume, bad samples), `collate`, `MllmDataset`
+  (mllm_format json/jsonl records), `load_image`, `BadSampleError`, `IGNORE_INDEX`,
+  `load_data_config`; `demo.make_demo_dataset` (the shapes-and-colours demo data every family's
+  embedded default uses); `tiny_tokenizer` (the shared builder of the bundled tiny tokenizers).
+Family processors live in their family folders (`ms_mm/models/<family>/processing.py`).
 """
-from ms_mm.data.deepseek_vl2 import (DeepseekVL2DataProcessor, DeepseekVL2Dataset, build_deepseek_vl2_dataloader,
-                                     collate_deepseek_vl2)
 from ms_mm.data.errors import BadSampleError
-from ms_mm.data.loader import (MllmDataLoader, build_dataloader, build_dataset, build_processor, collate,
-                               load_data_config)
+from ms_mm.data.images import load_image
+from ms_mm.data.loader import IGNORE_INDEX, MllmDataLoader, build_dataloader, collate, load_data_config
 from ms_mm.data.mllm_dataset import MllmDataset
-from ms_mm.data.processor import IGNORE_INDEX, Qwen2VLDataProcessor
 
-__all__ = [
-    "BadSampleError", "DeepseekVL2DataProcessor", "DeepseekVL2Dataset", "IGNORE_INDEX", "MllmDataLoader",
-    "MllmDataset", "Qwen2VLDataProcessor",
-    "build_dataloader", "build_dataset", "build_deepseek_vl2_dataloader", "build_processor", "collate",
-    "collate_deepseek_vl2", "load_data_config",
-]
+__all__ = ["BadSampleError", "IGNORE_INDEX", "MllmDataLoader", "MllmDataset", "build_dataloader", "collate",
+           "load_data_config", "load_image"]

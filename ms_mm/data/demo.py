@@ -9,7 +9,8 @@ few minutes on a CPU. A few samples are multi-turn, a few carry two images.
     python -m ms_mm.data.demo --out DIR [--n 256] [--seed 0]
 
 writes `DIR/images/*.png` and `DIR/mllm_format_demo_data.json` (image paths relative to DIR, so
-DIR is the `dataset_dir`).
+DIR is the `dataset_dir`). Each family's embedded default writes these samples in its own data
+format and data json (`ms_mm/models/<family>/demo.py`).
 """
 from __future__ import annotations
 
@@ -153,46 +154,6 @@ def make_demo_dataset(out_dir: str | os.PathLike, n: int = 256, seed: int = 0,
         json.dump(samples, f, indent=1, ensure_ascii=False)
     os.replace(tmp, path)  # the json appears only once every image it names exists
     return path
-
-
-def demo_data_config(out_dir: str | os.PathLike, processor_dir: str | os.PathLike | None = None,
-                     cutoff_len: int = 128) -> dict:
-    """A `data_*.json`-shaped dict (MindSpeed-MM layout) for the demo data in `out_dir`, using
-    the bundled tiny tokenizer unless `processor_dir` is given."""
-    from ms_mm.data.tiny_tokenizer import TINY_MAX_PIXELS, TINY_MIN_PIXELS, asset_dir
-
-    out_dir = Path(out_dir)
-    # cutoff_len 128: the longest demo sample is ~100 tokens (three turns, or two 112x112 images)
-    return {
-        "dataset_param": {
-            "dataset_type": "huggingface",
-            "preprocess_parameters": {
-                "model_name_or_path": str(processor_dir or asset_dir()),
-                "use_fast_tokenizer": True,
-                "split_special_tokens": False,
-                "image_max_pixels": TINY_MAX_PIXELS,
-                "image_min_pixels": TINY_MIN_PIXELS,
-            },
-            "basic_parameters": {
-                "template": "qwen2vl",
-                "dataset_dir": str(out_dir),
-                "dataset": str(out_dir / DATA_FILE),
-                "cache_dir": str(out_dir / "cache_dir"),
-                "train_on_prompt": False,
-                "mask_history": False,
-                "cutoff_len": cutoff_len,
-                "max_samples": None,
-            },
-            "attr": {"system": None, "images": "images", "videos": None, "messages": "messages",
-                     "role_tag": "role", "content_tag": "content", "user_tag": "user",
-                     "assistant_tag": "assistant"},
-        },
-        "dataloader_param": {
-            "dataloader_mode": "sampler", "drop_last": True, "shuffle": True, "num_workers": 2,
-            "collate_param": {"model_name": "qwen2vl", "ignore_pad_token_for_loss": True},
-            "pad_to": "cutoff_len",
-        },
-    }
 
 
 def main(argv=None) -> None:

@@ -35,10 +35,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ms_mm.data.errors import BadSampleError
-from ms_mm.data.processor import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
+IGNORE_INDEX = -100   # label of positions the loss skips (padding, prompts)
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
 
 
@@ -370,89 +370,36 @@ def _worker_getitem(index: int):
 
 
 # ------------------------------------------------------------------ config
-def _default_model_inputs_fn(model_config):
-    from ms_mm.models.qwen2_5_vl.inputs import build_model_inputs
-
-    return lambda batch: build_model_inputs(batch, model_config)
-
-
-def build_processor(data_cfg: dict):
-    """The `Qwen2VLDataProcessor` a `data_*.json` dict describes."""
-    from ms_mm.data.processor import Qwen2VLDataProcessor
-
-    dp = _section(data_cfg, "dataset_param")
-    pre = _section(dp, "preprocess_parameters", "dataset_param.")
-    basic = _section(dp, "basic_parameters", "dataset_param.")
-    if "model_name_or_path" not in pre:
-        raise KeyError("data config: dataset_param.preprocess_parameters.model_name_or_path is required")
-    return Qwen2VLDataProcessor(
-        pre["model_name_or_path"], pre.get("image_min_pixels"), pre.get("image_max_pixels"),
-        template=basic.get("template", "qwen2vl"), cutoff_len=basic.get("cutoff_len", 1024),
-        train_on_prompt=bool(basic.get("train_on_prompt", False)),
-        mask_history=bool(basic.get("mask_history", False)))
-
-
-def build_dataset(data_cfg: dict, processor=None):
-    """The `MllmDataset` a `data_*.json` dict describes."""
-    from ms_mm.data.mllm_dataset import MllmDataset, resolve_dataset_files
-
-    dp = _section(data_cfg, "dataset_param")
-    basic = _section(dp, "basic_parameters", "dataset_param.")
-    if "dataset" not in basic:
-        raise KeyError("data config: dataset_param.basic_parameters.dataset is required")
-    dataset_dir = basic.get("dataset_dir")
-    files = resolve_dataset_files(basic["dataset"], dataset_dir)
-    return MllmDataset(files, processor or build_processor(data_cfg), dataset_dir=dataset_dir,
-                       attr=dp.get("attr"), max_samples=basic.get("max_samples"))
-
-
-def build_dataloader(data_cfg: dict, model_config=None, micro_batch_size: int = 1, seed: int = 1234,
-                     rank: int = 0, world_size: int = 1, num_workers: int | None = None,
-                     skip_bad_samples: bool = False, *, model_inputs_fn: Callable | None = None,
-                     num_epochs: int | None = None, worker_type: str | None = None) -> MllmDataLoader:
-    """The training loader for a `data_*.json` dict (MindSpeed-MM layout); a DeepSeek-VL2
-    `data.json` (`dataset_param.dataset_type == "deepseekvl2"`) goes to
-    `ms_mm.data.deepseek_vl2.build_deepseek_vl2_dataloader` (same arguments and loader).
-
-    Batches go through `ms_mm.models.qwen2_5_vl.inputs.build_model_inputs(batch, model_config)`
-    when `model_config` is given (or through `model_inputs_fn` if given); with neither they are
-    the plain processor batches. `dataloader_param` supplies `shuffle` (default true),
-    `drop_last` (true), `num_workers` (2; the argument wins when not None), `prefetch_batches`
-    (4), `worker_type` ("thread" or "process"; the argument wins), and the padding policy: `pad_to` = "longest" (default), "cutoff_len" or an int, and
-    `pad_multiple` (bucket rounding). `data_cfg` may also be the path of the json file."""
-    if isinstance(data_cfg, (str, os.PathLike)):
-        data_cfg = load_data_config(data_cfg)
-    if (data_cfg.get("dataset_param") or {}).get("dataset_type") == "deepseekvl2":
-        # MindSpeed-MM's DeepSeek-VL2 data.json: its own dataset + processor, this same loader
-        from ms_mm.data.deepseek_vl2 import build_deepseek_vl2_dataloader
-
-        return build_deepseek_vl2_dataloader(
-            data_cfg, model_config, micro_batch_size, seed, rank, world_size, num_workers, skip_bad_samples,
-            model_inputs_fn=model_inputs_fn, num_epochs=num_epochs, worker_type=worker_type)
-    dl = data_cfg.get("dataloader_param", {}) or {}
-    dataset = build_dataset(data_cfg)
-    processor = dataset.processor
-    pad_to = dl.get("pad_to", "longest")
-    if pad_to == "cutoff_len":
-        if processor.cutoff_len is None:
-            raise ValueError("dataloader_param.pad_to is 'cutoff_len' but no cutoff_len is set")
-        pad_to = processor.cutoff_len
-    pad_multiple = dl.get("pad_multiple")
-    pad_id = processor.pad_token_id
-    padded_length([1], pad_to, pad_multiple)  # validate now, not in the producer thread
-
-    def collate_fn(samples):
-        return collate(samples, pad_id, pad_to, pad_multiple)
-
-    if model_inputs_fn is None and model_config is not None:
-        model_inputs_fn = _default_model_inputs_fn(model_config)
+def loader_from_config(dl: dict, dataset, micro_batch_size: int, collate_fn: Callable, *, seed: int, rank: int,
+                       world_size: int, num_workers: int | None, skip_bad_samples: bool, num_epochs: int | None,
+                       model_inputs_fn: Callable | None, worker_type: str | None) -> MllmDataLoader:
+    """The `MllmDataLoader` a data json's `dataloader_param` section (`dl`) describes: `shuffle` (true),
+    `drop_last` (true), `num_workers` (2; the argument wins when not None), `prefetch_batches` (4),
+    `worker_type` ("thread"; the argument wins)."""
     return MllmDataLoader(
         dataset, micro_batch_size, collate_fn, seed=seed, rank=rank, world_size=world_size,
         shuffle=bool(dl.get("shuffle", True)), drop_last=bool(dl.get("drop_last", True)),
         num_workers=num_workers if num_workers is not None else int(dl.get("num_workers", 2)),
         prefetch_batches=int(dl.get("prefetch_batches", 4)), skip_bad_samples=skip_bad_samples,
-        num_epochs=num_epochs, model_inputs_fn=model_inputs_fn,
-        worker_type=worker_type or dl.get("worker_type", "thread"))
+        num_epochs=num_epochs, model_inputs_fn=model_inputs_fn, worker_type=worker_type or dl.get("worker_type", "thread"))
+
+
+def build_dataloader(data_cfg, model_config=None, micro_batch_size: int = 1, seed: int = 1234,
+                     rank: int = 0, world_size: int = 1, num_workers: int | None = None,
+                     skip_bad_samples: bool = False, **kwargs) -> MllmDataLoader:
+    """The training loader for a MindSpeed-MM data json (a dict or its path), built by the model
+    family whose data format its `dataset_param.dataset_type` names (`Family.dataset_types`, looked
+    up in `ms_mm.registry`). Keyword arguments (`model_inputs_fn`, `num_epochs`, `worker_type`) go
+    to the family's builder; with `model_config` given, batches come out as that family's model
+    inputs."""
+    from ms_mm import registry
+
+    if isinstance(data_cfg, (str, os.PathLike)):
+        data_cfg = load_data_config(data_cfg)
+    dataset_type = (data_cfg.get("dataset_param") or {}).get("dataset_type") or ""
+    family = registry.family_for_dataset_type(dataset_type)
+    return family.build_dataloader(data_cfg, model_config, micro_batch_size, seed, rank, world_size, num_workers,
+                                   skip_bad_samples, **kwargs)
 
 
 def load_data_config(path: str | os.PathLike) -> dict:
@@ -464,7 +411,8 @@ def load_data_config(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: malformed json at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
-def _section(cfg: dict, key: str, prefix: str = "") -> dict:
+def section(cfg: dict, key: str, prefix: str = "") -> dict:
+    """`cfg[key]`, which must be an object (errors name the dotted key)."""
     sec = cfg.get(key)
     if not isinstance(sec, dict):
         raise KeyError(f"data config: {prefix}{key} (an object) is required")

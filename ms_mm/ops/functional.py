@@ -1,11 +1,15 @@
 """Stateless ops: rotary helpers and the activations whose conventions differ between models.
 
-``apply_rotary`` is the rotate-half (non-interleaved) RoPE. With ``fused=True`` (callers pass the
-``use_fused()`` they stored at ``__init__``, so graph mode sees a constant) it runs the Ascend
-``RotaryPositionEmbedding`` kernel in mode 0, which is the same rotate-half form.
+``apply_rotary`` is the rotate-half (non-interleaved) RoPE. It picks its own kernel: with the Ascend
+kernels in use (``ms_mm.ops.kernels()``) the ``RotaryPositionEmbedding`` kernel in mode 0, which is
+the same rotate-half form, else the portable math. The choice is a compile-time constant
+(``constexpr``), so graph mode compiles one branch and callers never see it.
 """
 from mindspore import ops
 import mindspore.ops.auto_generate as _gen
+from mindspore.ops import constexpr
+
+from ms_mm.ops.switch import use_fused
 
 
 _rope_kernel = _gen.RotaryPositionEmbedding()
@@ -17,12 +21,14 @@ def rotate_half(x):
     return ops.cat((-x[..., half:], x[..., :half]), -1)
 
 
-def apply_rotary(x, cos, sin, fused=False):
-    """x * cos + rotate_half(x) * sin. ``cos``/``sin`` broadcast to ``x`` ([B, N, S, D] on Ascend).
+@constexpr
+def _fused_rotary() -> bool:
+    return use_fused()
 
-    ``fused=True`` selects the Ascend kernel; callers pass ``self.fused`` read from ``kernels()``.
-    """
-    if fused:
+
+def apply_rotary(x, cos, sin):
+    """x * cos + rotate_half(x) * sin. ``cos``/``sin`` broadcast to ``x`` ([B, N, S, D] on Ascend)."""
+    if _fused_rotary():
         return _rope_kernel(x, ops.cast(cos, x.dtype), ops.cast(sin, x.dtype), 0)
     return x * cos + rotate_half(x) * sin
 

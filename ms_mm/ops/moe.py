@@ -13,7 +13,7 @@ Three dispatch paths (``RoutedExperts.dispatch``), the default chosen once from 
 - ascend: sort tokens by expert (``moe_token_permute``), one grouped matmul per projection over the
   stacked expert weights (``gmm`` with per-expert row counts), and ``moe_token_unpermute`` to scatter
   back with the routing weights. It runs only the chosen (token, expert) pairs.
-- batched (what the expert-parallel plan selects, ``ms_mm.parallel.deepseek_vl2``): the same maths
+- batched (what the expert-parallel plan selects, ``ms_mm.models.deepseek_vl2.parallelize``): the same maths
   as portable, written as two batch matmuls over the expert axis of the stacked expert weights
   ``[E, 2I, H]`` / ``[E, H, I]`` (held by ``self.bmm_fc1`` / ``self.bmm_fc2``), so semi-auto
   parallel can split the expert axis over EP ranks: each rank runs only its experts, MindSpore

@@ -2,8 +2,9 @@
 
 - ``ParallelConfig`` / ``ParallelConfigError`` (config.py): dp/tp/pp/ep/cp, pipeline layer lists,
   validation against the world size and a model config.
-- ``parallelize(model, parallel_config)`` (plans.py): check and apply the family's plan
-  (``qwen2_5_vl.py``: dp/tp/pp; ``deepseek_vl2.py``: dp/tp/ep); ``sharding.py`` holds the per-Cell strategies the plans share.
+- ``parallelize(model, parallel_config)`` (plans.py): check and apply the family's plan (found through
+  ``ms_mm.registry``; each lives in ``ms_mm/models/<family>/parallelize.py``); ``sharding.py`` holds the
+  per-Cell strategies the plans share.
 - ``dryrun.py``: ``python -m ms_mm.parallel.dryrun`` compiles one train step per simulated Ascend
   rank with MindSpore's DryRun, using the stub CANN tree of ``fake_cann.py``.
 The models themselves hold no parallel logic.

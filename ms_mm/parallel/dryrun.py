@@ -19,19 +19,12 @@ The parallel sizes are checked against the model first (``ParallelConfig.check_m
 that does not divide stops with one line naming the size and the shape. ``--skip-checks`` hands
 it to MindSpore instead; its error is shown followed by our one-line reading of it.
 
-DeepSeek-VL2 (``--ep N`` / ``--expert-model-parallel-size N`` spreads its routed experts):
-``--mm-model`` takes the presets ``tiny-deepseek`` (the parity fixture's tiny model),
-``deepseek-vl2-tiny``, ``deepseek-vl2-small``, ``deepseek-vl2``, or a JSON file: the official HF
-``config.json`` (``model_type: deepseek_vl_v2``), our ``DeepseekVL2Config.to_dict()`` or
-``{"preset": "tiny-deepseek", ...overrides}``, or a MindSpeed-MM DeepSeek-VL2 ``model.json``
-(SigLIP ``vision_encoder``, MoE / MLA ``text_decoder``). The family is taken from the json.
-
-For Qwen2.5-VL ``--mm-model`` takes a preset name (``tiny``, ``3b``, ``7b``, ``32b``, ``72b``) or a JSON file in any
-of these forms: our ``Qwen2_5_VLConfig.to_dict()`` (``{"vision": .., "text": .., token ids}``),
-the same nested under ``"mm_model"`` / ``"model"`` / ``"config"``, ``{"preset": "7b", ...overrides}``,
-an HF ``config.json`` (``vision_config`` + ``text_config`` or the flat release form), or a
-MindSpeed-MM ``model_*.json`` (``image_encoder.vision_encoder`` / ``text_decoder`` with Megatron
-names). Unknown keys are ignored (and listed on stderr).
+``--mm-model`` is a preset name of any registered family (``Family.presets``: e.g. ``tiny``, ``7b``,
+``deepseek-vl2-small``) or a JSON file in any form its family reads (``Family.config_from_json``:
+MindSpeed-MM ``model.json``, HF ``config.json``, our ``to_dict()``, ``{"preset": ..., ...overrides}``,
+possibly nested under ``"mm_model"`` / ``"model"`` / ``"config"``); the family is the json's
+``model_id``, else the one whose config form it is. ``--ep N`` spreads routed experts where the
+family has them.
 
 Python API: ``run_dryrun(model_config, parallel_config, micro_batch_size, seq_len, ranks=(0,),
 level=1, dtype="bf16") -> list[RankResult]``; ``load_model_config(spec)``;
@@ -52,6 +45,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ms_mm import registry
 from ms_mm.parallel.config import ParallelConfig, ParallelConfigError
 from ms_mm.parallel.fake_cann import FakeCannError
 
@@ -65,211 +59,42 @@ _PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 # ------------------------------------------------------------------------------------- model config
-_MEGATRON_TEXT = {"num_layers": "num_hidden_layers", "num_query_groups": "num_key_value_heads",
-                  "ffn_hidden_size": "intermediate_size", "rotary_base": "rope_theta",
-                  "layernorm_epsilon": "rms_norm_eps", "norm_epsilon": "rms_norm_eps",
-                  "activation_func": "hidden_act", "untie_embeddings_and_output_weights": None}
-_MEGATRON_VISION = {"num_layers": "depth", "num_attention_heads": "num_heads",
-                    "ffn_hidden_size": "intermediate_size", "window_attn_size": "window_size",
-                    "layernorm_epsilon": "rms_norm_eps", "activation_func": "hidden_act"}
-
-
-def _known(klass, data: dict, where: str, dropped: list) -> dict:
-    names = {f.name for f in dataclasses.fields(klass)}
-    dropped.extend(f"{where}{k}" for k in data if k not in names)
-    return {k: v for k, v in data.items() if k in names}
-
-
-def _from_ours(data: dict, dropped: list):
-    from ms_mm.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
-    base = {}
-    if "preset" in data:
-        base = Qwen2_5_VLConfig.preset(data["preset"]).to_dict()
-    merged = copy.deepcopy(base)
-    for key, value in data.items():
-        if key == "preset":
-            continue
-        if key in ("vision", "text") and isinstance(value, dict):
-            merged.setdefault(key, {}).update(value)
-        else:
-            merged[key] = value
-    out = _known(Qwen2_5_VLConfig, merged, "", dropped)
-    out["vision"] = _known(Qwen2_5_VLVisionConfig, merged.get("vision", {}) or {}, "vision.", dropped)
-    out["text"] = _known(Qwen2_5_VLTextConfig, merged.get("text", {}) or {}, "text.", dropped)
-    return Qwen2_5_VLConfig.from_dict(out)
-
-
-def _from_megatron(data: dict, dropped: list):
-    """MindSpeed-MM model json: image_encoder.vision_encoder / vision_projector + text_decoder."""
-    text_src = dict(data["text_decoder"])
-    vis_src = dict((data.get("image_encoder") or {}).get("vision_encoder") or {})
-    text = {}
-    for k, v in text_src.items():
-        if k in _MEGATRON_TEXT:
-            if _MEGATRON_TEXT[k] is None:
-                text["tie_word_embeddings"] = not v
-            else:
-                text[_MEGATRON_TEXT[k]] = v
-        else:
-            text[k] = v
-    if "rope_scaling" in text_src and isinstance(text_src["rope_scaling"], dict):
-        text["mrope_section"] = text_src["rope_scaling"].get("mrope_section", text.get("mrope_section"))
-    vision = {_MEGATRON_VISION.get(k, k): v for k, v in vis_src.items()}
-    proj = (data.get("image_encoder") or {}).get("vision_projector") or {}
-    if "out_hidden_size" not in vision and "out_hidden_size" in proj:
-        vision["out_hidden_size"] = proj["out_hidden_size"]
-    vision.setdefault("out_hidden_size", text.get("hidden_size"))
-    top = {k: v for k, v in data.items() if k not in ("text_decoder", "image_encoder")}
-    if "img_context_token_id" in top:
-        top["image_token_id"] = top.pop("img_context_token_id")
-    return _from_ours({**top, "vision": vision, "text": text}, dropped)
-
-
-# DryRun names of the DeepSeek-VL2 presets -> ``DeepseekVL2Config.preset`` names
-DEEPSEEK_PRESETS = {"tiny-deepseek": "tiny", "deepseek-vl2-tiny": "Tiny", "deepseek-vl2-small": "Small",
-                    "deepseek-vl2": "Base", "deepseek-vl2-base": "Base"}
-
-
-def _is_deepseek(data: dict) -> bool:
-    """A DeepSeek-VL2 model json: HF ``config.json`` / our ``to_dict()`` (``language_config``), a preset
-    override, or a MindSpeed-MM ``model.json`` with a SigLIP tower or MoE/MLA ``text_decoder``."""
-    if "language_config" in data or data.get("model_type") == "deepseek_vl_v2":
-        return True
-    if str(data.get("preset", "")) in DEEPSEEK_PRESETS:  # ("tiny" alone is Qwen2.5-VL's)
-        return True
-    if isinstance(data.get("text_decoder"), dict):
-        vision = (data.get("image_encoder") or {}).get("vision_encoder") or {}
-        text = data["text_decoder"]
-        return (str(vision.get("model_name", "")).startswith("siglip")
-                or "deepseek" in str(data.get("model_id", "")).lower()
-                or "num_moe_experts" in text or "multi_head_latent_attention" in text)
-    return False
-
-
-def _deepseek_config(data: dict, dropped: list):
-    from ms_mm.models.deepseek_vl2 import DeepseekVL2Config
-    if "text_decoder" in data:
-        from ms_mm.models.deepseek_vl2.config import config_from_mindspeed
-        return config_from_mindspeed(data)
-    if "model_type" in data:
-        from adapters.deepseek_vl2 import config_from_hf
-        return config_from_hf(data)
-    merged = {}
-    if "preset" in data:
-        merged = DeepseekVL2Config.preset(DEEPSEEK_PRESETS.get(data["preset"], data["preset"])).to_dict()
-    for key, value in data.items():
-        if key == "preset":
-            continue
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key].update(value)
-        else:
-            merged[key] = value
-    known = {f.name for f in dataclasses.fields(DeepseekVL2Config)}
-    dropped.extend(k for k in merged if k not in known)
-    return DeepseekVL2Config.from_dict({k: v for k, v in merged.items() if k in known})
-
-
 def model_family(config) -> str:
-    """``qwen2_5_vl`` or ``deepseek_vl2``: the plan's family of a model config."""
-    from ms_mm.parallel.plans import plan_for_config
-    return plan_for_config(config).family
+    """The registry name of a model config's family."""
+    return registry.family_of_config(config).name
+
+
+def _unknown_preset(name: str) -> ValueError:
+    return ValueError("; ".join(f"unknown {f.title or f.name} preset {name!r} (presets: {', '.join(f.presets)})"
+                                for f in registry.families() if f.presets))
 
 
 def load_model_config(spec):
-    """A model config (Qwen2.5-VL or DeepSeek-VL2, the family taken from the json) from a preset name,
-    a JSON path or an already-parsed dict (see module doc)."""
-    from ms_mm.models.deepseek_vl2 import DeepseekVL2Config
-    from ms_mm.models.qwen2_5_vl import Qwen2_5_VLConfig
-    if isinstance(spec, (Qwen2_5_VLConfig, DeepseekVL2Config)):
+    """A model config from a preset name (any family's, ``Family.presets``), a JSON path or an
+    already-parsed dict in any form its family reads (``Family.config_from_json``; the family is the
+    json's ``model_id``, else the one that claims the json)."""
+    if any(f.config_class is not None and isinstance(spec, f.config_class) for f in registry.families()):
         return spec
     if isinstance(spec, str) and not os.path.exists(spec):
         if spec.endswith(".json"):
             raise FileNotFoundError(f"--mm-model {spec}: no such file")
-        if spec in DEEPSEEK_PRESETS:
-            return DeepseekVL2Config.preset(DEEPSEEK_PRESETS[spec])
-        return Qwen2_5_VLConfig.preset(spec)
+        family = registry.family_of_preset(spec)
+        if family is None:
+            raise _unknown_preset(spec)
+        return family.presets[spec]()
     data = spec
     if not isinstance(spec, dict):
         with open(spec) as fh:
             data = json.load(fh)
     for key in ("mm_model", "model", "config"):
-        if isinstance(data.get(key), dict) and not ("vision" in data or "text_decoder" in data
-                                                     or "language_config" in data):
+        if isinstance(data.get(key), dict) and not any(f.claims_json(data) for f in registry.families()):
             data = data[key]
             break
-    dropped: list = []
-    if _is_deepseek(data):
-        config = _deepseek_config(data, dropped)
-    elif "vision_config" in data:
-        from adapters.qwen2_5_vl import config_from_hf
-        config = config_from_hf(data)
-    elif "text_decoder" in data:
-        config = _from_megatron(data, dropped)
-    else:
-        config = _from_ours(data, dropped)
-    if dropped:
-        print(f"ms_mm.parallel.dryrun: ignored model json key(s): {', '.join(sorted(dropped))}", file=sys.stderr)
-    config.validate()
-    return config
-
-
-# --------------------------------------------------------------------------------- synthetic batch
-def synthetic_batch(config, batch_size: int, seq_len: int, image_tokens: Optional[int] = None):
-    """Model inputs for ``batch_size`` samples of ``seq_len`` tokens, each with one square image
-    (DeepSeek-VL2: see ``synthetic_deepseek_batch``).
-
-    The image takes about a quarter of the sequence (at least one merged 2x2 patch group) unless
-    ``image_tokens`` says how many merged tokens; all other tokens are supervised text.
-    """
-    if model_family(config) == "deepseek_vl2":
-        return synthetic_deepseek_batch(config, batch_size, seq_len)
-    import numpy as np
-    from ms_mm.models.qwen2_5_vl import build_model_inputs
-    vc = config.vision
-    budget = seq_len - 2 if image_tokens is None else image_tokens
-    side = max(1, int((seq_len // 4 if image_tokens is None else budget) ** 0.5))
-    if side * side + 2 > seq_len:
-        raise ValueError(f"seq_len={seq_len} is too short for an image of {side * side} tokens plus its "
-                         f"start/end markers")
-    merge = vc.spatial_merge_size
-    grid = [1, side * merge, side * merge]
-    n_patches = side * side * vc.merge_unit
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, min(config.vision_start_token_id, config.text.vocab_size - 1),
-                       size=(batch_size, seq_len)).astype(np.int64)
-    ids[:, 0] = config.vision_start_token_id
-    ids[:, 1:1 + side * side] = config.image_token_id
-    ids[:, 1 + side * side] = config.vision_end_token_id
-    labels = ids.copy()
-    labels[:, : 2 + side * side] = -100
-    batch = {
-        "input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels,
-        "pixel_values": rng.standard_normal((batch_size * n_patches, vc.patch_dim)).astype(np.float32),
-        "image_grid_thw": np.array([grid] * batch_size, np.int64),
-    }
-    return build_model_inputs(batch, config)
-
-
-def synthetic_deepseek_batch(config, batch_size: int, seq_len: int):
-    """DeepSeek-VL2 inputs: per sample one image cropped to 1x1 tiles (global view + one local
-    tile) right after the first token, the rest supervised text."""
-    import numpy as np
-    from ms_mm.models.deepseek_vl2 import build_model_inputs
-    from ms_mm.models.deepseek_vl2.inputs import num_image_tokens
-    n_image = num_image_tokens(1, 1, config)
-    if n_image + 2 > seq_len:
-        raise ValueError(f"seq_len={seq_len} is too short for a 1x1-tile image of {n_image} tokens plus text")
-    tile, vocab = config.vision_config.image_size, config.language_config.vocab_size
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, vocab, size=(batch_size, seq_len)).astype(np.int64)
-    seq_mask = np.zeros((batch_size, seq_len), bool)
-    seq_mask[:, 1:1 + n_image] = True
-    labels = np.where(seq_mask, -100, ids)
-    labels[:, 0] = -100
-    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels,
-             "images": rng.standard_normal((batch_size, 2, 3, tile, tile)).astype(np.float32),
-             "images_seq_mask": seq_mask, "images_spatial_crop": np.ones((batch_size, 1, 2), np.int64)}
-    return build_model_inputs(batch, config)
+    try:
+        family = registry.family_for_json(data, f"--mm-model {spec if isinstance(spec, str) else 'json'}")
+    except registry.UnknownFamilyError as e:
+        raise ValueError(str(e)) from None
+    return family.config_from_json(data).validate()
 
 
 # ------------------------------------------------------------------------------------ log parsing
@@ -446,8 +271,9 @@ def _worker(spec_path: str) -> int:
     import numpy as np
 
     pc = ParallelConfig(**spec["parallel"])
-    config_class, model_class, input_names = _family_classes(spec["family"])
-    config = config_class.from_dict(spec["model"])
+    family = registry.get(spec["family"])
+    config = family.config_class.from_dict(spec["model"])
+    input_names = family.input_names
     dtype = {"bf16": ms.bfloat16, "fp16": ms.float16, "fp32": ms.float32}[spec["dtype"]]
     micro_batches = spec["micro_batches"]
 
@@ -457,7 +283,7 @@ def _worker(spec_path: str) -> int:
     set_parallel_context(pc)
 
     with no_init_parameters():
-        model = model_class(config, compute_dtype=dtype)
+        model = family.build_model(config, dtype)
         plan_for_model(model).apply(model, pc)
         net = _loss_only_cell()(model)
         if pc.pp > 1:
@@ -489,13 +315,12 @@ def _worker(spec_path: str) -> int:
     return 0
 
 
-def _family_classes(family: str):
-    """(config class, model class, model input names) of a family."""
-    if family == "deepseek_vl2":
-        from ms_mm.models.deepseek_vl2 import MODEL_INPUT_NAMES, DeepseekVL2Config, DeepseekVL2ForCausalLM
-        return DeepseekVL2Config, DeepseekVL2ForCausalLM, MODEL_INPUT_NAMES
-    from ms_mm.models.qwen2_5_vl import MODEL_INPUT_NAMES, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    return Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, MODEL_INPUT_NAMES
+def synthetic_batch(config, batch_size: int, seq_len: int):
+    """The family's dry-run inputs (``Family.synthetic_batch``) for ``batch_size`` samples of ``seq_len`` tokens."""
+    family = registry.family_of_config(config)
+    if family.synthetic_batch is None:
+        raise ValueError(f"the {family.name} family gives no synthetic batch for the dry run")
+    return family.synthetic_batch(config, batch_size, seq_len)
 
 
 def _loss_only_cell():
@@ -538,8 +363,7 @@ def default_ranks(pc: ParallelConfig, which="stages") -> List[int]:
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m ms_mm.parallel.dryrun", description=__doc__.split("\n")[0])
     p.add_argument("--mm-model", required=True,
-                   help="preset (Qwen2.5-VL: tiny, 3b, 7b, 32b, 72b; DeepSeek-VL2: tiny-deepseek, deepseek-vl2-tiny, "
-                        "deepseek-vl2-small, deepseek-vl2) or a model json (family taken from it)")
+                   help="a family's preset name or a model json (family taken from it)")
     p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1)
     p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1)
     p.add_argument("--cp", "--context-parallel-size", dest="cp", type=int, default=1)

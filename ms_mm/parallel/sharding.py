@@ -1,6 +1,6 @@
 """Reusable sharding strategies for the ``ms_mm.ops`` Cells, for MindSpore semi-auto parallel.
 
-A plan (``ms_mm.parallel.qwen2_5_vl``, ...) walks a model and calls these helpers on its Cells;
+A plan (``ms_mm.models.qwen2_5_vl.parallelize``, ...) walks a model and calls these helpers on its Cells;
 each helper attaches ``.shard()`` strategies to the primitives the Cell holds as attributes
 (``Linear.matmul`` / ``Linear.bias_add``, ``CoreAttention.bmm_qk`` ...), never changing the
 Cell's maths. Strategies are tuples of per-input split counts, as ``Primitive.shard`` takes them.
@@ -74,3 +74,12 @@ def rms_norm(norm: nn.Cell, dp: int, rank: int = 3) -> None:
     data = (dp,) + (1,) * (rank - 1)
     if getattr(norm, "fused", False):
         _set(norm.rms_norm, (data, (1,)))
+
+
+def check_batch_rows(pc, batch_size: int, seq_len: int) -> None:
+    """The global batch rows are split by dp (and into micro batches by the pipeline)."""
+    from ms_mm.parallel.config import ParallelConfigError
+
+    if batch_size % pc.dp:
+        raise ParallelConfigError(f"dp={pc.dp} does not divide the global batch size {batch_size} "
+                                  f"(input_ids has shape [{batch_size}, {seq_len}])")

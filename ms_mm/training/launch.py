@@ -8,11 +8,12 @@ What it does, in order:
 2. `DRY_RUN=1`: hands the model json and parallel sizes to `python -m ms_mm.parallel.dryrun`
    (compiles the sharded graph for the simulated cluster) and stops;
 3. if the weights the scripts name are absent (`--load` dir, or the HF directory the data json
-   names: Qwen2.5-VL's `model_name_or_path`, DeepSeek-VL2's `processor_path`), prints one line
-   saying so and switches to the **embedded default** of the model family (`EMBEDDED_DEFAULTS`): a
-   tiny model in the upstream HF layout (`python -m convert.tiny`), converted with `mm-convert
-   hf_to_mm`, the family's bundled demo data, and a short finetune with one worker on CPU;
-   afterwards the result is converted back with `mm-convert mm_to_hf`;
+   names: the family's `EmbeddedDefault.hf_dir_key`, e.g. `model_name_or_path` or `processor_path`),
+   prints one line saying so and switches to the **embedded default** of the model family
+   (`Family.embedded_default`, found through `ms_mm.registry` by the model json's `model_id`): a tiny
+   model in the upstream HF layout (`Family.build_tiny`), converted with the family's converter
+   (`convert.hf_to_mm`), the family's bundled demo data, and a short finetune with one worker on CPU;
+   afterwards the result is converted back (`convert.mm_to_hf`);
 4. otherwise checks the sizes (world size vs. parallel sizes, expert count vs. EP, precision on this
    device) and starts training: directly for one worker, through `msrun` for more.
 
@@ -29,30 +30,13 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ms_mm import registry
 from ms_mm.training.arguments import ArgumentError, parse_args
 from ms_mm.training.trainer import check_parallel_sizes, device_target, family_and_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENTRY_SCRIPT = Path(__file__).resolve().with_name("pretrain_vlm.py")
 
-# model_id -> how to make its embedded default: the tiny HF builder (`convert.tiny FAMILY`), the
-# mm-convert converter and its extra flags, the demo-data module (`DATA_FILE`, `demo_data_config`,
-# CLI `--out DIR`) and its output dir, the model-json writer ("module:function", (hf_dir, user model json) -> dict), the
-# data-json key naming the HF directory, and where real weights come from (for the one-line note).
-EMBEDDED_DEFAULTS = {
-    "qwen2_5vl": {"tiny": "qwen2_5_vl", "converter": "Qwen2_5_VLConverter", "convert_flags": (),
-                  "name": "Qwen2.5-VL-tiny", "demo": "ms_mm.data.demo", "demo_dir": "data/demo",
-                  "model_json": "ms_mm.training.families:qwen2_5_vl_embedded_model_json",
-                  "hf_dir_key": "dataset_param.preprocess_parameters.model_name_or_path", "hub_org": "Qwen"},
-    "deepseekvl2": {"tiny": "deepseek_vl2", "converter": "DeepSeekVLConverter",
-                    "convert_flags": ("--cfg.trust_remote_code", "True"),
-                    "name": "DeepSeekVL2-tiny", "demo": "ms_mm.data.deepseek_vl2_demo",
-                    "demo_dir": "data/demo_deepseek_vl2",
-                    "model_json": "ms_mm.training.families:deepseek_vl2_embedded_model_json",
-                    "hf_dir_key": "dataset_param.processor_path", "hub_repo": "deepseek-ai/deepseek-vl2"},
-}
-EMBEDDED_DEFAULTS["qwen2_5_vl"] = EMBEDDED_DEFAULTS["qwen2_5vl"]
-EMBEDDED_DEFAULTS["deepseek_vl2"] = EMBEDDED_DEFAULTS["DeepSeek-VL2"] = EMBEDDED_DEFAULTS["deepseekvl2"]
 HF_DIR_KEY = "dataset_param.preprocess_parameters.model_name_or_path"   # families without a recipe
 
 
@@ -90,8 +74,17 @@ def _drop_flag(argv: List[str], flag: str) -> List[str]:
     return [a for a in argv if a != flag]
 
 
+def _embedded(model_id: str):
+    """The family's embedded-default recipe, or None (unknown model_id, or a family without one)."""
+    try:
+        return registry.get(model_id).embedded_default
+    except registry.UnknownFamilyError:
+        return None
+
+
 def _hf_dir_key(model_id: str) -> str:
-    return EMBEDDED_DEFAULTS.get(model_id, {}).get("hf_dir_key", HF_DIR_KEY)
+    emb = _embedded(model_id)
+    return emb.hf_dir_key if emb is not None else HF_DIR_KEY
 
 
 def _hf_dir(data_json: dict, model_id: str) -> Optional[str]:
@@ -111,52 +104,42 @@ def _weights_present(path: Optional[str]) -> bool:
     return p.is_dir() and any(p.iterdir())
 
 
-def _run(cmd: Sequence[str], what: str) -> None:
-    print(f"[ms-mm] {what}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    rc = subprocess.call(list(cmd), env=env)
-    if rc != 0:
-        raise SystemExit(f"[ms-mm] {what} failed (exit status {rc})")
-
-
-def _import(target: str):
-    import importlib
-
-    module, _, attr = target.partition(":")
-    module = importlib.import_module(module)
-    return getattr(module, attr) if attr else module
+def _say(what: str) -> None:
+    print(f"[ms-mm] {what}", flush=True)
 
 
 def prepare_embedded_default(model_id: str, user_model_json: dict, workdir: Path = Path(".")) -> dict:
     """Build (once) the tiny HF model, its MM conversion, the demo data and their jsons.
 
-    Returns {"load", "mm_model", "mm_data", "hf_dir", "converter", "convert_flags", "name"}; paths
+    Returns {"load", "mm_model", "mm_data", "hf_dir", "family", "trust_remote_code", "name"}; paths
     relative to `workdir`.
     """
-    recipe = EMBEDDED_DEFAULTS[model_id]
-    name = recipe["name"]
+    import convert
+
+    family = registry.get(model_id)
+    recipe = family.embedded_default
+    name = recipe.name
     hf_dir = workdir / "ckpt" / "hf_path" / name
     mm_dir = workdir / "ckpt" / "mm_path" / name
-    data_dir = workdir / recipe["demo_dir"]
-    conf_dir = workdir / "ckpt" / "embedded_default" / recipe["tiny"]
-    py = sys.executable
+    data_dir = workdir / recipe.demo_dir
+    conf_dir = workdir / "ckpt" / "embedded_default" / family.name
     if not (hf_dir / "config.json").is_file():
-        _run([py, "-m", "convert.tiny", recipe["tiny"], "--out", str(hf_dir)], "building the tiny model (HF layout)")
+        _say(f"building the tiny model (HF layout) in {hf_dir}")
+        family.build_tiny(hf_dir, 0)
     if not (mm_dir / "latest_checkpointed_iteration.txt").is_file():
-        _run([py, "-m", "convert.cli", recipe["converter"], "hf_to_mm", "--cfg.mm_dir", str(mm_dir),
-              "--cfg.hf_config.hf_dir", str(hf_dir), *recipe["convert_flags"]],
-             "converting it with mm-convert hf_to_mm")
-    demo = _import(recipe["demo"])
-    if not (data_dir / demo.DATA_FILE).is_file():
-        _run([py, "-m", recipe["demo"], "--out", str(data_dir)], "writing the bundled demo data")
+        _say(f"converting it with {family.converter} hf_to_mm into {mm_dir}")
+        convert.hf_to_mm(hf_dir, mm_dir, family.name, trust_remote_code=recipe.trust_remote_code)
+    if not (data_dir / recipe.demo_data_file).is_file():
+        _say(f"writing the bundled demo data into {data_dir}")
+        recipe.write_demo(data_dir)
     conf_dir.mkdir(parents=True, exist_ok=True)
     model_json = conf_dir / "model.json"
-    model_json.write_text(json.dumps(_import(recipe["model_json"])(hf_dir, user_model_json), indent=2))
+    model_json.write_text(json.dumps(recipe.model_json(hf_dir, user_model_json), indent=2))
     data_json = conf_dir / "data.json"
-    data_json.write_text(json.dumps(demo.demo_data_config(data_dir, processor_dir=hf_dir), indent=2))
+    data_json.write_text(json.dumps(recipe.demo_data_json(data_dir, hf_dir), indent=2))
     return {"load": str(mm_dir), "mm_model": str(model_json), "mm_data": str(data_json), "hf_dir": str(hf_dir),
-            "converter": recipe["converter"], "convert_flags": list(recipe["convert_flags"]), "name": name}
+            "family": family.name, "converter": family.converter, "trust_remote_code": recipe.trust_remote_code,
+            "name": name}
 
 
 def embedded_overrides(argv: List[str], emb: dict, device: str) -> List[str]:
@@ -260,13 +243,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         missing.append(f"{_hf_dir_key(model_id).rsplit('.', 1)[-1]} {hf_path}")
     embedded = None
     if missing:
-        if model_id not in EMBEDDED_DEFAULTS:
+        recipe = _embedded(model_id)
+        if recipe is None:
             print(f"error: {' and '.join(missing)} not found, and model_id {model_id!r} has no embedded default",
                   file=sys.stderr)
             return 2
-        recipe = EMBEDDED_DEFAULTS[model_id]
-        hub = recipe.get("hub_repo") or recipe["hub_org"] + "/" + Path(hf_path or args.load or "").name
-        convert = " ".join(["mm-convert", recipe["converter"], "hf_to_mm", *recipe["convert_flags"]])
+        hub = recipe.hub.format(name=Path(hf_path or args.load or "").name)
+        convert = " ".join(["mm-convert", registry.get(model_id).converter, "hf_to_mm",
+                            *(["--cfg.trust_remote_code", "True"] if recipe.trust_remote_code else [])])
         where = _hf_dir_key(model_id).rsplit(".", 1)[-1]
         print(f"[ms-mm] {' and '.join(missing)} not found: running the embedded default (tiny model + demo data, "
               f"1 worker on {device}); for real weights download {hub} to the data json's {where}, "
@@ -309,11 +293,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if rc != 0 or embedded is None:
         return rc
     if args.save:
+        import convert
+
         out = Path("ckpt") / "mm_to_hf" / embedded["name"]
-        _run([sys.executable, "-m", "convert.cli", embedded["converter"], "mm_to_hf",
-              "--cfg.save_hf_dir", str(out), "--cfg.mm_dir", args.save,
-              "--cfg.hf_config.hf_dir", embedded["hf_dir"], *embedded["convert_flags"]],
-             "converting the result back with mm-convert mm_to_hf")
+        _say(f"converting the result back with {embedded['converter']} mm_to_hf into {out}")
+        convert.mm_to_hf(args.save, embedded["hf_dir"], out, embedded["family"],
+                         trust_remote_code=embedded["trust_remote_code"])
         print(f"[ms-mm] embedded default done: finetuned checkpoint in {args.save}, HF layout in {out}", flush=True)
     return 0
 

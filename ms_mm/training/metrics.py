@@ -3,7 +3,7 @@
 The line format is Megatron's (`iteration  N/ T | consumed samples: ... | elapsed time per iteration
 (ms): ... | learning rate: ... | lm loss: ... | grad norm: ...`) so the post-processing in
 MindSpeed-MM's scripts (grep "elapsed time per iteration", "tokens per sample") works unchanged.
-Only rank 0 prints. A family's extra metrics (`ModelFamily.step_metrics`: MoE aux loss, expert
+Only rank 0 prints. A family's extra metrics (`Family.step_metrics`: MoE aux loss, expert
 load ...) are appended to the line as `name: value` (a list as `[v0 v1 ...]`) and written to
 TensorBoard as `name` (a list as `name/0`, `name/1`, ...).
 """

@@ -13,12 +13,13 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ms_mm.training.arguments import ArgumentError, TrainArgs, parse_args
-from ms_mm.training.registry import ModelFamily, get_family
+from ms_mm import registry
+from ms_mm.registry import Family
 
 DEVICE_ENV = "MS_MM_DEVICE_TARGET"
 DUMP_PARAMS_ENV = "MS_MM_DUMP_PARAMS_DIR"
@@ -64,7 +65,17 @@ def _lookup(d: dict, dotted: str):
     return d
 
 
-def apply_freeze(model, model_json: dict, family: ModelFamily, log) -> List:
+def freeze_switches(model_json: dict, defaults: Dict[str, bool]) -> Dict[str, bool]:
+    """The `freeze` switches of a user's model.json ({freeze-group path: bool}), `defaults` where it
+    has none (the embedded default trains what the real run would)."""
+    out = {}
+    for path, default in defaults.items():
+        flag = _lookup(model_json, path + ".freeze")
+        out[path] = bool(default if flag is None else flag)
+    return out
+
+
+def apply_freeze(model, model_json: dict, family: Family, log) -> List:
     """Set requires_grad=False on the groups model.json marks `"freeze": true`; return trainable params."""
     frozen_prefixes = []
     for path, prefixes in family.freeze_groups.items():
@@ -165,22 +176,22 @@ def _own_data_state(saved: dict, rank: int, world: int, where: str) -> dict:
 
 
 def family_and_config(model_json: dict, where: str):
-    """(ModelFamily, config) for a model json; errors name the json file."""
+    """(Family, config) for a model json; errors name the json file."""
     model_id = model_json.get("model_id")
     if not model_id:
         raise ArgumentError(f"--mm-model {where}: no \"model_id\" key")
     try:
-        family = get_family(model_id, where=f"--mm-model {where}")
+        family = registry.get(model_id, f"--mm-model {where}: model_id")
     except KeyError as e:
         raise ArgumentError(str(e.args[0])) from None
     try:
-        config = family.config_from_model_json(model_json)
+        config = family.config_from_json(model_json)
     except (ValueError, TypeError, KeyError) as e:
         raise ArgumentError(f"--mm-model {where}: {e.args[0] if isinstance(e, KeyError) else e}") from e
     return family, config
 
 
-def check_parallel_sizes(family: ModelFamily, config, args: TrainArgs, where: str) -> None:
+def check_parallel_sizes(family: Family, config, args: TrainArgs, where: str) -> None:
     if family.check_parallel_sizes is None:
         return
     try:
@@ -189,7 +200,7 @@ def check_parallel_sizes(family: ModelFamily, config, args: TrainArgs, where: st
         raise ArgumentError(f"--mm-model {where}: {e}") from None
 
 
-def _step_metrics(family: ModelFamily, config, step_fn, batches) -> dict:
+def _step_metrics(family: Family, config, step_fn, batches) -> dict:
     """The family's named metrics for one step: mean over micro-batches, then over DP ranks."""
     from ms_mm.training.metrics import flatten_metrics, mean_metrics, unflatten_metrics
 

@@ -22,7 +22,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from ms_mm.ops import CoreAttention, Embedding, GatedMLP, LayerNorm, Linear, RMSNorm, apply_rotary, gelu, use_fused
+from ms_mm.ops import CoreAttention, Embedding, GatedMLP, LayerNorm, Linear, RMSNorm, apply_rotary, gelu
 from ms_mm.models.bagel.layers import Conv2d, GroupNorm, upsample_nearest_2x
 
 __all__ = ["Bagel", "AutoEncoder", "LatentDecoder", "sincos_2d_table", "timestep_frequencies", "rope_inv_freq"]
@@ -101,7 +101,6 @@ class MoTAttention(nn.Cell):
         self.linear_proj = Linear(self.num_heads * self.head_dim, c.hidden_size, has_bias=False)
         self.linear_proj_moe_gen = Linear(self.num_heads * self.head_dim, c.hidden_size, has_bias=False)
         self.core_attention = CoreAttention(self.num_heads, self.num_kv_heads, head_dim=self.head_dim)
-        self.fused = use_fused()
 
     def _split_qkv(self, qkv):
         n = qkv.shape[0]
@@ -120,8 +119,8 @@ class MoTAttention(nn.Cell):
         q = ops.expand_dims(ops.transpose(ops.cat((q_u, q_g), 0), (1, 0, 2)), 0)
         k = ops.expand_dims(ops.transpose(ops.cat((k_u, k_g), 0), (1, 0, 2)), 0)
         v = ops.expand_dims(ops.transpose(ops.cat((v_u, v_g), 0), (1, 0, 2)), 0)
-        q = apply_rotary(q, cos, sin, self.fused)
-        k = apply_rotary(k, cos, sin, self.fused)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
         out = self.core_attention(q, k, v, mask)
         out = ops.reshape(ops.transpose(out[0], (1, 0, 2)), (-1, self.num_heads * self.head_dim))
         return self.linear_proj(out[:n_und]), self.linear_proj_moe_gen(out[n_und:])

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -441,3 +442,129 @@ def config_from_mindspeed(model_json: dict, candidate_resolutions=None, **langua
         if key in image:
             d[key] = image[key]
     return DeepseekVL2Config.from_dict(d)
+
+
+# ---------------------------------------------------------------------------- HF config.json
+_VISION_FIELDS = ("model_name", "image_size", "patch_size", "width", "layers", "heads", "mlp_ratio",
+                  "global_pool", "ignore_head", "class_token")
+_PROJECTOR_FIELDS = ("projector_type", "input_dim", "n_embed", "depth", "mlp_ratio", "downsample_ratio",
+                     "token_pooling")
+_LANGUAGE_FIELDS = tuple(f for f in LanguageConfig.__dataclass_fields__)
+
+
+def config_from_hf(hf: Dict[str, Any]) -> DeepseekVL2Config:
+    """Model config from an official DeepSeek-VL2 ``config.json`` dict (unused HF fields are ignored)."""
+    if not isinstance(hf, dict):
+        raise TypeError(f"config_from_hf expects the parsed config.json dict, got {type(hf).__name__}")
+    mt = hf.get("model_type")
+    if mt not in (None, "deepseek_vl_v2"):
+        raise ValueError(f"config.json model_type is {mt!r}, expected 'deepseek_vl_v2'")
+    for key in ("vision_config", "projector_config", "language_config"):
+        if not isinstance(hf.get(key), dict):
+            raise ValueError(f"config.json has no {key!r} section")
+    vis, proj, lang = hf["vision_config"], hf["projector_config"], hf["language_config"]
+    language = {k: lang[k] for k in _LANGUAGE_FIELDS if k in lang}
+    if "use_mla" not in lang:
+        language["use_mla"] = True  # DeepseekV2Config's default
+    if not language.get("use_mla", True):
+        # MHA configs carry placeholder MLA fields (null / 0): they mean nothing there
+        for k in ("kv_lora_rank", "q_lora_rank"):
+            language[k] = None
+    if language.get("num_key_value_heads") is None:
+        language["num_key_value_heads"] = language.get("num_attention_heads")
+    d = dict(vision_config={k: vis[k] for k in _VISION_FIELDS if k in vis},
+             projector_config={k: proj[k] for k in _PROJECTOR_FIELDS if k in proj},
+             language_config=language)
+    for k in ("tile_tag", "global_view_pos", "candidate_resolutions"):
+        if k in hf:
+            d[k] = hf[k]
+    return DeepseekVL2Config.from_dict(d)
+
+
+# ------------------------------------------------------------------- every json form, one reader
+# dry-run / CLI preset names -> `DeepseekVL2Config.preset` names
+PRESET_NAMES = {"tiny-deepseek": "tiny", "deepseek-vl2-tiny": "Tiny", "deepseek-vl2-small": "Small",
+                "deepseek-vl2": "Base", "deepseek-vl2-base": "Base"}
+
+
+def claims_json(d: Dict[str, Any]) -> bool:
+    """A DeepSeek-VL2 json without model_id: HF ``config.json`` / our ``to_dict()`` (``language_config``),
+    a preset override, or a MindSpeed-MM ``model.json`` with a SigLIP tower or MoE/MLA ``text_decoder``."""
+    if "language_config" in d or d.get("model_type") == "deepseek_vl_v2":
+        return True
+    if str(d.get("preset", "")) in PRESET_NAMES:  # ("tiny" alone is Qwen2.5-VL's)
+        return True
+    if isinstance(d.get("text_decoder"), dict):
+        vision = (d.get("image_encoder") or {}).get("vision_encoder") or {}
+        text = d["text_decoder"]
+        return (str(vision.get("model_name", "")).startswith("siglip")
+                or "num_moe_experts" in text or "multi_head_latent_attention" in text)
+    return False
+
+
+def config_from_json(d: Dict[str, Any]) -> DeepseekVL2Config:
+    """Any json form of this family: MindSpeed-MM ``model.json`` (``text_decoder`` + ``image_encoder``),
+    the HF ``config.json`` (``model_type``), ``{"preset": name, ...overrides}`` (dry-run or config preset
+    names; nested sections merge into the preset's) or our ``to_dict()`` form. Keys with no meaning
+    here are listed on stderr."""
+    if "text_decoder" in d:
+        return config_from_mindspeed(d)
+    if "model_type" in d:
+        return config_from_hf(d)
+    merged: Dict[str, Any] = {}
+    if "preset" in d:
+        merged = DeepseekVL2Config.preset(PRESET_NAMES.get(d["preset"], d["preset"])).to_dict()
+    for key, value in d.items():
+        if key in ("preset", "model_id"):
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    known = {f.name for f in dataclasses.fields(DeepseekVL2Config)}
+    dropped = sorted(k for k in merged if k not in known)
+    if dropped:
+        print(f"ms-mm: ignored DeepSeek-VL2 model json key(s): {', '.join(dropped)}", file=sys.stderr)
+    return DeepseekVL2Config.from_dict({k: v for k, v in merged.items() if k in known})
+
+
+def mindspeed_model_json(config, *, freeze: Optional[Dict[str, bool]] = None) -> Dict[str, Any]:
+    """MindSpeed-MM DeepSeek-VL2 model.json for `config` (read back by `config_from_mindspeed`).
+
+    The SigLIP tower is named by `model_name`; its sizes are written out too, so a tower smaller than
+    the named one (the embedded default's tiny model) round-trips. freeze: {"vision_encoder",
+    "vision_projector", "text_decoder"} (default: nothing frozen, as the released example).
+    """
+    v, p, t = config.vision_config, config.projector_config, config.language_config
+    freeze = {"vision_encoder": False, "vision_projector": False, "text_decoder": False, **(freeze or {})}
+    text = {"model_id": "deepseek"}
+    for theirs, ours in _MEGATRON_TEXT.items():
+        value = getattr(t, ours)
+        if value is not None:
+            text[theirs] = value
+    text.update(multi_head_latent_attention=bool(t.use_mla), normalization="RMSNorm", activation_func=t.hidden_act,
+                position_embedding_type="rope", gated_linear_unit=True, add_bias_linear=False,
+                add_qkv_bias=False, moe_router_load_balancing_type=(
+                    "noaux_tc" if t.topk_method == "noaux_tc" else "aux_loss"),
+                freeze=bool(freeze["text_decoder"]))
+    return {
+        "model_id": "DeepSeek-VL2",
+        "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id,
+        "text_decoder": text,
+        "image_encoder": {
+            "tile_tag": config.tile_tag, "global_view_pos": config.global_view_pos,
+            "candidate_resolutions": [list(map(int, r)) for r in config.candidate_resolutions],
+            "vision_encoder": {
+                "model_id": "SigLip", "model_name": v.model_name, "image_size": v.image_size,
+                "patch_size": v.patch_size, "width": v.width, "layers": v.layers, "heads": v.heads,
+                "mlp_ratio": v.mlp_ratio, "select_layer": -1, "freeze": bool(freeze["vision_encoder"]),
+            },
+            "vision_projector": {
+                "model_id": "DeepSeekVL2MLP", "projector_type": p.projector_type, "input_dim": p.input_dim,
+                "n_embed": p.n_embed, "depth": p.depth, "mlp_ratio": p.mlp_ratio,
+                "downsample_ratio": p.downsample_ratio, "freeze": bool(freeze["vision_projector"]),
+            },
+        },
+        "text_encoder": None,
+        "video_encoder": None,
+    }

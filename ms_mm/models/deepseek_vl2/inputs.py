@@ -28,7 +28,7 @@ __all__ = ["MODEL_INPUT_NAMES", "select_best_resolution", "tile_grid", "num_imag
 def select_best_resolution(image_size: Tuple[int, int], candidate_resolutions) -> Tuple[int, int]:
     """(width, height) of the candidate that keeps the most of the image after an aspect-preserving
     resize, ties broken by the least padding (upstream processor rule, first best wins). The one
-    copy of the rule: the data pipeline's tiling (`ms_mm.data.deepseek_vl2`) uses it too."""
+    copy of the rule: the data pipeline's tiling (`ms_mm.models.deepseek_vl2.processing`) uses it too."""
     width, height = image_size
     best, best_effective, best_wasted = None, 0, float("inf")
     for cand_w, cand_h in candidate_resolutions:

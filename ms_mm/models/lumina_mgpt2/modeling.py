@@ -22,7 +22,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import One, Zero, initializer
 
-from ms_mm.ops import CoreAttention, Embedding, GatedMLP, Linear, RMSNorm, rotate_half, use_fused
+from ms_mm.ops import CoreAttention, Embedding, GatedMLP, Linear, RMSNorm, apply_rotary
 from ms_mm.models.lumina_mgpt2.config import QK_NORM_EPS, LuminaMGPT2Config
 
 __all__ = ["LuminaMGPT2ForCausalLM", "LuminaDecoder", "GroupedHeadLayerNorm", "causal_lm_losses", "logsumexp"]
@@ -82,7 +82,6 @@ class LuminaAttention(nn.Cell):
         scale = float(c.rope_scaling["factor"]) if c.rope_scaling else 1.0
         inv = 1.0 / (c.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
         self.inv_freq = Tensor((inv / scale).astype(np.float32))  # linear scaling = positions / factor
-        self.fused = use_fused()
 
     def construct(self, x, position_ids, mask):
         b, s, _ = x.shape
@@ -94,8 +93,8 @@ class LuminaAttention(nn.Cell):
         q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))
         cos, sin = _rope_cos_sin(position_ids, self.inv_freq)
         cos, sin = cos.astype(q.dtype), sin.astype(q.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
         out = self.core_attention(q, k, v, mask)
         return self.linear_proj(ops.transpose(out, (0, 2, 1, 3)).reshape(b, s, self.heads * d))
 

@@ -12,7 +12,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from ms_mm.ops import CoreAttention, Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, gelu, use_fused
+from ms_mm.ops import CoreAttention, Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, gelu
 
 # Additive mask value: exp() of it underflows to exactly 0 in fp32, and adding it to a score
 # never overflows (unlike finfo.min + a negative score).
@@ -75,7 +75,6 @@ class VisionAttention(nn.Cell):
         self.linear_qkv = Linear(vc.hidden_size, 3 * vc.hidden_size, has_bias=True)
         self.linear_proj = Linear(vc.hidden_size, vc.hidden_size, has_bias=True)
         self.core_attention = CoreAttention(vc.num_heads, vc.num_heads, head_dim=vc.head_dim)
-        self.fused = use_fused()
 
     def construct(self, x, cos, sin, mask):
         n = x.shape[0]
@@ -83,8 +82,8 @@ class VisionAttention(nn.Cell):
         qkv = ops.expand_dims(ops.transpose(qkv, (2, 1, 0, 3)), 1)  # [3, 1, heads, N, hd]
         q, k, v = qkv[0], qkv[1], qkv[2]
         # upstream rotates the vision q/k in fp32 whatever the compute dtype
-        q = ops.cast(apply_rotary(ops.cast(q, ms.float32), cos, sin, self.fused), x.dtype)
-        k = ops.cast(apply_rotary(ops.cast(k, ms.float32), cos, sin, self.fused), x.dtype)
+        q = ops.cast(apply_rotary(ops.cast(q, ms.float32), cos, sin), x.dtype)
+        k = ops.cast(apply_rotary(ops.cast(k, ms.float32), cos, sin), x.dtype)
         out = self.core_attention(q, k, v, mask)  # [1, heads, N, hd]
         out = ops.reshape(ops.transpose(out[0], (1, 0, 2)), (n, self.num_heads * self.head_dim))
         return self.linear_proj(out)
@@ -194,7 +193,6 @@ class TextAttention(nn.Cell):
         self.linear_qkv = Linear(tc.hidden_size, qkv_out, has_bias=True)
         self.linear_proj = Linear(self.num_heads * self.head_dim, tc.hidden_size, has_bias=False)
         self.core_attention = CoreAttention(self.num_heads, self.num_kv_heads, head_dim=self.head_dim)
-        self.fused = use_fused()
 
     def construct(self, x, cos, sin, mask):
         b, s, _ = x.shape
@@ -202,8 +200,8 @@ class TextAttention(nn.Cell):
         q = ops.reshape(qkv[:, :, :, : self.group], (b, s, self.num_heads, self.head_dim))
         k = qkv[:, :, :, self.group]
         v = qkv[:, :, :, self.group + 1]
-        q = apply_rotary(ops.transpose(q, (0, 2, 1, 3)), cos, sin, self.fused)
-        k = apply_rotary(ops.transpose(k, (0, 2, 1, 3)), cos, sin, self.fused)
+        q = apply_rotary(ops.transpose(q, (0, 2, 1, 3)), cos, sin)
+        k = apply_rotary(ops.transpose(k, (0, 2, 1, 3)), cos, sin)
         v = ops.transpose(v, (0, 2, 1, 3))
         out = self.core_attention(q, k, v, mask)  # [B, N, S, hd]
         out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, s, self.num_heads * self.head_dim))

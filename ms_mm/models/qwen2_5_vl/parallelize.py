@@ -76,11 +76,7 @@ class Qwen2_5_VLPlan:
         pc.stage_layers("llm_pp_layers", config.text.num_hidden_layers)
         pc.stage_layers("vit_pp_layers", config.vision.depth, default_all_first=True)
 
-    def check_batch(self, pc: ParallelConfig, batch_size: int, seq_len: int) -> None:
-        """The global batch rows are split by dp (and into micro batches by the pipeline)."""
-        if batch_size % pc.dp:
-            raise ParallelConfigError(f"dp={pc.dp} does not divide the global batch size {batch_size} "
-                                      f"(input_ids has shape [{batch_size}, {seq_len}])")
+    check_batch = staticmethod(sharding.check_batch_rows)
 
     # ----------------------------------------------------------------------------------- apply
     def apply(self, model, pc: ParallelConfig):
@@ -151,3 +147,36 @@ def _shard_block(block, dp, tp, rank, mask_batch):
 
 
 PLAN = Qwen2_5_VLPlan()
+
+
+def synthetic_batch(config, batch_size: int, seq_len: int, image_tokens: Optional[int] = None):
+    """Dry-run model inputs for ``batch_size`` samples of ``seq_len`` tokens, each with one square image.
+
+    The image takes about a quarter of the sequence (at least one merged 2x2 patch group) unless
+    ``image_tokens`` says how many merged tokens; all other tokens are supervised text.
+    """
+    import numpy as np
+    from ms_mm.models.qwen2_5_vl import build_model_inputs
+    vc = config.vision
+    budget = seq_len - 2 if image_tokens is None else image_tokens
+    side = max(1, int((seq_len // 4 if image_tokens is None else budget) ** 0.5))
+    if side * side + 2 > seq_len:
+        raise ValueError(f"seq_len={seq_len} is too short for an image of {side * side} tokens plus its "
+                         f"start/end markers")
+    merge = vc.spatial_merge_size
+    grid = [1, side * merge, side * merge]
+    n_patches = side * side * vc.merge_unit
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, min(config.vision_start_token_id, config.text.vocab_size - 1),
+                       size=(batch_size, seq_len)).astype(np.int64)
+    ids[:, 0] = config.vision_start_token_id
+    ids[:, 1:1 + side * side] = config.image_token_id
+    ids[:, 1 + side * side] = config.vision_end_token_id
+    labels = ids.copy()
+    labels[:, : 2 + side * side] = -100
+    batch = {
+        "input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels,
+        "pixel_values": rng.standard_normal((batch_size * n_patches, vc.patch_dim)).astype(np.float32),
+        "image_grid_thw": np.array([grid] * batch_size, np.int64),
+    }
+    return build_model_inputs(batch, config)

@@ -1,12 +1,12 @@
 """The bundled demo data (`ms_mm.data.demo`) in DeepSeek-VL2's jsonl format, and its data.json.
 
-    python -m ms_mm.data.deepseek_vl2_demo --out DIR [--n 256] [--seed 0]
+    python -m ms_mm.models.deepseek_vl2.demo --out DIR [--n 256] [--seed 0]
 
 writes `DIR/images/*.png` and `DIR/deepseek_vl2_demo_data.jsonl`: one record a line,
 `{"id": i, "conversations": [{"role": "<|User|>", "content": "<image>...", "images": [...]},
 {"role": "<|Assistant|>", "content": "..."}, ...]}` with image paths relative to DIR (the
 `data_folder`). `demo_data_config(DIR)` is the matching MindSpeed-MM `data.json` dict, using the
-bundled tiny tokenizer (`ms_mm/assets/deepseek_vl2_tokenizer`) unless a processor dir is given,
+bundled tiny tokenizer (`ms_mm/models/deepseek_vl2/assets`) unless a processor dir is given,
 so a DeepSeek-VL2 example runs on a CPU with no downloads.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def make_demo_dataset(out_dir: str | os.PathLike, n: int = 256, seed: int = 0,
 def demo_data_config(out_dir: str | os.PathLike, processor_dir: str | os.PathLike | None = None,
                      max_length: int | None = DEMO_MAX_LENGTH) -> dict:
     """A DeepSeek-VL2 `data.json` dict (MindSpeed-MM layout) for the demo data in `out_dir`."""
-    from ms_mm.data.deepseek_vl2_tokenizer import asset_dir, special_ids
+    from ms_mm.models.deepseek_vl2.tokenizer import asset_dir, special_ids
 
     out_dir = Path(out_dir)
     pad_id = special_ids()["pad_token_id"] if processor_dir is None else None

@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Callable, Sequence
 
 import numpy as np
 
 from ms_mm.data.errors import BadSampleError
+from ms_mm.data.images import ImageLike, load_image
+from ms_mm.data.loader import (IGNORE_INDEX, MllmDataLoader, collate, load_data_config, loader_from_config,
+                               padded_length, section as _section)
 
-IGNORE_INDEX = -100
 DEFAULT_SYSTEM = "You are a helpful assistant."
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
@@ -41,26 +43,6 @@ VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|i
 # Literal vision tokens in user text would be expanded like real images and break the count.
 _RESERVED_IN_TEXT = (VISION_START, VISION_END, IMAGE_PAD, "<|video_pad|>", "<|vision_pad|>")
 
-ImageLike = Union[str, os.PathLike, "PIL.Image.Image"]  # noqa: F821
-
-
-def load_image(image: ImageLike):
-    """Open an image as RGB, decoding it fully now so a corrupt file fails here, by name."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = os.fspath(image)
-    if not os.path.isfile(path):
-        raise BadSampleError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError)
-        raise BadSampleError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
-
-
 class Qwen2VLDataProcessor:
     """Turns `(messages, images)` into the unbatched processor dict:
 
@@ -68,7 +50,7 @@ class Qwen2VLDataProcessor:
     (float32), `image_grid_thw [I, 3]` (int64).
 
     `processor_dir` holds the tokenizer files and `preprocessor_config.json` (an HF Qwen2-VL /
-    Qwen2.5-VL checkpoint dir, or `ms_mm.data.tiny_tokenizer.asset_dir()`). `min_pixels` /
+    Qwen2.5-VL checkpoint dir, or `ms_mm.models.qwen2_5_vl.tokenizer.asset_dir()`). `min_pixels` /
     `max_pixels` override the image processor's pixel budget (data json `image_min_pixels` /
     `image_max_pixels`); None keeps the checkpoint's value.
     """
@@ -265,3 +247,74 @@ class Qwen2VLDataProcessor:
             "pixel_values": pixel_values,
             "image_grid_thw": grid_thw,
         }
+
+
+# ------------------------------------------------------------------ data json -> loader
+def _default_model_inputs_fn(model_config):
+    from ms_mm.models.qwen2_5_vl.inputs import build_model_inputs
+
+    return lambda batch: build_model_inputs(batch, model_config)
+
+
+def build_processor(data_cfg: dict):
+    """The `Qwen2VLDataProcessor` a `data_*.json` dict describes."""
+    dp = _section(data_cfg, "dataset_param")
+    pre = _section(dp, "preprocess_parameters", "dataset_param.")
+    basic = _section(dp, "basic_parameters", "dataset_param.")
+    if "model_name_or_path" not in pre:
+        raise KeyError("data config: dataset_param.preprocess_parameters.model_name_or_path is required")
+    return Qwen2VLDataProcessor(
+        pre["model_name_or_path"], pre.get("image_min_pixels"), pre.get("image_max_pixels"),
+        template=basic.get("template", "qwen2vl"), cutoff_len=basic.get("cutoff_len", 1024),
+        train_on_prompt=bool(basic.get("train_on_prompt", False)),
+        mask_history=bool(basic.get("mask_history", False)))
+
+
+def build_dataset(data_cfg: dict, processor=None):
+    """The `MllmDataset` a `data_*.json` dict describes."""
+    from ms_mm.data.mllm_dataset import MllmDataset, resolve_dataset_files
+
+    dp = _section(data_cfg, "dataset_param")
+    basic = _section(dp, "basic_parameters", "dataset_param.")
+    if "dataset" not in basic:
+        raise KeyError("data config: dataset_param.basic_parameters.dataset is required")
+    dataset_dir = basic.get("dataset_dir")
+    files = resolve_dataset_files(basic["dataset"], dataset_dir)
+    return MllmDataset(files, processor or build_processor(data_cfg), dataset_dir=dataset_dir,
+                       attr=dp.get("attr"), max_samples=basic.get("max_samples"))
+
+
+def build_dataloader(data_cfg: dict, model_config=None, micro_batch_size: int = 1, seed: int = 1234,
+                     rank: int = 0, world_size: int = 1, num_workers: int | None = None,
+                     skip_bad_samples: bool = False, *, model_inputs_fn: Callable | None = None,
+                     num_epochs: int | None = None, worker_type: str | None = None) -> MllmDataLoader:
+    """The training loader for a Qwen2.5-VL `data_*.json` dict (MindSpeed-MM layout, mllm_format data).
+
+    Batches go through `ms_mm.models.qwen2_5_vl.inputs.build_model_inputs(batch, model_config)`
+    when `model_config` is given (or through `model_inputs_fn` if given); with neither they are
+    the plain processor batches. `dataloader_param` supplies `shuffle` (default true),
+    `drop_last` (true), `num_workers` (2; the argument wins when not None), `prefetch_batches`
+    (4), `worker_type` ("thread" or "process"; the argument wins), and the padding policy: `pad_to` = "longest" (default), "cutoff_len" or an int, and
+    `pad_multiple` (bucket rounding). `data_cfg` may also be the path of the json file."""
+    if isinstance(data_cfg, (str, os.PathLike)):
+        data_cfg = load_data_config(data_cfg)
+    dl = data_cfg.get("dataloader_param", {}) or {}
+    dataset = build_dataset(data_cfg)
+    processor = dataset.processor
+    pad_to = dl.get("pad_to", "longest")
+    if pad_to == "cutoff_len":
+        if processor.cutoff_len is None:
+            raise ValueError("dataloader_param.pad_to is 'cutoff_len' but no cutoff_len is set")
+        pad_to = processor.cutoff_len
+    pad_multiple = dl.get("pad_multiple")
+    pad_id = processor.pad_token_id
+    padded_length([1], pad_to, pad_multiple)  # validate now, not in the producer thread
+
+    def collate_fn(samples):
+        return collate(samples, pad_id, pad_to, pad_multiple)
+
+    if model_inputs_fn is None and model_config is not None:
+        model_inputs_fn = _default_model_inputs_fn(model_config)
+    return loader_from_config(dl, dataset, micro_batch_size, collate_fn, seed=seed, rank=rank, world_size=world_size,
+                              num_workers=num_workers, skip_bad_samples=skip_bad_samples, num_epochs=num_epochs,
+                              model_inputs_fn=model_inputs_fn, worker_type=worker_type)

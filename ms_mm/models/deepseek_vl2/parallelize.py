@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from ms_mm.parallel import sharding
 from ms_mm.parallel.config import Divisibility, ParallelConfig, ParallelConfigError
-from ms_mm.parallel.qwen2_5_vl import Qwen2_5_VLPlan
 
 _LLM = "text_decoder.decoder.layers.*"
 _VIT = "image_encoder.encoder.blocks.*"
@@ -124,8 +123,8 @@ class DeepseekVL2Plan:
         if has_experts:
             pc.check_divisible(self.ep_requirements(config))
 
-    # the global batch rows are split by dp, as for Qwen2.5-VL
-    check_batch = Qwen2_5_VLPlan.check_batch
+    # the global batch rows are split by dp
+    check_batch = staticmethod(sharding.check_batch_rows)
 
     # ----------------------------------------------------------------------------------- apply
     def apply(self, model, pc: ParallelConfig):
@@ -208,3 +207,25 @@ def _shard_attention(attn, dp, tp):
 
 
 PLAN = DeepseekVL2Plan()
+
+
+def synthetic_batch(config, batch_size: int, seq_len: int):
+    """DeepSeek-VL2 inputs: per sample one image cropped to 1x1 tiles (global view + one local
+    tile) right after the first token, the rest supervised text."""
+    import numpy as np
+    from ms_mm.models.deepseek_vl2 import build_model_inputs
+    from ms_mm.models.deepseek_vl2.inputs import num_image_tokens
+    n_image = num_image_tokens(1, 1, config)
+    if n_image + 2 > seq_len:
+        raise ValueError(f"seq_len={seq_len} is too short for a 1x1-tile image of {n_image} tokens plus text")
+    tile, vocab = config.vision_config.image_size, config.language_config.vocab_size
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab, size=(batch_size, seq_len)).astype(np.int64)
+    seq_mask = np.zeros((batch_size, seq_len), bool)
+    seq_mask[:, 1:1 + n_image] = True
+    labels = np.where(seq_mask, -100, ids)
+    labels[:, 0] = -100
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels,
+             "images": rng.standard_normal((batch_size, 2, 3, tile, tile)).astype(np.float32),
+             "images_seq_mask": seq_mask, "images_spatial_crop": np.ones((batch_size, 1, 2), np.int64)}
+    return build_model_inputs(batch, config)

@@ -1,4 +1,4 @@
-"""A toy vision-language family (`model_id: "toy_vlm"`) for exercising the engine on any machine.
+"""A toy vision-language model (`model_id: "toy_vlm"`) for exercising the engine on any machine.
 
 It has the parameter-name structure of the real families (`image_encoder.encoder.*`,
 `image_encoder.projector.*`, `text_decoder.*`), so freezing, checkpoint layout, resume and data
@@ -17,8 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from ms_mm.training.registry import ModelFamily
 
 INPUT_NAMES = ("input_ids", "pixel_values", "labels")
 
@@ -139,19 +137,3 @@ class ToyLoader:
 def build_toy_loader(data_cfg, cfg, micro_batch_size, seed, rank, world_size, num_workers=0,
                      skip_bad_samples=False):
     return ToyLoader(cfg, int(data_cfg.get("num_samples", 256)), micro_batch_size, seed, rank, world_size)
-
-
-def toy_family() -> ModelFamily:
-    return ModelFamily(
-        name="toy_vlm", model_ids=("toy_vlm",),
-        config_from_model_json=ToyConfig.from_model_json,
-        build_model=build_toy_model,
-        input_names=INPUT_NAMES,
-        build_dataloader=build_toy_loader,
-        freeze_groups={
-            "image_encoder.vision_encoder": ("image_encoder.encoder.",),
-            "image_encoder.vision_projector": ("image_encoder.projector.",),
-            "text_decoder": ("text_decoder.",),
-        },
-        count_tokens=lambda batch: int(np.asarray(batch["input_ids"]).size),
-    )

@@ -43,9 +43,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ms_mm.data.errors import BadSampleError
-from ms_mm.data.loader import MllmDataLoader, load_data_config, padded_length
+from ms_mm.data.images import load_image
+from ms_mm.data.loader import IGNORE_INDEX, load_data_config, loader_from_config, padded_length
 from ms_mm.data.mllm_dataset import _BadRecord, read_records
-from ms_mm.data.processor import IGNORE_INDEX, load_image
 from ms_mm.models.deepseek_vl2.inputs import select_best_resolution  # numpy only: one copy of the rule
 
 __all__ = [
@@ -100,7 +100,7 @@ class DeepseekVL2DataProcessor:
     """One conversation + images → the upstream processor's arrays (see the module docstring).
 
     `processor_dir` holds the tokenizer files and `processor_config.json` (an HF DeepSeek-VL2
-    checkpoint directory, or `ms_mm/assets/deepseek_vl2_tokenizer`). `max_length` (optional)
+    checkpoint directory, or `ms_mm/models/deepseek_vl2/assets`). `max_length` (optional)
     truncates longer samples at the end, unless that would cut into an image (a bad sample).
     `mask_prompt` / `inference_mode` override the config / default (training: EOS kept)."""
 
@@ -502,10 +502,6 @@ def build_deepseek_vl2_dataloader(data_cfg, model_config=None, micro_batch_size:
         def model_inputs_fn(batch):
             return build_model_inputs(batch, model_config)
 
-    return MllmDataLoader(
-        dataset, micro_batch_size, collate_fn, seed=seed, rank=rank, world_size=world_size,
-        shuffle=bool(dl.get("shuffle", True)), drop_last=bool(dl.get("drop_last", True)),
-        num_workers=num_workers if num_workers is not None else int(dl.get("num_workers", 2)),
-        prefetch_batches=int(dl.get("prefetch_batches", 4)), skip_bad_samples=skip_bad_samples,
-        num_epochs=num_epochs, model_inputs_fn=model_inputs_fn,
-        worker_type=worker_type or dl.get("worker_type", "thread"))
+    return loader_from_config(dl, dataset, micro_batch_size, collate_fn, seed=seed, rank=rank, world_size=world_size,
+                              num_workers=num_workers, skip_bad_samples=skip_bad_samples, num_epochs=num_epochs,
+                              model_inputs_fn=model_inputs_fn, worker_type=worker_type)

@@ -1,6 +1,6 @@
 """The bundled tiny DeepSeek-VL2 tokenizer + processor config: how they are built, where they live.
 
-`ms_mm/assets/deepseek_vl2_tokenizer/` holds, in the layout of a DeepSeek-VL2 checkpoint's
+`ms_mm/models/deepseek_vl2/assets/` holds, in the layout of a DeepSeek-VL2 checkpoint's
 processor files, a small byte-level BPE tokenizer (`tokenizer.json`, `tokenizer_config.json`,
 `special_tokens_map.json`; loads as `LlamaTokenizerFast`) with the DeepSeek-VL2 special tokens,
 and a `processor_config.json` for `DeepseekVL2DataProcessor` with 70 px tiles (patch 14,
@@ -8,20 +8,22 @@ downsample 2: 3 x 3 tokens a tile) and candidate resolutions up to 140 x 140 —
 `DeepseekVL2Config.preset("tiny")` model. `special_ids.json` records the vocabulary size (384,
 the tiny preset's) and the token ids, for whoever builds the tiny model around it.
 
-The demo data (`ms_mm.data.demo`, converted by `ms_mm.data.deepseek_vl2_demo`) is written in words
+The demo data (`ms_mm.data.demo`, converted by `ms_mm.models.deepseek_vl2.demo`) is written in words
 this tokenizer encodes in a few tokens. Regenerate the files deterministically with
 
-    python -m ms_mm.data.deepseek_vl2_tokenizer [OUT_DIR]    # default: the bundled asset directory
+    python -m ms_mm.models.deepseek_vl2.tokenizer [OUT_DIR]    # default: the bundled asset directory
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
-ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "deepseek_vl2_tokenizer"
+from ms_mm.data.tiny_tokenizer import BundledTokenizer, add_tokens, added_token_ids, train_byte_level_bpe, write_json
+
+ASSET_DIR = Path(__file__).resolve().parent / "assets"
+BUNDLED = BundledTokenizer(ASSET_DIR, "python -m ms_mm.models.deepseek_vl2.tokenizer")
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -81,72 +83,33 @@ def _training_corpus() -> list[str]:
 def build_tiny_tokenizer(out_dir: str | os.PathLike = ASSET_DIR) -> dict:
     """(Re)generate the tokenizer + processor files in `out_dir`; returns the special-id record.
     Deterministic: the same library versions give byte-identical files."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import LlamaTokenizerFast
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    bpe = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB_SIZE, min_frequency=1, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    bpe.train_from_iterator(_training_corpus() * 3, trainer=trainer)
+    bpe = train_byte_level_bpe(_training_corpus(), BPE_VOCAB_SIZE, SPLIT_REGEX)
     n_bpe = bpe.get_vocab_size()
-    if n_bpe != BPE_VOCAB_SIZE:
-        raise RuntimeError(f"tiny tokenizer corpus too small: learned {n_bpe} BPE tokens, need {BPE_VOCAB_SIZE}")
-    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    add_tokens(bpe, SPECIAL_TOKENS)
     tok = LlamaTokenizerFast(
         tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=None,
         add_bos_token=False, add_eos_token=False, legacy=False, clean_up_tokenization_spaces=False,
         additional_special_tokens=["<|User|>", "<|Assistant|>"], model_max_length=4096,
         use_default_system_prompt=False)
     tok.save_pretrained(str(out_dir))
-
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    if ids != {t: n_bpe + i for i, t in enumerate(SPECIAL_TOKENS)} or len(tok) != VOCAB_SIZE:
-        raise RuntimeError(f"tiny tokenizer special tokens are not contiguous: {ids}")
+    ids = added_token_ids(tok, SPECIAL_TOKENS, n_bpe, VOCAB_SIZE)
     record = {
         "vocab_size": VOCAB_SIZE, "tokenizer_size": len(tok),
         "bos_token_id": ids[BOS], "eos_token_id": ids[EOS], "pad_token_id": ids[PAD],
         "image_token_id": ids["<image>"], "tokens": ids,
     }
-    _write_json(out_dir / "special_ids.json", record)
-    _write_json(out_dir / "processor_config.json", PROCESSOR_CONFIG)
+    write_json(out_dir / "special_ids.json", record)
+    write_json(out_dir / "processor_config.json", PROCESSOR_CONFIG)
     return record
 
 
-def _write_json(path: Path, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, sort_keys=True)
-        f.write("\n")
-
-
-def asset_dir() -> Path:
-    """The bundled processor directory (a `processor_path` for `DeepseekVL2DataProcessor`)."""
-    if not (ASSET_DIR / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"bundled tiny DeepSeek-VL2 tokenizer missing at {ASSET_DIR}; regenerate it "
-                                "with `python -m ms_mm.data.deepseek_vl2_tokenizer`")
-    return ASSET_DIR
-
-
-def special_ids() -> dict:
-    """The bundled tokenizer's id record (`special_ids.json`)."""
-    with open(asset_dir() / "special_ids.json", encoding="utf-8") as f:
-        return json.load(f)
-
-
-def copy_assets(dst_dir: str | os.PathLike) -> list[Path]:
-    """Copy the tokenizer + processor files (not `special_ids.json`) into an HF checkpoint
-    directory, as a released DeepSeek-VL2 checkpoint carries them; returns the copies."""
-    dst_dir = Path(dst_dir)
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    return [Path(shutil.copy2(src, dst_dir / src.name)) for src in sorted(asset_dir().iterdir())
-            if src.is_file() and src.name != "special_ids.json"]
+# the bundled directory (a processor dir, and the files a tiny checkpoint carries), its id record,
+# and copying it into a checkpoint (every file but special_ids.json)
+asset_dir, special_ids, copy_assets = BUNDLED.asset_dir, BUNDLED.special_ids, BUNDLED.copy_assets
 
 
 if __name__ == "__main__":
