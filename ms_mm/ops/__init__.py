@@ -6,12 +6,14 @@ keeping its primitives as attributes so parallel plans can shard them) and the s
 helpers (rotary, GELU variants, SiLU). Models import from here and never check the device.
 """
 from ms_mm.ops.attention import CoreAttention
-from ms_mm.ops.functional import apply_rotary, gelu, rotate_half, silu, swiglu
+from ms_mm.ops.conv import Conv2d, GroupNorm, resize_nearest, upsample_nearest
+from ms_mm.ops.functional import apply_rotary, gelu, logsumexp, rotate_half, silu, swiglu
 from ms_mm.ops.switch import kernels, use_fused
 from ms_mm.ops.layers import Embedding, GatedMLP, LayerNorm, Linear, RMSNorm
 
 __all__ = [
     "kernels", "use_fused",
     "Linear", "RMSNorm", "LayerNorm", "Embedding", "CoreAttention", "GatedMLP",
-    "rotate_half", "apply_rotary", "gelu", "silu", "swiglu",
+    "rotate_half", "apply_rotary", "gelu", "silu", "swiglu", "logsumexp",
+    "Conv2d", "GroupNorm", "upsample_nearest", "resize_nearest",
 ]

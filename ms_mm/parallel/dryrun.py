@@ -33,7 +33,6 @@ level=1, dtype="bf16") -> list[RankResult]``; ``load_model_config(spec)``;
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os

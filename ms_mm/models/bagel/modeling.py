@@ -23,7 +23,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from ms_mm.ops import CoreAttention, Embedding, GatedMLP, LayerNorm, Linear, RMSNorm, apply_rotary, gelu
-from ms_mm.models.bagel.layers import Conv2d, GroupNorm, upsample_nearest_2x
+from ms_mm.ops import Conv2d, GroupNorm, upsample_nearest
 
 __all__ = ["Bagel", "AutoEncoder", "LatentDecoder", "sincos_2d_table", "timestep_frequencies", "rope_inv_freq"]
 
@@ -444,7 +444,7 @@ class Upsample(nn.Cell):
         self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def construct(self, x):
-        return self.conv(upsample_nearest_2x(x))
+        return self.conv(upsample_nearest(x, 2, 2))
 
 
 class _Level(nn.Cell):

@@ -44,7 +44,7 @@ import numpy as np
 
 from ms_mm.data.errors import BadSampleError
 from ms_mm.data.images import load_image
-from ms_mm.data.loader import IGNORE_INDEX, load_data_config, loader_from_config, padded_length
+from ms_mm.data.loader import IGNORE_INDEX, MllmDataLoader, load_data_config, loader_from_config, padded_length
 from ms_mm.data.mllm_dataset import _BadRecord, read_records
 from ms_mm.models.deepseek_vl2.inputs import select_best_resolution  # numpy only: one copy of the rule
 

@@ -22,10 +22,10 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import One, Zero, initializer
 
-from ms_mm.ops import CoreAttention, Embedding, GatedMLP, Linear, RMSNorm, apply_rotary
+from ms_mm.ops import CoreAttention, Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, logsumexp
 from ms_mm.models.lumina_mgpt2.config import QK_NORM_EPS, LuminaMGPT2Config
 
-__all__ = ["LuminaMGPT2ForCausalLM", "LuminaDecoder", "GroupedHeadLayerNorm", "causal_lm_losses", "logsumexp"]
+__all__ = ["LuminaMGPT2ForCausalLM", "LuminaDecoder", "GroupedHeadLayerNorm", "causal_lm_losses"]
 
 _FP32_MIN = float(np.finfo(np.float32).min)
 
@@ -183,17 +183,6 @@ class LuminaDecoder(nn.Cell):
         return logits
 
 
-_E = Tensor(np.float32(np.e))
-
-
-def logsumexp(x):
-    """log(sum(exp(x))) over the last axis, accurate to ~1 ulp in fp32. MindSpore's CPU ``exp`` /
-    ``log`` / ``logsumexp`` are fast approximations (~1e-5 relative for exp, ~2e-6 absolute for log),
-    which puts a z-loss of ~40 off by ~3e-5; ``pow(e, x)`` and ``log1p`` are accurate (the sum is >= 1,
-    as the max term is exactly 1)."""
-    m = ops.stop_gradient(x.max(-1, keepdims=True))
-    s = ops.pow(_E, x - m).sum(-1)
-    return ops.log1p(s - 1.0) + m.squeeze(-1)
 
 
 def causal_lm_losses(logits, labels):

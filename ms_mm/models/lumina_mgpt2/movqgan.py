@@ -14,7 +14,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ms_mm.ops import CoreAttention, Embedding
-from ms_mm.models.lumina_mgpt2.layers import Conv2d, GroupNorm, resize_nearest, upsample_nearest
+from ms_mm.ops import Conv2d, GroupNorm, resize_nearest, upsample_nearest
 from ms_mm.models.lumina_mgpt2.movqgan_config import (
     GROUP_NORM_EPS, GROUP_NORM_GROUPS, MoVQGANConfig, decoder_channels, encoder_channels,
 )

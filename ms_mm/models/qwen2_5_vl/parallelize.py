@@ -32,6 +32,8 @@ of the global batch, because its inputs are one patch sequence rather than a bat
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from ms_mm.parallel import sharding
 from ms_mm.parallel.config import Divisibility, ParallelConfig, ParallelConfigError
 

@@ -1,7 +1,7 @@
-"""Generic image-side Cells the op layer (`ms_mm.ops`) does not have yet: Conv2d, GroupNorm and
-integer-factor nearest resizing. They follow the `ms_mm.ops` conventions (primitives held as
-attributes so a parallel plan can `.shard()` them; parameters keep their dtype, compute follows the
-input). Candidates to move into `ms_mm/ops` once a second family needs them.
+"""Image-side Cells: Conv2d, GroupNorm and integer-factor nearest resizing (the VAE of BAGEL and
+MoVQGAN of Lumina-mGPT use them). Same conventions as `layers.py`: primitives held as attributes so a
+parallel plan can `.shard()` them, parameters keep their dtype, compute follows the input, statistics
+in fp32. One implementation on every device (MindSpore's own kernels).
 """
 from __future__ import annotations
 
