@@ -20,7 +20,7 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["Family", "EmbeddedDefault", "UnknownFamilyError", "register", "get", "families", "family_of_config",
+__all__ = ["Family", "EmbeddedDefault", "UnknownFamilyError", "register", "unregister", "get", "families", "family_of_config",
            "family_for_json", "family_for_dataset_type", "family_of_preset", "load_target", "lazy", "lazy_object",
            "FAMILY_MODULES_ENV"]
 
@@ -166,6 +166,11 @@ def register(family_or_module) -> Family:
             family.package = package
         _REGISTERED[family.name] = family
     return records[0]
+
+
+def unregister(name: str) -> None:
+    """Forget a registered family (a test's throwaway one, say); unknown names are ignored."""
+    _REGISTERED.pop(name, None)
 
 
 def _scan() -> None:

@@ -280,6 +280,7 @@ def test_tiny_convert_train_convert_back_and_parity(family_pkg, tmp_path):
         import io
         losses = train(parse_args(argv), stream=io.StringIO())
     finally:
+        registry.unregister("throwaway")
         sys.path.remove(str(family_pkg))
     assert len(losses) == 20 and np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4]), losses
     trained = mmc.load_model(tmp_path / "save")

@@ -255,7 +255,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"[ms-mm] {' and '.join(missing)} not found: running the embedded default (tiny model + demo data, "
               f"1 worker on {device}); for real weights download {hub} to the data json's {where}, "
               f"convert it with `{convert}` into LOAD_PATH (see README.md).", flush=True)
-        embedded = prepare_embedded_default(model_id, model_json)
+        try:
+            embedded = prepare_embedded_default(model_id, model_json)
+        except (OSError, ValueError, KeyError) as e:   # ConversionError is a ValueError
+            print(f"error: preparing the embedded default failed: {e}", file=sys.stderr)
+            return 1
         train_argv = embedded_overrides(train_argv, embedded, device)
         runner.worker_num = runner.local_worker_num = 1
     else:
@@ -297,8 +301,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         out = Path("ckpt") / "mm_to_hf" / embedded["name"]
         _say(f"converting the result back with {embedded['converter']} mm_to_hf into {out}")
-        convert.mm_to_hf(args.save, embedded["hf_dir"], out, embedded["family"],
-                         trust_remote_code=embedded["trust_remote_code"])
+        try:
+            convert.mm_to_hf(args.save, embedded["hf_dir"], out, embedded["family"],
+                             trust_remote_code=embedded["trust_remote_code"])
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: converting {args.save} back to the HF layout failed: {e}", file=sys.stderr)
+            return 1
         print(f"[ms-mm] embedded default done: finetuned checkpoint in {args.save}, HF layout in {out}", flush=True)
     return 0
 
