@@ -47,6 +47,8 @@ class EmbeddedDefault:
     hf_dir_key: str = "dataset_param.preprocess_parameters.model_name_or_path"
     hub: str = ""
     trust_remote_code: bool = False                     # its converter wants --cfg.trust_remote_code True
+    train_overrides: Mapping[str, Any] = field(default_factory=dict)   # trainer flags of the demo run
+                                                        # ({"--micro-batch-size": 1, ...}; after the defaults)
 
 
 @dataclass
@@ -99,6 +101,15 @@ class Family:
     build_tiny: Optional[Callable[..., Any]] = None
     tiny_flags: Mapping[str, Tuple[str, Any, str]] = field(default_factory=dict)
     embedded_default: Optional[EmbeddedDefault] = None
+    # training extras (all optional): `extra_flags` are the family's own trainer flags ({"--flag": (type,
+    # help)}, parsed after the model json names the family, handed as `options` {dest: value} to
+    # `apply_flags(config, options) -> config` and to `build_dataloader(..., options=...)`); `ema_decay`
+    # the default decay of the weights' EMA (0: none unless --ema); `log_line(iteration, metrics,
+    # steps_per_sec) -> str` a second log line in the upstream recipe's format.
+    extra_flags: Mapping[str, Tuple[Callable[[str], Any], str]] = field(default_factory=dict)
+    apply_flags: Optional[Callable[[Any, Dict[str, Any]], Any]] = None
+    ema_decay: float = 0.0
+    log_line: Optional[Callable[[int, Dict[str, Any], float], str]] = None
     package: str = ""                                   # the family's folder (set by `register`)
 
     @property

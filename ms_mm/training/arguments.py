@@ -55,6 +55,7 @@ ACCEPTED_FLAGS = {
     "--eval-iters": (1, "evaluation during training is not implemented"),
     "--ckpt-format": (1, "checkpoints are always safetensors"),
     "--context-parallel-algo": (1, "context parallel is not implemented (size must be 1)"),
+    "--lr-warmup-init": (1, "warm-up always starts from 0"),
     "--sequence-parallel": (0, "sequence parallel follows the sharding plan"),
     "--use-cpu-initialization": (0, "parameters are initialised on the host anyway"),
     "--bf16-reduce": (0, "gradient reduction follows the parameter dtype"),
@@ -73,7 +74,35 @@ ACCEPTED_FLAGS = {
     "--qk-layernorm": (0, "MLA's q/kv norms come with model.json's multi_head_latent_attention"),
     "--position-embedding-type": (1, "comes from model.json"),
     "--trust-remote-code": (0, "ms-mm never runs checkpoint code (see mm-convert --cfg.trust_remote_code)"),
+    # MindSpeed-MM's FSDP2 scripts (the memory switch itself is --use-torch-fsdp2, see TrainArgs.validate)
+    "--untie-embeddings-and-output-weights": (0, "tying comes from model.json"),
+    "--fsdp2-config-path": (1, "no FSDP2 config is read (see --use-torch-fsdp2)"),
+    "--optimizer-selection": (1, "AdamW is mindformers' (fused on Ascend)"),
+    # the upstream torchrun recipes (train/pretrain_*.py)
+    "--num_shard": (1, "sharding follows the card count"),
+    "--dataset_config_file": (1, "the data json names its YAML (basic_parameters.dataset_config_file)"),
+    "--model_path": (1, "the model comes from --load and the model json"),
+    "--layer_module": (1, "comes from model.json"),
 }
+
+# The upstream torchrun recipes' spellings of Megatron flags: alias -> TrainArgs field
+RECIPE_ALIASES = {
+    "--total_steps": "train_iters", "--warmup_steps": "lr_warmup_iters", "--save_every": "save_interval",
+    "--log_every": "log_interval", "--num_worker": "num_workers", "--results_dir": "tensorboard_dir",
+    "--checkpoint_dir": "save",
+}
+
+
+def str2bool(value) -> bool:
+    """`True` / `False` (also 1/0, yes/no), as the recipes pass booleans."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
 @dataclass
@@ -125,6 +154,15 @@ class TrainArgs:
     log_tps: bool = False
     tensorboard_dir: Optional[str] = None
     log_throughput: bool = False
+    # EMA and the recipes' resume switches
+    ema: Optional[float] = None
+    auto_resume: bool = False
+    resume_model_only: bool = False
+    finetune_from_ema: bool = False
+    finetune_from_hf: bool = False
+    use_torch_fsdp2: bool = False
+    # a model family's own flags (`Family.extra_flags`), parsed once the model json names the family
+    family_argv: List[str] = field(default_factory=list)
     # filled in by parse_args / the launcher
     ignored_flags: List[str] = field(default_factory=list)
     world_size: int = 1
@@ -194,6 +232,12 @@ class TrainArgs:
             raise ArgumentError(f"--clip-grad must be >= 0 (0 disables clipping), got {self.clip_grad}")
         if self.save_interval is not None and self.save_interval < 1:
             raise ArgumentError(f"--save-interval must be >= 1, got {self.save_interval}")
+        if self.ema is not None and not 0.0 <= self.ema < 1.0:
+            raise ArgumentError(f"--ema must be in [0, 1) (0 disables the weights' EMA), got {self.ema}")
+        if self.use_torch_fsdp2 and (device_target.upper() != "ASCEND" or world_size < 2):
+            raise ArgumentError(
+                f"--use-torch-fsdp2 shards parameters and optimizer state across cards (MindSpore's optimizer "
+                f"parallel); it needs Ascend with more than one card, here {device_target} x {world_size}: remove it")
         if self.save_interval is not None and not self.save:
             raise ArgumentError("--save-interval is set but --save (the checkpoint directory) is not")
         if not self.mm_model:
@@ -258,6 +302,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-tps", action="store_true", help="log tokens per sample and tokens per second")
     g.add_argument("--log-throughput", action="store_true")
     g.add_argument("--tensorboard-dir", default=None)
+    g = p.add_argument_group("EMA and resume (the upstream recipes' switches)")
+    g.add_argument("--ema", type=float, default=None,
+                   help="decay of the weights' EMA, saved as ema/ in each checkpoint (default: the family's; 0: off)")
+    for flag in ("--auto_resume", "--auto-resume"):
+        g.add_argument(flag, dest="auto_resume", type=str2bool, nargs="?", const=True, default=False,
+                       help="resume from the latest checkpoint in --save / --checkpoint_dir when there is one")
+    for flag in ("--resume-model-only", "--resume_model_only"):
+        g.add_argument(flag, dest="resume_model_only", type=str2bool, nargs="?", const=True, default=False,
+                       help="--load gives model weights only (iteration 0, fresh optimizer and data)")
+    for flag in ("--finetune-from-ema", "--finetune_from_ema"):
+        g.add_argument(flag, dest="finetune_from_ema", type=str2bool, nargs="?", const=True, default=False,
+                       help="with --resume-model-only: start from the checkpoint's EMA weights")
+    for flag in ("--finetune_from_hf", "--finetune-from-hf"):
+        g.add_argument(flag, dest="finetune_from_hf", type=str2bool, nargs="?", const=True, default=False,
+                       help="--load is a converted HF release (weights only)")
+    g.add_argument("--use-torch-fsdp2", action="store_true",
+                   help="MindSpeed-MM's memory switch: optimizer parallel on Ascend (refused elsewhere)")
+    g = p.add_argument_group("the upstream recipes' spellings")
+    for flag, dest in RECIPE_ALIASES.items():
+        kind = str if dest in ("tensorboard_dir", "save") else int
+        g.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=f"= --{dest.replace('_', '-')}")
     g = p.add_argument_group("accepted for MindSpeed-MM compatibility (no effect)")
     for flag, (nargs, why) in ACCEPTED_FLAGS.items():
         if nargs == 0:
@@ -271,6 +336,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainArgs:
     """Parse argv into TrainArgs; an unknown flag raises ArgumentError naming it."""
     parser = build_parser()
     ns, unknown = parser.parse_known_args(argv)
+    family_argv, unknown = _family_flags(unknown)
     if unknown:
         flags = [u for u in unknown if u.startswith("-")] or unknown
         raise ArgumentError(f"unknown argument(s): {' '.join(flags)} (see `python -m "
@@ -284,4 +350,56 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainArgs:
     known = {f.name for f in dataclasses.fields(TrainArgs)}
     args = TrainArgs(**{k: v for k, v in values.items() if k in known})
     args.ignored_flags = ignored
+    args.family_argv = family_argv
     return args
+
+
+def _known_family_flags() -> set:
+    from ms_mm import registry
+
+    return {flag for f in registry.families() for flag in f.extra_flags}
+
+
+def _family_flags(tokens: Sequence[str]):
+    """(tokens of model families' own flags, the rest): a family flag takes the next token as its value
+    unless that is a flag itself."""
+    if not tokens:
+        return [], []
+    known = _known_family_flags()
+    mine, rest, i = [], [], 0
+    tokens = list(tokens)
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.split("=", 1)[0] in known:
+            mine.append(tok)
+            if "=" not in tok and i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                mine.append(tokens[i + 1])
+                i += 1
+        else:
+            rest.append(tok)
+        i += 1
+    return mine, rest
+
+
+def parse_family_flags(family, tokens: Sequence[str]) -> dict:
+    """{dest: value} of a family's own flags (`Family.extra_flags`); a flag of another family is an error."""
+    flags = dict(getattr(family, "extra_flags", {}) or {})
+    out, i, tokens = {}, 0, list(tokens)
+    while i < len(tokens):
+        name, eq, value = tokens[i].partition("=")
+        if name not in flags:
+            raise ArgumentError(f"{name} is not a flag of model family {family.name} (its own flags: "
+                                f"{' '.join(flags) or 'none'})")
+        kind, _ = flags[name]
+        if not eq:
+            if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                value = tokens[i + 1]
+                i += 1
+            else:
+                value = "True"
+        try:
+            out[name.lstrip("-").replace("-", "_")] = kind(value)
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise ArgumentError(f"{name} {value}: {e}") from None
+        i += 1
+    return out

@@ -8,6 +8,7 @@ Layout (docs/internals.md), one commit per iteration through `mm_checkpoint.stag
         rng.json              python / numpy / MindSpore RNG   (unless --no-save-rng)
         data_state.json       data-loader position
         train_state.json      iteration, consumed samples, loss-scaler state, args summary
+        ema/                  the weights' EMA (`ms_mm.training.ema`), same layout as the model
     SAVE/latest_checkpointed_iteration.txt                     written last
 
 Everything is written into a hidden staging dir that is renamed into place only when complete, so a
@@ -34,6 +35,7 @@ OPTIM_FILE = "optim.safetensors"
 RNG_FILE = "rng.json"
 DATA_STATE_FILE = "data_state.json"
 TRAIN_STATE_FILE = "train_state.json"
+EMA_DIR = "ema"
 # Test hook: "<iteration>:<marker file>" makes the save of that iteration create the marker and
 # stall inside the staged write (before the commit), so a test can kill the process there.
 STALL_ENV = "MS_MM_TEST_STALL_IN_SAVE"
@@ -50,6 +52,7 @@ class LoadedState:
     release: bool = True
     data_state: Optional[Dict[str, Any]] = None
     train_state: Optional[Dict[str, Any]] = None
+    iter_dir: Optional[Path] = None          # the directory the weights came from
 
 
 # --- model weights ------------------------------------------------------------------------------
@@ -150,12 +153,16 @@ def remove_stale_staging(save_dir: str) -> list:
 
 
 def save_checkpoint(save_dir: str, iteration: int, model, optimizer, *, family: str, data_state, train_state,
-                    save_optim: bool = True, save_rng: bool = True) -> Path:
-    """Commit one iteration atomically; returns the iteration dir."""
+                    save_optim: bool = True, save_rng: bool = True,
+                    extra_models: Optional[Dict[str, Dict[str, np.ndarray]]] = None) -> Path:
+    """Commit one iteration atomically; returns the iteration dir. `extra_models` ({"ema": state}) are
+    written as further model directories inside it."""
     layout = mmc.ParallelLayout(family=family)
     names = {p.name for p in model.get_parameters()}
     with mmc.staged_iteration(save_dir, iteration) as stage:
         mmc.write_model_files(stage, model_state(model), layout)
+        for name, state in (extra_models or {}).items():
+            mmc.write_model_files(stage / name, state, layout)
         if save_optim:
             mmc.write_safetensors(stage / OPTIM_FILE, _optimizer_state(optimizer, names))
         if save_rng:
@@ -167,8 +174,9 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, *, family: 
 
 
 def load_checkpoint(load_dir: str, model, optimizer, *, load_optim: bool = True, load_rng: bool = True,
-                    finetune: bool = False) -> LoadedState:
-    """Restore from a converter output (release) or a training save dir (its latest iteration)."""
+                    finetune: bool = False, weights_from: Optional[str] = None) -> LoadedState:
+    """Restore from a converter output (release) or a training save dir (its latest iteration).
+    `weights_from="ema"`: the model weights come from the iteration's `ema/` (when it has one)."""
     root = Path(load_dir)
     if not root.exists():
         raise TrainCheckpointError(f"--load {load_dir}: no such directory")
@@ -179,10 +187,13 @@ def load_checkpoint(load_dir: str, model, optimizer, *, load_optim: bool = True,
     iter_dir = root if latest is None else mmc.iteration_dir(root, latest)
     if latest is not None and not iter_dir.is_dir():
         raise TrainCheckpointError(f"{root / mmc.LATEST_FILE} names iteration {latest!r} but {iter_dir} is missing")
-    load_model_weights(model, str(iter_dir))
+    weights_dir = iter_dir
+    if weights_from and (iter_dir / weights_from).is_dir():
+        weights_dir = iter_dir / weights_from
+    load_model_weights(model, str(weights_dir))
     train_file = iter_dir / TRAIN_STATE_FILE
     if latest == "release" or finetune or not train_file.is_file():
-        return LoadedState()
+        return LoadedState(iter_dir=weights_dir)
     train_state = _read_json(train_file)
     names = {p.name for p in model.get_parameters()}
     optim_file = iter_dir / OPTIM_FILE
@@ -204,7 +215,18 @@ def load_checkpoint(load_dir: str, model, optimizer, *, load_optim: bool = True,
     return LoadedState(iteration=int(train_state["iteration"]),
                        consumed_samples=int(train_state.get("consumed_samples", 0)), release=False,
                        data_state=_read_json(data_file) if data_file.is_file() else None,
-                       train_state=train_state)
+                       train_state=train_state, iter_dir=iter_dir)
+
+
+def read_extra_model(iter_dir, name: str) -> Optional[Dict[str, np.ndarray]]:
+    """The weights of `iter_dir/<name>` (e.g. the EMA), or None when the checkpoint has none."""
+    path = Path(iter_dir) / name
+    if not path.is_dir():
+        return None
+    try:
+        return mmc.load_model(str(path), float32=True)
+    except mmc.CheckpointError as e:
+        raise TrainCheckpointError(f"{path}: {e}") from e
 
 
 def _write_json(path: Path, obj) -> None:

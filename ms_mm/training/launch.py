@@ -139,7 +139,7 @@ def prepare_embedded_default(model_id: str, user_model_json: dict, workdir: Path
     data_json.write_text(json.dumps(recipe.demo_data_json(data_dir, hf_dir), indent=2))
     return {"load": str(mm_dir), "mm_model": str(model_json), "mm_data": str(data_json), "hf_dir": str(hf_dir),
             "family": family.name, "converter": family.converter, "trust_remote_code": recipe.trust_remote_code,
-            "name": name}
+            "name": name, "train_overrides": dict(recipe.train_overrides)}
 
 
 def embedded_overrides(argv: List[str], emb: dict, device: str) -> List[str]:
@@ -153,6 +153,7 @@ def embedded_overrides(argv: List[str], emb: dict, device: str) -> List[str]:
         "--lr": 1e-3, "--min-lr": 1e-5, "--lr-warmup-fraction": 0.05, "--clip-grad": 1.0, "--weight-decay": 0.0,
         "--num-workers": 2, "--log-interval": max(1, iters // 40),
     }
+    overrides.update(emb.get("train_overrides") or {})      # the family's own demo settings
     out = list(argv)
     for flag, value in overrides.items():
         out = _set_flag(out, flag, str(value))

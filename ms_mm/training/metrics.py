@@ -62,10 +62,12 @@ def tensorboard_tag(name: str) -> str:
 
 class MetricsLogger:
     def __init__(self, *, train_iters: int, start_iteration: int, global_batch_size: int, log_interval: int,
-                 log_tps: bool, tensorboard_dir: Optional[str], is_rank0: bool, stream=None):
+                 log_tps: bool, tensorboard_dir: Optional[str], is_rank0: bool, stream=None, extra_line=None):
         self.train_iters, self.gbs = train_iters, global_batch_size
         self.log_interval, self.log_tps = max(1, log_interval), log_tps
         self.is_rank0 = is_rank0
+        # a family's second line in its upstream format: extra_line(iteration, window metrics, steps/s) -> str
+        self.extra_line = extra_line
         self.stream = stream or sys.stdout
         self.writer = None
         if tensorboard_dir and is_rank0:
@@ -160,6 +162,8 @@ class MetricsLogger:
         if skipped_samples:
             parts.append(f"skipped bad samples: {skipped_samples}")
         self.print(" " + " | ".join(parts) + " |")
+        if self.extra_line is not None:
+            self.print(self.extra_line(iteration, window_metrics, 1.0 / mean_time if mean_time > 0 else 0.0))
 
     def summary(self) -> None:
         """End-of-run throughput (first, compiling step excluded), in MindSpeed-MM's summary lines."""

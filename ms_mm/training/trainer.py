@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ms_mm.training.arguments import ArgumentError, TrainArgs, parse_args
+from ms_mm.training.arguments import ArgumentError, TrainArgs, parse_args, parse_family_flags
 from ms_mm import registry
 from ms_mm.registry import Family
 
@@ -223,6 +223,12 @@ def train(args: TrainArgs, stream=None) -> List[float]:
     model_json = read_json(args.mm_model, "--mm-model")
     data_json = read_json(args.mm_data, "--mm-data")
     family, config = family_and_config(model_json, args.mm_model)
+    options = parse_family_flags(family, args.family_argv)
+    if family.apply_flags is not None and options:
+        try:
+            config = family.apply_flags(config, options)
+        except ValueError as e:
+            raise ArgumentError(f"--mm-model {args.mm_model}: {e}") from e
     # the model's own limits on the parallel sizes first (they name the model's numbers), then the runtime
     check_parallel_sizes(family, config, args, args.mm_model)
     device, rank, world = setup_runtime(args)
@@ -253,19 +259,39 @@ def train(args: TrainArgs, stream=None) -> List[float]:
                         extra_outputs=family.metric_outputs if family.step_metrics else ())
 
     state = ckpt.LoadedState()
-    if args.load:
-        state = ckpt.load_checkpoint(args.load, model, optimizer, load_optim=not args.no_load_optim,
-                                     load_rng=not args.no_load_rng, finetune=args.finetune)
-        log(f"loaded {args.load}: " + ("model weights (release), starting at iteration 0" if state.release
-                                        else f"iteration {state.iteration}"))
+    load, model_only, weights_from = args.load, args.finetune or args.resume_model_only, None
+    if args.auto_resume and args.save and (Path(args.save) / "latest_checkpointed_iteration.txt").is_file():
+        load, model_only = args.save, False         # upstream: the latest checkpoint resumes everything
+        log(f"--auto_resume: resuming from the latest checkpoint in {args.save}")
+    elif model_only and args.finetune_from_ema:
+        weights_from = ckpt.EMA_DIR
+    if load:
+        state = ckpt.load_checkpoint(load, model, optimizer, load_optim=not args.no_load_optim,
+                                     load_rng=not args.no_load_rng, finetune=model_only, weights_from=weights_from)
+        log(f"loaded {load}: " + ("model weights (release), starting at iteration 0" if state.release
+                                   else f"iteration {state.iteration}")
+            + (f" (weights from {state.iter_dir})" if weights_from else ""))
         if state.train_state and loss_scaler is not None and "loss_scale" in state.train_state:
             loss_scaler.scale_value.set_data(ms.Tensor(state.train_state["loss_scale"], ms.float32))
             if hasattr(loss_scaler, "counter") and "loss_scale_counter" in state.train_state:
                 loss_scaler.counter.set_data(ms.Tensor(state.train_state["loss_scale_counter"], ms.int32))
 
+    ema_decay = family.ema_decay if args.ema is None else args.ema
+    ema = None
+    if ema_decay:
+        from ms_mm.training.ema import WeightEMA
+
+        ema = WeightEMA(model, ema_decay)
+        saved_ema = ckpt.read_extra_model(state.iter_dir, ckpt.EMA_DIR) if not state.release else None
+        if saved_ema is not None:
+            ema.load(saved_ema, str(state.iter_dir / ckpt.EMA_DIR))
+        log(f"EMA of the weights: decay {ema_decay}, saved as {ckpt.EMA_DIR}/ in each checkpoint"
+            + (" (restored)" if saved_ema is not None else ""))
+
     try:
         loader = family.build_dataloader(data_json, config, args.micro_batch_size, args.seed, rank, world,
-                                         args.num_workers, args.skip_bad_samples)
+                                         args.num_workers, args.skip_bad_samples,
+                                         **({"options": options} if options else {}))
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise ArgumentError(f"--mm-data {args.mm_data}: {e.args[0] if isinstance(e, KeyError) else e}") from e
     if state.data_state is not None:
@@ -274,7 +300,7 @@ def train(args: TrainArgs, stream=None) -> List[float]:
     logger = MetricsLogger(train_iters=args.train_iters, start_iteration=state.iteration,
                            global_batch_size=args.global_batch_size, log_interval=args.log_interval,
                            log_tps=args.log_tps, tensorboard_dir=args.tensorboard_dir, is_rank0=is_rank0,
-                           stream=stream)
+                           stream=stream, extra_line=family.log_line)
     iteration, consumed = state.iteration, state.consumed_samples
     losses: List[float] = []
 
@@ -301,7 +327,8 @@ def train(args: TrainArgs, stream=None) -> List[float]:
         t0 = time.time()
         path = ckpt.save_checkpoint(args.save, iteration, model, optimizer, family=family.name,
                                     data_state=data_state, train_state=train_state,
-                                    save_optim=not args.no_save_optim, save_rng=not args.no_save_rng)
+                                    save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
+                                    extra_models={ckpt.EMA_DIR: ema.state()} if ema is not None else None)
         log(f"saved checkpoint {path} in {time.time() - t0:.1f} s")
 
     try:
@@ -319,6 +346,8 @@ def train(args: TrainArgs, stream=None) -> List[float]:
                 micro.append(_to_tensors(batch, family.input_names))
                 batches.append(batch)
             loss, grad_norm, finite = step_fn(micro)
+            if ema is not None:
+                ema.update()
             metrics = _step_metrics(family, config, step_fn, batches)
             iteration += 1
             consumed += args.global_batch_size

@@ -344,3 +344,92 @@ def config_from_hf(hf: Dict[str, Any]) -> BagelConfig:
             bagel[k] = float(train[k])
     return BagelConfig(llm=Qwen2MoTConfig(**llm), vit=SiglipNaViTConfig(**vit),
                        vae=AutoEncoderConfig(**_ae_params(hf.get("ae_config"))), **bagel).validate()
+
+
+# ------------------------------------------------------------------------- MindSpeed-MM model.json
+# SigLIP towers by MindSpeed-MM `vision_encoder.model_name` (sizes of the released checkpoint)
+_SIGLIP_TOWERS = {"siglip_so400m_patch14_384": dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16,
+                                                   patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")}
+
+
+def claims_mindspeed(d: Dict[str, Any]) -> bool:
+    return isinstance(d.get("mllm"), dict) and isinstance(d.get("ae"), dict)
+
+
+def config_from_mindspeed(mj: Dict[str, Any]) -> BagelConfig:
+    """A MindSpeed-MM BAGEL `model.json` (`mllm` Qwen2-MoT config, `image_encoder.vision_encoder` /
+    `vision_projector`, `ae`, `visual_und`, `visual_gen`) -> `BagelConfig`. `vision_encoder.layers` is the
+    number of ViT layers used (the release's 27 + 1 + select_layer -2 = 26). The tower's widths come from
+    `model_name` unless given (`hidden_size`, `intermediate_size`, `num_attention_heads`, `patch_size`);
+    `ae` may carry the AutoEncoderParams (`ch`, `ch_mult`, `num_res_blocks`, ...; else FLUX's)."""
+    for key in ("mllm", "image_encoder", "ae"):
+        if not isinstance(mj.get(key), dict):
+            raise ValueError(f"model json: {key} (an object) is required for model_id bagel")
+    m, ie, ae = mj["mllm"], mj["image_encoder"], mj["ae"]
+    ve = ie.get("vision_encoder") or {}
+    llm = {k: m[k] for k in _LLM_FIELDS if k in m and m[k] is not None}
+    llm.setdefault("num_key_value_heads", llm.get("num_attention_heads"))
+    tower = dict(_SIGLIP_TOWERS.get(ve.get("model_name", "siglip_so400m_patch14_384"), {}))
+    if not tower and "hidden_size" not in ve:
+        raise ValueError(f"model json: image_encoder.vision_encoder.model_name {ve.get('model_name')!r} is unknown "
+                         f"(known: {sorted(_SIGLIP_TOWERS)}); give hidden_size / intermediate_size / "
+                         f"num_attention_heads / patch_size")
+    for k in ("hidden_size", "intermediate_size", "num_attention_heads", "patch_size", "layer_norm_eps", "hidden_act"):
+        if k in ve:
+            tower[k] = ve[k]
+    if "layers" not in ve:
+        raise ValueError("model json: image_encoder.vision_encoder.layers (ViT layers used) is required")
+    vit = dict(tower, num_hidden_layers=int(ve["layers"]), image_size=int(ve.get("image_size", 980)))
+    select = int(ve.get("select_layer", -2))
+    ae_params = dict(FLUX_AE_PARAMS)
+    ae_params.update({k: ae[k] for k in _AE_FIELDS if k in ae})
+    bagel = dict(visual_gen=bool(mj.get("visual_gen", True)), visual_und=bool(mj.get("visual_und", True)),
+                 vit_select_layer=select)
+    for src, dst in (("max_latent_size", "max_latent_size"), ("latent_patch_size", "latent_patch_size"),
+                     ("timestep_shift", "timestep_shift")):
+        if src in ae:
+            bagel[dst] = ae[src]
+    if "vit_max_num_patch_per_side" in ie:
+        bagel["vit_max_num_patch_per_side"] = int(ie["vit_max_num_patch_per_side"])
+    tokens = mj.get("special_token_ids") or {}
+    bagel.update({k: int(tokens[k]) for k in _TOKEN_FIELDS if k in tokens})
+    for k in ("ce_weight", "mse_weight", "connector_act"):
+        if k in mj:
+            bagel[k] = mj[k]
+    try:
+        return BagelConfig(llm=Qwen2MoTConfig(**llm), vit=SiglipNaViTConfig(**vit), vae=AutoEncoderConfig(**ae_params),
+                           **bagel).validate()
+    except TypeError as e:
+        raise ValueError(f"model json: {e}") from None
+
+
+def mindspeed_model_json(config: BagelConfig, freeze: Optional[Dict[str, bool]] = None,
+                         from_pretrained: str = "") -> Dict[str, Any]:
+    """The MindSpeed-MM `model.json` of `config` (the reader's inverse)."""
+    freeze = freeze or {}
+    llm = {k: getattr(config.llm, k) for k in _LLM_FIELDS}
+    llm.update(model_id="qwen2MoT", model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_moe=True,
+               is_causal=True)
+    v = config.vit
+    return {
+        "model_id": "bagel",
+        "mllm": llm,
+        "image_encoder": {
+            "vit_max_num_patch_per_side": config.vit_max_num_patch_per_side,
+            "vision_encoder": {"model_id": "SigLip", "model_name": "custom", "layers": v.num_hidden_layers,
+                               "image_size": v.image_size, "select_layer": config.vit_select_layer,
+                               "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+                               "num_attention_heads": v.num_attention_heads, "patch_size": v.patch_size,
+                               "layer_norm_eps": v.layer_norm_eps, "hidden_act": v.hidden_act, "embed_layer": "linear",
+                               "freeze": bool(freeze.get("vision_encoder", False))},
+            "vision_projector": {"model_id": "InternVLMLP", "vit_hidden_size": v.hidden_size,
+                                 "llm_hidden_size": config.llm.hidden_size,
+                                 "freeze": bool(freeze.get("vision_projector", False))},
+        },
+        "ae": {"model_id": "flux_vae", "from_pretrained": from_pretrained, "freeze": True,
+               **{k: getattr(config.vae, k) for k in _AE_FIELDS},
+               "max_latent_size": config.max_latent_size, "latent_patch_size": config.latent_patch_size,
+               "timestep_shift": config.timestep_shift},
+        "special_token_ids": {k: getattr(config, k) for k in _TOKEN_FIELDS},
+        "visual_und": config.visual_und, "visual_gen": config.visual_gen,
+    }

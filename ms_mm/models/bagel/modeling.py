@@ -25,7 +25,7 @@ from mindspore.common.initializer import Normal, initializer
 from ms_mm.ops import CoreAttention, Embedding, GatedMLP, LayerNorm, Linear, RMSNorm, apply_rotary, gelu
 from ms_mm.ops import Conv2d, GroupNorm, upsample_nearest
 
-__all__ = ["Bagel", "AutoEncoder", "LatentDecoder", "sincos_2d_table", "timestep_frequencies", "rope_inv_freq"]
+__all__ = ["Bagel", "BagelForTraining", "AutoEncoder", "LatentDecoder", "sincos_2d_table", "timestep_frequencies", "rope_inv_freq"]
 
 
 # ------------------------------------------------------------------------------ constant tables
@@ -343,28 +343,64 @@ class Bagel(nn.Cell):
         shift = self.timestep_shift
         return shift * s / (1.0 + (shift - 1.0) * s)
 
+    # ------------------------------------------------------------------ shared pieces
+    def embed_und(self, text_ids, vit_pixels, vit_position_ids, vit_attention_mask):
+        """Understanding rows: text embeddings, then connector(ViT(patches)) + ViT position table."""
+        dt = self.compute_dtype
+        text_emb = ops.cast(self.text_decoder.embedding(text_ids), dt)
+        vit_out = self.image_encoder(ops.cast(vit_pixels, dt), vit_position_ids, vit_attention_mask)
+        vit_emb = vit_out + ops.cast(self.vit_pos_embed(vit_position_ids), dt)
+        return ops.cat((text_emb, vit_emb), 0), vit_out
+
+    def embed_gen(self, x_t, t, latent_position_ids):
+        """Generation rows: vae2llm(x_t) + timestep embedding (t effective, in [0, 1]) + latent table."""
+        dt = self.compute_dtype
+        return (self.vae2llm(ops.cast(x_t, dt)) + ops.cast(self.time_embedder(t), dt)
+                + ops.cast(self.latent_pos_embed(latent_position_ids), dt))
+
+    def decode(self, h_und, h_gen, position_ids, attention_mask):
+        """The MoT decoder over [und rows; gen rows] -> last hidden state (model row order)."""
+        dt = self.compute_dtype
+        cos, sin = self.text_decoder.rope(position_ids)
+        h_und, h_gen = self.text_decoder.decoder(h_und, h_gen, ops.cast(cos, dt), ops.cast(sin, dt), attention_mask)
+        return ops.cat((h_und, h_gen), 0)
+
+    # ------------------------------------------------------------------ inference entry points
+    def velocity(self, text_ids, vit_pixels, vit_position_ids, vit_attention_mask, x_t, t, latent_position_ids,
+                 position_ids, attention_mask, rows):
+        """The flow's velocity llm2vae(hidden[rows]) at latent tokens `x_t` [n, p*p*z] and times `t` [n]
+        (effective, the sampler's schedule): the training forward's prediction without the noising."""
+        h_und, _ = self.embed_und(text_ids, vit_pixels, vit_position_ids, vit_attention_mask)
+        hidden = self.decode(h_und, self.embed_gen(x_t, t, latent_position_ids), position_ids, attention_mask)
+        return ops.cast(self.llm2vae(ops.gather(hidden, rows, 0)), ms.float32)
+
+    def text_logits(self, text_ids, vit_pixels, vit_position_ids, vit_attention_mask, x_t, t, latent_position_ids,
+                    position_ids, attention_mask, rows):
+        """LM-head logits [len(rows), vocab] at the given rows (next-token prediction)."""
+        h_und, _ = self.embed_und(text_ids, vit_pixels, vit_position_ids, vit_attention_mask)
+        hidden = self.decode(h_und, self.embed_gen(x_t, t, latent_position_ids), position_ids, attention_mask)
+        return ops.cast(self.text_decoder.output_layer(ops.gather(hidden, rows, 0)), ms.float32)
+
+    # ------------------------------------------------------------------ training forward
     def construct(self, text_ids, vit_pixels, vit_position_ids, vit_attention_mask, padded_latent,
                   latent_gather_index, latent_position_ids, timesteps, noise, position_ids, attention_mask,
                   ce_rows, ce_labels, ce_weights, mse_rows, mse_latent_rows, mse_weights):
-        dt = self.compute_dtype
-        text_emb = ops.cast(self.text_decoder.embedding(text_ids), dt)
+        return self.train_forward(text_ids, vit_pixels, vit_position_ids, vit_attention_mask, padded_latent,
+                                  latent_gather_index, latent_position_ids, timesteps, noise, position_ids,
+                                  attention_mask, ce_rows, ce_labels, ce_weights, mse_rows, mse_latent_rows,
+                                  mse_weights)
 
-        vit_out = self.image_encoder(ops.cast(vit_pixels, dt), vit_position_ids, vit_attention_mask)
-        vit_emb = vit_out + ops.cast(self.vit_pos_embed(vit_position_ids), dt)
+    def train_forward(self, text_ids, vit_pixels, vit_position_ids, vit_attention_mask, padded_latent,
+                      latent_gather_index, latent_position_ids, timesteps, noise, position_ids, attention_mask,
+                      ce_rows, ce_labels, ce_weights, mse_rows, mse_latent_rows, mse_weights):
+        h_und, vit_out = self.embed_und(text_ids, vit_pixels, vit_position_ids, vit_attention_mask)
 
         # rectified flow: x_t = (1 - t) x0 + t noise, the model predicts v = noise - x0
         x0 = ops.gather(ops.reshape(padded_latent, (-1,)), latent_gather_index, 0)  # [(h w), (p q c)]
         t = self.effective_timesteps(ops.cast(timesteps, ms.float32))
         t_col = ops.expand_dims(t, 1)
         x_t = (1.0 - t_col) * x0 + t_col * noise
-        latent_emb = (self.vae2llm(ops.cast(x_t, dt)) + ops.cast(self.time_embedder(t), dt)
-                      + ops.cast(self.latent_pos_embed(latent_position_ids), dt))
-
-        h_und = ops.cat((text_emb, vit_emb), 0)
-        cos, sin = self.text_decoder.rope(position_ids)
-        h_und, h_gen = self.text_decoder.decoder(h_und, latent_emb, ops.cast(cos, dt), ops.cast(sin, dt),
-                                                 attention_mask)
-        hidden = ops.cat((h_und, h_gen), 0)
+        hidden = self.decode(h_und, self.embed_gen(x_t, t, latent_position_ids), position_ids, attention_mask)
 
         logits = ops.cast(self.text_decoder.output_layer(ops.gather(hidden, ce_rows, 0)), ms.float32)
         log_probs = ops.log_softmax(logits, -1)
@@ -381,6 +417,25 @@ class Bagel(nn.Cell):
         loss = self.ce_weight * ce + self.mse_weight * mse
         return (loss, ce, mse, ce_per_token, logits, velocity_pred, velocity_target, mse_elementwise, x0, t,
                 hidden, vit_out)
+
+
+class BagelForTraining(Bagel):
+    """The train step's Cell: the frozen VAE encodes the (budget-padded) images inside the step, as
+    upstream's loop does before the forward, then the BAGEL forward (`inputs.TRAIN_INPUT_NAMES`:
+    `padded_images` [n_images, 3, H, W] in place of `padded_latent`).
+
+    Returns ``(loss, ce, mse)``. Parameter names are `Bagel`'s (the same checkpoint)."""
+
+    def construct(self, text_ids, vit_pixels, vit_position_ids, vit_attention_mask, padded_images,
+                  latent_gather_index, latent_position_ids, timesteps, noise, position_ids, attention_mask,
+                  ce_rows, ce_labels, ce_weights, mse_rows, mse_latent_rows, mse_weights):
+        _, latent = self.vae(padded_images)
+        latent = ops.stop_gradient(latent)
+        out = self.train_forward(text_ids, vit_pixels, vit_position_ids, vit_attention_mask, latent,
+                                 latent_gather_index, latent_position_ids, timesteps, noise, position_ids,
+                                 attention_mask, ce_rows, ce_labels, ce_weights, mse_rows, mse_latent_rows,
+                                 mse_weights)
+        return out[0], out[1], out[2]
 
 
 # -------------------------------------------------------------------------------------- FLUX VAE
