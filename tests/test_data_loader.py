@@ -269,7 +269,7 @@ def test_batches_go_through_build_model_inputs(fixture_root, tmp_path):
     cfg = {"dataset_param": {"preprocess_parameters": {"model_name_or_path": str(d / "hf_processor")},
                              "basic_parameters": {"dataset_dir": str(d), "dataset": str(tmp_path / "data.json"),
                                                   "template": "qwen2vl", "cutoff_len": 1024}},
-           "dataloader_param": {"shuffle": True}}
+           "dataloader_param": {"shuffle": True, "pad_to": "longest", "patch_buckets": None}}   # unpadded, as the fixture
     with build_dataloader(cfg, Qwen2_5_VLConfig.preset("tiny"), micro_batch_size=1) as loader:
         batch = next(loader)
     assert tuple(batch) == tuple(MODEL_INPUT_NAMES)

@@ -122,6 +122,9 @@ class TrainStep:
         self._micro_cell = _MicroStep(grad_fn)
         self._dynamic_shapes = dynamic_shapes
         self._inputs_declared = False
+        # input-shape signature -> micro-batches run with it; each new one costs one compile
+        self.graph_shapes: dict = {}
+        self.new_shapes: list = []      # signatures first seen in the last call
 
         @ms.jit
         def accumulate(acc, grads):
@@ -169,6 +172,11 @@ class TrainStep:
             self._dp_mean = dp_mean
 
     def _micro_step(self, *inputs):
+        signature = tuple(tuple(t.shape) for t in inputs) if not self._dynamic_shapes else ()
+        if signature not in self.graph_shapes:
+            self.graph_shapes[signature] = 0
+            self.new_shapes.append(signature)
+        self.graph_shapes[signature] += 1
         if self._dynamic_shapes and not self._inputs_declared:
             self._micro_cell.set_inputs(*[ms.Tensor(shape=[None] * t.ndim, dtype=t.dtype) for t in inputs])
             self._inputs_declared = True
@@ -178,6 +186,7 @@ class TrainStep:
         if len(micro_batches) != self.accum_steps:
             raise ValueError(f"expected {self.accum_steps} micro-batches per step, got {len(micro_batches)}")
         losses, acc, extras = [], None, []
+        self.new_shapes = []
         for inputs in micro_batches:
             out, grads = self._micro_step(*inputs)
             losses.append(out[0])

@@ -212,6 +212,13 @@ def _step_metrics(family: Family, config, step_fn, batches) -> dict:
     return unflatten_metrics(layout, step_fn.data_parallel_mean(vector))
 
 
+def _padding_note(loader) -> str:
+    """'padding: tokens 12.0 %, patches 3.1 %' of the batches the loader handed out so far."""
+    totals = getattr(loader, "padding", None) or {}
+    parts = [f"{k} {100.0 * (1 - real / padded) if padded else 0.0:.1f} %" for k, (real, padded) in sorted(totals.items())]
+    return "padding: " + (", ".join(parts) if parts else "not reported")
+
+
 def train(args: TrainArgs, stream=None) -> List[float]:
     import mindspore as ms
 
@@ -346,6 +353,10 @@ def train(args: TrainArgs, stream=None) -> List[float]:
                 micro.append(_to_tensors(batch, family.input_names))
                 batches.append(batch)
             loss, grad_norm, finite = step_fn(micro)
+            for shapes in step_fn.new_shapes:   # one static-shape graph per input-shape bucket
+                log(f"compiled the train-step graph for input shapes "
+                    f"{', '.join(f'{n} {list(sh)}' for n, sh in zip(family.input_names, shapes))} "
+                    f"({len(step_fn.graph_shapes)} graph(s) so far; {_padding_note(loader)})")
             if ema is not None:
                 ema.update()
             metrics = _step_metrics(family, config, step_fn, batches)
@@ -376,6 +387,7 @@ def train(args: TrainArgs, stream=None) -> List[float]:
         write_safetensors(Path(os.environ[DUMP_PARAMS_ENV]) / f"rank_{rank}.safetensors",
                           {p.name: p.asnumpy() for p in model.get_parameters()})
     logger.summary()
+    log(f"input-shape buckets: {len(step_fn.graph_shapes)} compiled graph(s); {_padding_note(loader)}")
     return losses
 
 

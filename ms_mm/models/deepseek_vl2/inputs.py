@@ -80,7 +80,7 @@ def image_token_rows(num_width_tiles: int, num_height_tiles: int, first_tile: in
     return np.concatenate([np.asarray(p, np.int64) for p in parts])
 
 
-def build_model_inputs(batch: Dict[str, np.ndarray], config: DeepseekVL2Config) -> Dict[str, np.ndarray]:
+def build_model_inputs(batch: Dict[str, np.ndarray], config: DeepseekVL2Config, tile_buckets=None) -> Dict[str, np.ndarray]:
     """Processor batch -> the model's inputs, keys in ``MODEL_INPUT_NAMES`` order.
 
     ``batch``: ``input_ids [B, S]``, ``attention_mask [B, S]`` (optional, default all ones),
@@ -88,6 +88,11 @@ def build_model_inputs(batch: Dict[str, np.ndarray], config: DeepseekVL2Config) 
     ``images_seq_mask [B, S]`` bool, ``images_spatial_crop [B, max_images, 2]`` (w_tiles, h_tiles;
     (0, 0) ends a sample's images) - the ``DeepseekVLV2Processor`` batch layout. The three image
     keys may be left out together for a text-only batch.
+
+    ``tile_buckets`` (an object with ``size(n)``, e.g. ``ms_mm.data.loader.Buckets``): the tile count
+    is padded up to its bucket with zero tiles that no token reads (tiles are encoded independently,
+    so loss and gradients are unchanged); the result then also holds ``"_padding": {"tiles": (real,
+    padded)}`` (for the loader's log; not a model input).
     """
     if "input_ids" not in batch:
         raise KeyError(f"build_model_inputs: batch has no 'input_ids' (got {sorted(batch)})")
@@ -140,6 +145,12 @@ def build_model_inputs(batch: Dict[str, np.ndarray], config: DeepseekVL2Config) 
         total_tiles = 1
     else:
         pixel_values = np.concatenate(tiles, 0)
+    real_tiles = sum(t.shape[0] for t in tiles)
+    if tile_buckets is not None:
+        target = int(tile_buckets.size(total_tiles))
+        if target > total_tiles:
+            pixel_values = np.concatenate([pixel_values, np.zeros((target - total_tiles, 3, tile, tile), np.float32)])
+            total_tiles = target
 
     index = np.zeros((b, s), np.int32)
     first = 0
@@ -168,4 +179,7 @@ def build_model_inputs(batch: Dict[str, np.ndarray], config: DeepseekVL2Config) 
         "images_seq_mask": seq_mask,
         "labels": labels.astype(np.int32),
     }
-    return {k: out[k] for k in MODEL_INPUT_NAMES}
+    out = {k: out[k] for k in MODEL_INPUT_NAMES}
+    if tile_buckets is not None:
+        out["_padding"] = {"tiles": (real_tiles, total_tiles)}
+    return out

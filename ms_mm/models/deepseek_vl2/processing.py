@@ -44,7 +44,8 @@ import numpy as np
 
 from ms_mm.data.errors import BadSampleError
 from ms_mm.data.images import load_image
-from ms_mm.data.loader import IGNORE_INDEX, MllmDataLoader, load_data_config, loader_from_config, padded_length
+from ms_mm.data.loader import (IGNORE_INDEX, MllmDataLoader, buckets_from_config, load_data_config, loader_from_config,
+                               padded_length)
 from ms_mm.data.mllm_dataset import _BadRecord, read_records
 from ms_mm.models.deepseek_vl2.inputs import select_best_resolution  # numpy only: one copy of the rule
 
@@ -469,7 +470,11 @@ def build_deepseek_vl2_dataloader(data_cfg, model_config=None, micro_batch_size:
     `ms_mm.models.deepseek_vl2.inputs.build_model_inputs(batch, model_config)` when
     `model_config` is given (or `model_inputs_fn`), else they are the collated processor batches.
     `dataloader_param`: `shuffle`, `drop_last`, `num_workers`, `prefetch_batches`, `worker_type`,
-    `pad_to` ("longest" | "max_length" | int), `pad_multiple`; `collate_param.pad_id` is checked
+    `pad_to` ("buckets" (default: the smallest of `seq_buckets` — a list, or "auto", the
+    `ms_mm.data.loader.Buckets` ladder capped at max_length — holding the longest sample) | "longest" |
+    "max_length" | int), `pad_multiple`, `tile_buckets` (a list, "auto" (default: the ladder in
+    steps of 4 tiles) or null: pad the batch's image tiles to a few counts), `group_by_length` (also
+    `dataset_param.group_by_length`); `collate_param.pad_id` is checked
     against the tokenizer's pad id (the tokenizer's wins). `max_length` (argument, else
     `dataset_param.max_length`) is the per-sample token budget (the training seq_length)."""
     if isinstance(data_cfg, (str, os.PathLike)):
@@ -477,11 +482,15 @@ def build_deepseek_vl2_dataloader(data_cfg, model_config=None, micro_batch_size:
     dl = data_cfg.get("dataloader_param", {}) or {}
     processor = build_deepseek_vl2_processor(data_cfg, max_length)
     dataset = build_deepseek_vl2_dataset(data_cfg, processor)
-    pad_to = dl.get("pad_to", "longest")
+    pad_to = dl.get("pad_to", "buckets")
     if pad_to in ("max_length", "cutoff_len"):
         if processor.cutoff_len is None:
             raise ValueError(f"dataloader_param.pad_to is {pad_to!r} but no max_length is set")
         pad_to = processor.cutoff_len
+    elif pad_to == "buckets":
+        pad_to = buckets_from_config(dl.get("seq_buckets", "auto"), processor.cutoff_len, multiple=64)
+    tile_setting = dl.get("tile_buckets", "auto")
+    tile_buckets = None if tile_setting is None else buckets_from_config(tile_setting, None, 4)
     pad_multiple = dl.get("pad_multiple")
     padded_length([1], pad_to, pad_multiple)  # validate now, not in the producer thread
     pad_id = processor.pad_token_id
@@ -500,8 +509,9 @@ def build_deepseek_vl2_dataloader(data_cfg, model_config=None, micro_batch_size:
         from ms_mm.models.deepseek_vl2.inputs import build_model_inputs
 
         def model_inputs_fn(batch):
-            return build_model_inputs(batch, model_config)
+            return build_model_inputs(batch, model_config, tile_buckets)
 
+    group = bool(_dataset_param(data_cfg).get("group_by_length", False))
     return loader_from_config(dl, dataset, micro_batch_size, collate_fn, seed=seed, rank=rank, world_size=world_size,
                               num_workers=num_workers, skip_bad_samples=skip_bad_samples, num_epochs=num_epochs,
-                              model_inputs_fn=model_inputs_fn, worker_type=worker_type)
+                              model_inputs_fn=model_inputs_fn, worker_type=worker_type, group_by_length=group)

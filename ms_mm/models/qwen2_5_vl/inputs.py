@@ -138,12 +138,18 @@ def vision_layout(image_grid_thw, config):
     }
 
 
-def build_model_inputs(batch: dict, config) -> dict:
+def build_model_inputs(batch: dict, config, patch_buckets=None) -> dict:
     """Processor batch (numpy) -> the model's inputs, keyed and ordered by ``MODEL_INPUT_NAMES``.
 
     ``batch``: ``input_ids [B,S]``, ``attention_mask [B,S]`` (optional), ``labels [B,S]``
     (optional), ``pixel_values [N, C*T*P*P]`` and ``image_grid_thw [I, 3]`` (absent for text-only
     batches: a 2x2-patch blank image no token reads keeps the graph signature fixed).
+
+    ``patch_buckets`` (an object with ``size(n)``, e.g. ``ms_mm.data.loader.Buckets``): the patch
+    count is padded up to its bucket with one blank image of grid (1, 2, pad/2) placed after the
+    real ones. It is its own attention window and frame, and no token reads its embeddings, so
+    loss and gradients are those of the unpadded batch. The result then also holds
+    ``"_padding": {"patches": (real, padded)}`` (for the loader's log; not a model input).
     """
     if "input_ids" not in batch:
         raise ValueError("build_model_inputs: batch has no 'input_ids'")
@@ -194,9 +200,23 @@ def build_model_inputs(batch: dict, config) -> dict:
     gather = np.arange(bsz * seq)
     gather[is_image] = bsz * seq + np.arange(n_image_tokens)
 
+    padding = None
+    if patch_buckets is not None:
+        real = int(pixels.shape[0])
+        target = int(patch_buckets.size(real))
+        extra = target - real
+        if extra % vc.merge_unit:
+            raise ValueError(f"build_model_inputs: patch bucket {target} is not a multiple of merge_unit "
+                             f"{vc.merge_unit} away from {real} patches")
+        if extra:
+            merge = vc.spatial_merge_size
+            grid = np.concatenate([grid, np.array([[1, merge, extra // merge]], np.int64)])
+            pixels = np.concatenate([pixels, np.zeros((extra, vc.patch_dim), np.float32)])
+        padding = {"patches": (n_embeds * vc.merge_unit, target)}
+
     layout = vision_layout(grid, config)
     i32 = np.int32
-    return {
+    out = {
         "input_ids": input_ids.astype(i32),
         "attention_mask": attention_mask.astype(i32),
         "position_ids": position_ids.astype(i32),
@@ -209,3 +229,6 @@ def build_model_inputs(batch: dict, config) -> dict:
         "vision_window_seg": layout["window_seg"].astype(i32),
         "vision_frame_seg": layout["frame_seg"].astype(i32),
     }
+    if padding is not None:
+        out["_padding"] = padding
+    return out

@@ -30,8 +30,8 @@ import numpy as np
 
 from ms_mm.data.errors import BadSampleError
 from ms_mm.data.images import ImageLike, load_image
-from ms_mm.data.loader import (IGNORE_INDEX, MllmDataLoader, collate, load_data_config, loader_from_config,
-                               padded_length, section as _section)
+from ms_mm.data.loader import (IGNORE_INDEX, MllmDataLoader, buckets_from_config, collate, load_data_config,
+                               loader_from_config, padded_length, section as _section)
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 IMAGE_PLACEHOLDER = "<image>"
@@ -250,10 +250,10 @@ class Qwen2VLDataProcessor:
 
 
 # ------------------------------------------------------------------ data json -> loader
-def _default_model_inputs_fn(model_config):
+def _default_model_inputs_fn(model_config, patch_buckets=None):
     from ms_mm.models.qwen2_5_vl.inputs import build_model_inputs
 
-    return lambda batch: build_model_inputs(batch, model_config)
+    return lambda batch: build_model_inputs(batch, model_config, patch_buckets)
 
 
 def build_processor(data_cfg: dict):
@@ -294,18 +294,31 @@ def build_dataloader(data_cfg: dict, model_config=None, micro_batch_size: int = 
     when `model_config` is given (or through `model_inputs_fn` if given); with neither they are
     the plain processor batches. `dataloader_param` supplies `shuffle` (default true),
     `drop_last` (true), `num_workers` (2; the argument wins when not None), `prefetch_batches`
-    (4), `worker_type` ("thread" or "process"; the argument wins), and the padding policy: `pad_to` = "longest" (default), "cutoff_len" or an int, and
-    `pad_multiple` (bucket rounding). `data_cfg` may also be the path of the json file."""
+    (4), `worker_type` ("thread" or "process"; the argument wins), `group_by_length` (also
+    `dataset_param.group_by_length`), and the padding policy: `pad_to` = "buckets" (default: the
+    smallest of `seq_buckets` — a list of lengths, or "auto", the `ms_mm.data.loader.Buckets` ladder
+    capped at cutoff_len — that holds the longest sample), "longest", "cutoff_len" or an int, and
+    `pad_multiple` (rounding). Image patches are padded to `patch_buckets` (a list, "auto" (default:
+    the ladder in steps of 64 patches) or null for no padding), so the train step sees a few
+    static shapes. `data_cfg` may also be the path of the json file."""
     if isinstance(data_cfg, (str, os.PathLike)):
         data_cfg = load_data_config(data_cfg)
     dl = data_cfg.get("dataloader_param", {}) or {}
     dataset = build_dataset(data_cfg)
     processor = dataset.processor
-    pad_to = dl.get("pad_to", "longest")
+    pad_to = dl.get("pad_to", "buckets")
     if pad_to == "cutoff_len":
         if processor.cutoff_len is None:
             raise ValueError("dataloader_param.pad_to is 'cutoff_len' but no cutoff_len is set")
         pad_to = processor.cutoff_len
+    elif pad_to == "buckets":
+        pad_to = buckets_from_config(dl.get("seq_buckets", "auto"), processor.cutoff_len, multiple=64)
+    patch_setting = dl.get("patch_buckets", "auto")
+    merge_unit = processor.merge_size ** 2
+    patch_buckets = None if patch_setting is None else buckets_from_config(patch_setting, None, 16 * merge_unit)
+    if patch_buckets is not None and any(e % merge_unit for e in patch_buckets.edges):
+        raise ValueError(f"dataloader_param.patch_buckets {list(patch_buckets.edges)}: every edge must be a "
+                         f"multiple of {merge_unit} (2x2 patch merging)")
     pad_multiple = dl.get("pad_multiple")
     pad_id = processor.pad_token_id
     padded_length([1], pad_to, pad_multiple)  # validate now, not in the producer thread
@@ -314,7 +327,8 @@ def build_dataloader(data_cfg: dict, model_config=None, micro_batch_size: int = 
         return collate(samples, pad_id, pad_to, pad_multiple)
 
     if model_inputs_fn is None and model_config is not None:
-        model_inputs_fn = _default_model_inputs_fn(model_config)
+        model_inputs_fn = _default_model_inputs_fn(model_config, patch_buckets)
+    group = bool((data_cfg.get("dataset_param") or {}).get("group_by_length", False))
     return loader_from_config(dl, dataset, micro_batch_size, collate_fn, seed=seed, rank=rank, world_size=world_size,
                               num_workers=num_workers, skip_bad_samples=skip_bad_samples, num_epochs=num_epochs,
-                              model_inputs_fn=model_inputs_fn, worker_type=worker_type)
+                              model_inputs_fn=model_inputs_fn, worker_type=worker_type, group_by_length=group)
