@@ -31,25 +31,90 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+TORCH_PYTHON_ENV = "MS_MM_BENCH_TORCH_PYTHON"
+
+
+def interpreter(side: str) -> str:
+    """The Python of a side: the PyTorch side may live in its own venv (`MS_MM_BENCH_TORCH_PYTHON`,
+    e.g. /tmp/torchvenv/bin/python, which needs numpy, torch, transformers and safetensors)."""
+    if side == "torch":
+        return os.environ.get(TORCH_PYTHON_ENV) or sys.executable
+    return sys.executable
+
+
 def run_worker(script: str, side: str, args: List[str], threads: int, out: Path) -> Dict:
     """Run `script --worker side ARGS --out OUT` in a fresh interpreter and read its JSON result."""
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, script, "--worker", side, *args, "--threads", str(threads), "--out", str(out)]
+    cmd = [interpreter(side), script, "--worker", side, *args, "--threads", str(threads), "--out", str(out)]
     subprocess.run(cmd, check=True, env=env, cwd=out.parent)
     return json.loads(out.read_text())
 
 
 def torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        print("this benchmark needs PyTorch: pip install torch==2.13.0 (CPU build; do not install torchvision)")
-        return False
-    return True
+    ok = subprocess.run([interpreter("torch"), "-c", "import torch"], capture_output=True).returncode == 0
+    if not ok:
+        print("this benchmark needs PyTorch: pip install torch==2.13.0 (CPU build; do not install torchvision), "
+              f"here or in a venv named by {TORCH_PYTHON_ENV}")
+    return ok
 
 
-def report(title: str, res: Dict[str, Dict], warmup: int, tokens: int) -> Dict[str, float]:
+def torch_matmul_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 GEMM rate of PyTorch (MKL/oneDNN) on this machine, GFLOP/s (n^3 matmul)."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def ms_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 GEMM rate of MindSpore's CPU MatMul (graph mode), GFLOP/s."""
+    import time
+
+    import mindspore as ms
+    import numpy as np
+
+    mm = ms.jit(ms.ops.matmul)
+    a = ms.Tensor(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
+    b = ms.Tensor(np.random.default_rng(1).standard_normal((n, n)).astype(np.float32))
+    mm(a, b).asnumpy()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm(a, b).asnumpy()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def linear_flops(weight_shapes_tokens) -> float:
+    """Train-step FLOPs of the matmuls of [(weight shape [out, in, ...], tokens it is applied to)]:
+    forward 2*out*in per token, backward twice that (input and weight gradients)."""
+    total = 0.0
+    for shape, tokens in weight_shapes_tokens:
+        macs = 1
+        for d in shape:
+            macs *= int(d)
+        total += 6.0 * macs * tokens
+    return total
+
+
+def attention_flops(layers: int, groups: int, seq: int, width: int) -> float:
+    """Train-step FLOPs of softmax(QK^T)V for `groups` sequences of `seq` over `width` = heads*head_dim
+    (both bmm's, forward + backward = 3x forward; masked entries counted: they are computed)."""
+    return 3.0 * layers * groups * 4.0 * seq * seq * width
+
+
+def report(title: str, res: Dict[str, Dict], warmup: int, tokens: int, flops: float | None = None,
+           peak_gflops: float | None = None) -> Dict[str, float]:
     """Print the PyTorch vs ms-mm table (median step time after warm-up, peak and step RSS, ratios)."""
     def summary(r):
         med = statistics.median(r["times"][warmup:])
@@ -66,4 +131,17 @@ def report(title: str, res: Dict[str, Dict], warmup: int, tokens: int) -> Dict[s
           f"peak RSS {peak_ms / peak_pt:.2f}x, step RSS {step_ms / max(step_pt, 1e-9):.2f}x")
     print(f"(step s: median wall time per step; cpu s: process CPU time per step, less sensitive to other load; "
           f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    parts = [("host input prep", "host"), ("forward+backward", "fwd_bwd"), ("update (norm, clip, AdamW)", "update")]
+    print(f"{'breakdown, median s':24}{'PyTorch':>10}{'ms-mm':>10}")
+    for label, key in parts:
+        vals = [statistics.median(res[side][key][warmup:]) if res[side].get(key) else float("nan")
+                for side in ("torch", "ms")]
+        print(f"{label:24}{vals[0]:10.4f}{vals[1]:10.4f}")
+    if flops and peak_gflops:
+        print(f"model FLOPs per step {flops / 1e9:.2f} G; fp32 matmul peak measured here {peak_gflops:.0f} GFLOP/s "
+              f"(best of PyTorch {res['torch'].get('matmul_gflops', float('nan')):.0f} / MindSpore "
+              f"{res['ms'].get('matmul_gflops', float('nan')):.0f}, 2048^3 GEMM)")
+        for side, t in (("PyTorch", t_pt), ("ms-mm", t_ms)):
+            rate = flops / t / 1e9
+            print(f"  {side:8} {rate:7.1f} GFLOP/s = {100.0 * rate / peak_gflops:5.1f} % of the matmul peak")
     return {"time_ratio": t_ms / t_pt, "peak_ratio": peak_ms / peak_pt}

@@ -2,7 +2,7 @@
 Hugging Face transformers parts (PyTorch eager, CPU).
 
     pip install torch==2.13.0          # CPU build; never torchvision beside it
-    python bench/bench_deepseek_vl2_train.py [--steps 5] [--warmup 2] [--batch 2] [--threads 2]
+    python bench/bench_deepseek_vl2_train.py [--steps 5] [--warmup 2] [--batch 2] [--threads 2] [--shape big]
 
 The model is tiny but has every DeepSeek-VL2 part: SigLIP ViT (4 blocks, width 128, 112-px tiles),
 2x2-downsample MLP projector, 2D tile layout with image_newline / view_seperator, and a DeepSeek-V2
@@ -18,7 +18,12 @@ converter (`convert.load_hf_as_mm`). The transformers port has no MoE auxiliary 
 first-step sanity check compares the cross-entropy; ms-mm's objective adds the seq-aux loss
 (alpha 0.001, printed). ms-mm's portable MoE runs every expert on every token (static shapes,
 the CPU path); the Ascend path dispatches with grouped matmul instead — keep that in mind when
-reading the time ratio. Not part of the test suite.
+reading the time ratio. `--shape big`: LLM 8 layers, hidden 512, 1024 tokens per sample.
+
+Also reported: a breakdown (host input preparation, forward + backward, update), each timed to
+completion, and model FLOPs/s as a share of the fp32 matmul peak measured here (2048^3 GEMM, the
+best of PyTorch's and MindSpore's). Model FLOPs count the top-k routed experts a token needs
+(ms-mm's portable MoE computes all of them) and attention in full. Not part of the test suite.
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import peak_mb, report, rss_mb, run_worker, torch_available  # noqa: E402
+from bench._common import (attention_flops, linear_flops, ms_matmul_gflops, peak_mb, report, rss_mb,  # noqa: E402
+                           run_worker, torch_available, torch_matmul_gflops)
 
 SEQ_LEN = 256
 TILE = 112
@@ -61,6 +67,48 @@ HF_CONFIG = {
         "tie_word_embeddings": False, "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD,
     },
 }
+
+
+def use_shape(name: str) -> None:
+    """`bench` (the default above) or `big`: LLM 8 layers, hidden 512, 1024 tokens per sample."""
+    global SEQ_LEN
+    if name == "big":
+        HF_CONFIG["language_config"].update(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+                                            num_hidden_layers=8)
+        HF_CONFIG["projector_config"]["n_embed"] = 512
+        SEQ_LEN = 1024
+
+
+def model_flops(batch_size: int) -> float:
+    """Train-step model FLOPs (see the module docstring)."""
+    v, p, lang = HF_CONFIG["vision_config"], HF_CONFIG["projector_config"], HF_CONFIG["language_config"]
+    w_v, mlp = v["width"], int(v["width"] * v["mlp_ratio"])
+    tiles = batch_size * (1 + CROP[0] * CROP[1])
+    patches = (TILE // 14) ** 2
+    merged = tokens_per_side() ** 2
+    tokens = batch_size * SEQ_LEN
+    h, heads = lang["hidden_size"], lang["num_attention_heads"]
+    qh = lang["qk_nope_head_dim"] + lang["qk_rope_head_dim"]
+    w = [((w_v, 3 * 14 * 14), tiles * patches)]
+    for _ in range(v["layers"]):
+        w += [((3 * w_v, w_v), tiles * patches), ((w_v, w_v), tiles * patches), ((mlp, w_v), tiles * patches),
+              ((w_v, mlp), tiles * patches)]
+    r2 = p["downsample_ratio"] ** 2
+    w += [((p["n_embed"], p["input_dim"] * r2), tiles * merged), ((p["n_embed"], p["n_embed"]), tiles * merged)]
+    mi, k, shared = lang["moe_intermediate_size"], lang["num_experts_per_tok"], lang["n_shared_experts"]
+    for i in range(lang["num_hidden_layers"]):
+        w += [((heads * qh + lang["kv_lora_rank"] + lang["qk_rope_head_dim"], h), tokens),
+              ((heads * (lang["qk_nope_head_dim"] + lang["v_head_dim"]), lang["kv_lora_rank"]), tokens),
+              ((h, heads * lang["v_head_dim"]), tokens)]
+        if i < lang["first_k_dense_replace"]:
+            w += [((2 * lang["intermediate_size"], h), tokens), ((h, lang["intermediate_size"]), tokens)]
+        else:
+            w += [((lang["n_routed_experts"], h), tokens), ((2 * mi, h), tokens * k), ((h, mi), tokens * k),
+                  ((2 * mi * shared, h), tokens), ((h, mi * shared), tokens)]
+    w += [((lang["vocab_size"], h), tokens)]
+    attn = (attention_flops(v["layers"], tiles, patches, w_v)
+            + attention_flops(lang["num_hidden_layers"], batch_size, SEQ_LEN, heads * (qh + lang["v_head_dim"]) // 2))
+    return linear_flops(w) + attn
 
 
 def tokens_per_side() -> int:
@@ -203,19 +251,28 @@ def worker_torch(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
         raise RuntimeError(f"reference model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
-    inputs = {k: torch.from_numpy(v) for k, v in batch.items()}
     base = rss_mb()
-    times, cpu, losses = [], [], []
+    times, cpu, losses, host, fwd_bwd, update = [], [], [], [], [], []
     for _ in range(steps):
         t0, c0 = time.perf_counter(), time.process_time()
+        inputs = {k: torch.from_numpy(v) for k, v in batch.items()}
+        t1 = time.perf_counter()
         loss = model(**inputs)
         loss.backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))   # the norm ms-mm also computes
         opt.step()
         opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
         losses.append(loss.item())
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    return {"times": times, "cpu_times": cpu, "losses": losses, "base_rss_mb": base, "peak_rss_mb": peak_mb()}
+        host.append(t1 - t0)
+        fwd_bwd.append(t2 - t1)
+        update.append(t3 - t2)
+    peak = peak_mb()
+    return {"times": times, "cpu_times": cpu, "losses": losses, "base_rss_mb": base, "peak_rss_mb": peak,
+            "host": host, "fwd_bwd": fwd_bwd, "update": update, "matmul_gflops": torch_matmul_gflops(threads)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,11 +281,11 @@ def worker_torch(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
 
 def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
     import mindspore as ms
-    from mindformers.core.optim import AdamW
 
     from convert import load_hf_as_mm
     from ms_mm.training.weights import load_state_dict
     from ms_mm.models.deepseek_vl2 import MODEL_INPUT_NAMES, DeepseekVL2ForCausalLM, build_model_inputs
+    from ms_mm.training.optimizer import FusedAdamW
     from ms_mm.training.train_step import TrainStep
 
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
@@ -240,18 +297,31 @@ def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
     out = model(*inputs)
     ce0, aux0 = float(out[2].asnumpy()), float(out[3].asnumpy().sum())
     model.set_train(True)
-    opt = AdamW(model.trainable_params(), learning_rate=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    opt = FusedAdamW(model.trainable_params(), learning_rate=LR, betas=BETAS, eps=EPS, weight_decay=WD)
     step = TrainStep(model, opt)
     base = rss_mb()
-    times, cpu, losses = [], [], []
+    times, cpu, losses, host_t, fwd_bwd, update = [], [], [], [], [], []
     for _ in range(steps):
+        # the pieces of TrainStep.__call__ (one micro batch), each run to completion
         t0, c0 = time.perf_counter(), time.process_time()
-        loss, _, _ = step([inputs])
-        losses.append(float(loss))  # synchronises: the step is finished when its loss is on the host
-        times.append(time.perf_counter() - t0)
+        prepared = build_model_inputs(batch, config)
+        inputs = [ms.Tensor(prepared[k]) for k in MODEL_INPUT_NAMES]
+        t1 = time.perf_counter()
+        out, grads = step._micro_step(*inputs)
+        loss = float(out[0].asnumpy())
+        t2 = time.perf_counter()
+        norm, _ = step._apply(ms.mutable(grads))
+        norm.asnumpy()
+        t3 = time.perf_counter()
+        losses.append(loss)
+        times.append(t3 - t0)
         cpu.append(time.process_time() - c0)
+        host_t.append(t1 - t0)
+        fwd_bwd.append(t2 - t1)
+        update.append(t3 - t2)
     return {"times": times, "cpu_times": cpu, "losses": losses, "base_rss_mb": base, "peak_rss_mb": peak_mb(),
-            "first_ce": ce0, "first_aux": aux0}
+            "first_ce": ce0, "first_aux": aux0, "host": host_t, "fwd_bwd": fwd_bwd, "update": update,
+            "matmul_gflops": ms_matmul_gflops()}
 
 
 def main(argv=None) -> int:
@@ -260,11 +330,14 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps first (MindSpore compiles here)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--shape", choices=["bench", "big"], default="bench",
+                   help="big: LLM 8 layers, hidden 512, 1024 tokens per sample")
     p.add_argument("--worker", choices=["torch", "ms"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--batch-file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    use_shape(a.shape)
 
     if a.worker:
         batch = dict(np.load(a.batch_file))
@@ -284,13 +357,15 @@ def main(argv=None) -> int:
         res = {}
         for side in ("torch", "ms"):
             res[side] = run_worker(__file__, side, ["--ckpt", str(ckpt), "--batch-file", str(tmp / "batch.npz"),
-                                                    "--steps", str(total)], a.threads, tmp / f"{side}.json")
+                                                    "--steps", str(total), "--shape", a.shape], a.threads,
+                                   tmp / f"{side}.json")
     lang = HF_CONFIG["language_config"]
     report(f"DeepSeek-VL2 train step (MLA + MoE {lang['n_routed_experts']} experts top-"
            f"{lang['num_experts_per_tok']}, {lang['num_hidden_layers']} LLM layers, ViT "
            f"{HF_CONFIG['vision_config']['layers']} blocks), batch {a.batch} x {SEQ_LEN} tokens + {a.batch} images "
            f"({1 + CROP[0] * CROP[1]} tiles of {TILE} px), {a.steps} steps after {a.warmup} warm-up, "
-           f"{a.threads} threads", res, a.warmup, a.batch * SEQ_LEN)
+           f"{a.threads} threads ({a.shape} shape)", res, a.warmup, a.batch * SEQ_LEN, model_flops(a.batch),
+           max(res["torch"]["matmul_gflops"], res["ms"]["matmul_gflops"]))
     pt, ms_ce, aux = res["torch"]["losses"][0], res["ms"]["first_ce"], res["ms"]["first_aux"]
     print(f"first-step CE loss: PyTorch {pt:.6f}  ms-mm {ms_ce:.6f}  |diff| {abs(pt - ms_ce):.2e}  "
           f"(ms-mm objective adds MoE seq-aux {aux:.6f}: first step {res['ms']['losses'][0]:.6f})")
