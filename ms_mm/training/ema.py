@@ -2,7 +2,7 @@
 
     ema = decay * ema + (1 - decay) * weight        after every optimizer step, every parameter
 
-Frozen parameters stay equal to the model's (their weights never change). The average lives on the
+Frozen parameters (requires_grad False) are not averaged: their EMA is the weight itself. The average lives on the
 device as its own Parameters (one `ms.jit` update for all of them), is saved as a full model state
 under `ema/` of each checkpoint iteration (`checkpointing.EMA_DIR`, the same layout as the model, so
 `mm-convert ... mm_to_hf` and `--load` read it), restored on resume, and `--finetune-from-ema` starts
@@ -40,7 +40,9 @@ class WeightEMA:
         if not 0.0 < float(decay) < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = float(decay)
-        self.params = list(model.get_parameters())
+        self.all_params = list(model.get_parameters())
+        # frozen parameters never change: their "average" is the weight itself (no rounding drift)
+        self.params = [p for p in self.all_params if p.requires_grad]
         self.averages = ms.ParameterTuple([ms.Parameter(p.value().copy(), name=f"ema.{p.name}", requires_grad=False)
                                            for p in self.params])
         self.steps = 0
@@ -52,7 +54,8 @@ class WeightEMA:
 
     def state(self) -> Dict[str, np.ndarray]:
         """{model parameter name: averaged weight} (the model's names: a loadable model state)."""
-        return {p.name: a.asnumpy() for p, a in zip(self.params, self.averages)}
+        averaged = {p.name: a.asnumpy() for p, a in zip(self.params, self.averages)}
+        return {p.name: averaged[p.name] if p.name in averaged else p.asnumpy() for p in self.all_params}
 
     def load(self, weights: Dict[str, np.ndarray], where: str) -> None:
         missing = [p.name for p in self.params if p.name not in weights]

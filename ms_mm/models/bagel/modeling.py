@@ -612,7 +612,7 @@ class LatentDecoder(nn.Cell):
     """latent -> image: decoder(z / scale + shift). Shares the `AutoEncoder`'s decoder."""
 
     def __init__(self, vae):
-        super().__init__()
+        super().__init__(auto_prefix=False)       # keep the shared decoder's parameter names (vae.decoder.*)
         self.scale_factor = vae.scale_factor
         self.shift_factor = vae.shift_factor
         self.decoder = vae.decoder
