@@ -169,3 +169,22 @@ def test_grouped_loader_resumes_exactly_mid_window():
             second.load_state_dict(state)
             resumed = [_ids(next(second)) for _ in range(40 - stop)]
         assert resumed == reference[stop:], stop
+
+
+# --------------------------------------------------------------------------------- the log
+def test_trainer_logs_each_compiled_graph_and_the_padding(tmp_path):
+    """The toy family's batches all have one shape: one graph, compiled once, logged once."""
+    import io
+    import json
+
+    from ms_mm.training.arguments import parse_args
+    from ms_mm.training.trainer import train
+
+    (tmp_path / "model.json").write_text(json.dumps({"model_id": "toy_vlm"}))
+    (tmp_path / "data.json").write_text(json.dumps({"num_samples": 32}))
+    out = io.StringIO()
+    train(parse_args(["--mm-model", str(tmp_path / "model.json"), "--mm-data", str(tmp_path / "data.json"),
+                      "--micro-batch-size", "4", "--train-iters", "3", "--log-interval", "1"]), stream=out)
+    log = out.getvalue()
+    assert log.count("compiled the train-step graph for input shapes") == 1
+    assert "input-shape buckets: 1 compiled graph(s); padding:" in log
