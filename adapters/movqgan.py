@@ -2,7 +2,7 @@
 weight spec (`SPEC`, converter name `MoVQGANConverter`).
 
 A MoVQGAN checkpoint directory holds ``movqgan_config.json`` (``{"ddconfig": {...}, "n_embed",
-"embed_dim", ...}``, read by the `read_hf_config` hook) and the ``MOVQ.state_dict()`` tensors in
+"embed_dim", ...}``, read by `movqgan_config.read_hf_config`, the spec's hook) and the ``MOVQ.state_dict()`` tensors in
 ``*.safetensors``. MindSpeed-MM has no MoVQGAN, so the MM names are the checkpoint names, one to
 one (``IDENTITY`` for every tensor):
 
@@ -24,34 +24,14 @@ safetensors (``{k: v for k, v in torch.load(...)["state_dict"].items()}``) befor
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any, Dict, List
+from typing import List
 
 from convert.spec import FamilySpec, Rule
 from ms_mm.models.lumina_mgpt2.movqgan_config import (
-    MoVQGANConfig, movqgan_config_from_release, movqgan_parameter_shapes,
+    CONFIG_FILE, MoVQGANConfig, config_from_hf, movqgan_parameter_shapes, read_hf_config,
 )
 
-__all__ = ["config_from_hf", "read_hf_config", "SPEC", "CONFIG_FILE"]
-
-CONFIG_FILE = "movqgan_config.json"
-
-
-def config_from_hf(hf: Dict[str, Any]) -> MoVQGANConfig:
-    return movqgan_config_from_release(hf)
-
-
-def read_hf_config(hf_dir: Path) -> Dict[str, Any]:
-    from convert.framework import ConversionError  # imported late: adapters load before the framework
-
-    path = Path(hf_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ConversionError(f"{path} not found (a MoVQGAN checkpoint directory needs its {CONFIG_FILE})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+__all__ = ["config_from_hf", "read_hf_config", "SPEC", "CONFIG_FILE"]   # the readers live in movqgan_config
 
 
 def _as_config(config) -> MoVQGANConfig:

@@ -8,12 +8,16 @@ attention blocks with scale C^-0.5, decoder norms = SpatialNorm conditioned on z
 """
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Tuple
 
 __all__ = ["MoVQGANConfig", "GROUP_NORM_GROUPS", "GROUP_NORM_EPS", "movqgan_parameter_shapes",
-           "movqgan_config_from_release"]
+           "movqgan_config_from_release", "config_from_hf", "read_hf_config", "CONFIG_FILE"]
+
+CONFIG_FILE = "movqgan_config.json"   # beside the weights in a MoVQGAN checkpoint directory
 
 GROUP_NORM_GROUPS = 32
 GROUP_NORM_EPS = 1e-6
@@ -133,6 +137,24 @@ def movqgan_config_from_release(d: Dict[str, Any]) -> MoVQGANConfig:
         if k in d:
             kw[k] = d[k]
     return MoVQGANConfig(**kw).validate()
+
+
+def config_from_hf(hf: Dict[str, Any]) -> MoVQGANConfig:
+    """The converter's reader (`FamilySpec.config_from_hf`): the release config dict -> MoVQGANConfig."""
+    return movqgan_config_from_release(hf)
+
+
+def read_hf_config(hf_dir) -> Dict[str, Any]:
+    """``<hf_dir>/movqgan_config.json`` as a dict (`FamilySpec.read_hf_config`); errors name the file."""
+    from convert.framework import ConversionError  # imported late: this module stays pure Python
+
+    path = Path(hf_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConversionError(f"{path} not found (a MoVQGAN checkpoint directory needs its {CONFIG_FILE})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
 
 
 # ---------------------------------------------------------------------------- parameter table
