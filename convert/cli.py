@@ -144,8 +144,10 @@ def run(argv: List[str]) -> int:
         print(f"mm-convert: note: --cfg.trust_remote_code is accepted but unused for {spec.converter}: its "
               f"config.json is a transformers model type, and no checkpoint code is executed", file=sys.stderr)
     # BAGEL / Lumina guides name the directories source_path / target_path
-    for alias, key in (("source_path", "hf_config.hf_dir"), ("target_path", "mm_dir")):
-        if alias in cfg and action == "hf_to_mm":
+    aliases = {"hf_to_mm": (("source_path", "hf_config.hf_dir"), ("target_path", "mm_dir")),
+               "mm_to_hf": (("source_path", "mm_dir"), ("target_path", "save_hf_dir"))}.get(action, ())
+    for alias, key in aliases:
+        if alias in cfg:
             if key in cfg:
                 raise UsageError(f"--cfg.{alias} and --cfg.{key} name the same directory; give one")
             cfg[key] = cfg.pop(alias)
@@ -191,7 +193,8 @@ def run(argv: List[str]) -> int:
 _KNOWN = {
     "hf_to_mm": ["mm_dir (alias target_path)", "hf_config.hf_dir (alias source_path)", "parallel_config.tp_size",
                  "parallel_config.ep_size", "parallel_config.<m>_pp_layers", "trust_remote_code"],
-    "mm_to_hf": ["mm_dir", "hf_config.hf_dir", "save_hf_dir", "iteration", "max_shard_size",
+    "mm_to_hf": ["mm_dir (alias source_path)", "hf_config.hf_dir", "save_hf_dir (alias target_path)", "iteration",
+                 "max_shard_size",
                  "parallel_config.tp_size", "parallel_config.ep_size", "parallel_config.<m>_pp_layers",
                  "trust_remote_code"],
     "resplit": ["source_dir", "target_dir", "iteration", "source_parallel_config.{tp_size,ep_size}",

@@ -56,6 +56,7 @@ ACCEPTED_FLAGS = {
     "--ckpt-format": (1, "checkpoints are always safetensors"),
     "--context-parallel-algo": (1, "context parallel is not implemented (size must be 1)"),
     "--lr-warmup-init": (1, "warm-up always starts from 0"),
+    "--virtual-pipeline-model-parallel-size": (1, "interleaved (virtual) pipeline stages are not implemented"),
     "--sequence-parallel": (0, "sequence parallel follows the sharding plan"),
     "--use-cpu-initialization": (0, "parameters are initialised on the host anyway"),
     "--bf16-reduce": (0, "gradient reduction follows the parameter dtype"),

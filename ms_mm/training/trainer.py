@@ -219,6 +219,15 @@ def _padding_note(loader) -> str:
     return "padding: " + (", ".join(parts) if parts else "not reported")
 
 
+def write_model_json(save_dir: str, model_json: dict) -> None:
+    """`SAVE/model.json`: the model json the save dir was trained with, so inference (a family's
+    sampler, say) needs only `--load` (temp file + rename)."""
+    path = Path(save_dir) / "model.json"
+    tmp = path.with_name(".model.json.tmp")
+    tmp.write_text(json.dumps(model_json, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def train(args: TrainArgs, stream=None) -> List[float]:
     import mindspore as ms
 
@@ -336,6 +345,7 @@ def train(args: TrainArgs, stream=None) -> List[float]:
                                     data_state=data_state, train_state=train_state,
                                     save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
                                     extra_models={ckpt.EMA_DIR: ema.state()} if ema is not None else None)
+        write_model_json(args.save, model_json)
         log(f"saved checkpoint {path} in {time.time() - t0:.1f} s")
 
     try:

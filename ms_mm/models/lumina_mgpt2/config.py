@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ["LuminaMGPT2Config", "LuminaTokenConfig", "config_from_hf", "QK_NORM_EPS"]
+__all__ = ["LuminaMGPT2Config", "LuminaTokenConfig", "config_from_hf", "QK_NORM_EPS", "config_from_mindspeed",
+           "mindspeed_model_json", "config_from_json", "claims_json"]
 
 QK_NORM_EPS = 1e-5  # ChameleonLayerNorm.forward's literal eps
 
@@ -222,3 +223,77 @@ def config_from_hf(hf: Dict[str, Any]) -> LuminaMGPT2Config:
     kw["masked_image_token_ids"] = tuple(sorted(int(v) for k, v in vocab.items() if k.startswith("IMGIMG")))
     kw["tokens"] = LuminaTokenConfig.from_vocabulary_map(vocab)
     return LuminaMGPT2Config(**kw).validate()
+
+
+# ---------------------------------------------------------------- MindSpeed-MM model.json
+# MindSpeed-MM's ChameleonForConditionalGeneration(**model.json) arguments -> our field names
+MINDSPEED_FIELDS = {
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads", "max_position_embeddings": "max_position_embeddings",
+    "rms_norm_eps": "rms_norm_eps", "rope_theta": "rope_theta", "swin_norm": "swin_norm", "dropout": "dropout",
+    "attention_dropout": "attention_dropout", "attention_bias": "attention_bias", "mlp_bias": "mlp_bias",
+    "hidden_act": "hidden_act", "pad_token_id": "pad_token_id", "z_loss_weight": "z_loss_weight",
+    "model_parallel_size": "model_parallel_size", "mask_image_logits": "mask_image_logits",
+}
+# keys of a model.json that are training switches, not architecture (read by the family record)
+MINDSPEED_SWITCHES = ("model_id", "vocabulary_map_path", "fsdp1", "movqgan_path")
+
+
+def config_from_mindspeed(model_json: Dict[str, Any], where: str = "model json") -> LuminaMGPT2Config:
+    """MindSpeed-MM's Lumina ``model.json`` -> LuminaMGPT2Config. ``vocabulary_map_path`` (the released
+    checkpoint directory) supplies ``config.json``: the vocabulary map (image-layout ids, IMGIMG
+    tokens) and every field the model.json leaves out; the model.json's own fields win."""
+    import json
+    from pathlib import Path
+
+    vpath = model_json.get("vocabulary_map_path")
+    if not vpath:
+        raise ValueError(f"{where}: vocabulary_map_path (the Lumina-mGPT 2.0 checkpoint directory, whose "
+                         f"config.json holds the vocabulary_map) is required")
+    cfg_file = Path(vpath) / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"{where}: vocabulary_map_path {vpath}: no config.json there (the Lumina-mGPT 2.0 "
+                         f"checkpoint directory with its vocabulary_map)")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    unknown = sorted(set(model_json) - set(MINDSPEED_FIELDS) - set(MINDSPEED_SWITCHES))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} (known: {sorted(MINDSPEED_FIELDS)})")
+    hf = dict(hf)
+    for src, dst in MINDSPEED_FIELDS.items():
+        if src in model_json:
+            hf[dst] = model_json[src]
+    return config_from_hf(hf)
+
+
+def mindspeed_model_json(config: LuminaMGPT2Config, vocabulary_map_path, **switches) -> Dict[str, Any]:
+    """The MindSpeed-MM model.json of `config` (`switches`: fsdp1, movqgan_path ...)."""
+    d = config.to_dict()
+    out: Dict[str, Any] = {"model_id": "lumina", "vocabulary_map_path": str(vocabulary_map_path)}
+    for src, dst in MINDSPEED_FIELDS.items():
+        out[src] = d[dst]
+    out.update({k: v for k, v in switches.items() if v is not None})
+    return out
+
+
+def claims_json(d: Dict[str, Any]) -> bool:
+    return d.get("model_type") == "chameleon" or "vocabulary_map_path" in d
+
+
+def config_from_json(d: Dict[str, Any]) -> LuminaMGPT2Config:
+    """Any json form: ``{"preset": name}``, an HF config.json, a MindSpeed-MM model.json (has
+    ``vocabulary_map_path``), or our ``to_dict()``. A model.json's ``fsdp1`` switch rides along as
+    the attribute ``config.fsdp1`` (checked by the family's `check_parallel_sizes`)."""
+    if "preset" in d:
+        config = LuminaMGPT2Config.preset(d["preset"])
+    elif "model_type" in d:
+        config = config_from_hf(d)
+    elif "vocabulary_map_path" in d or "num_layers" in d:
+        config = config_from_mindspeed(d)
+    else:
+        config = LuminaMGPT2Config.from_dict({k: v for k, v in d.items() if k not in MINDSPEED_SWITCHES})
+    config.fsdp1 = d.get("fsdp1")
+    return config

@@ -25,7 +25,8 @@ from mindspore.common.initializer import One, Zero, initializer
 from ms_mm.ops import CoreAttention, Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, logsumexp
 from ms_mm.models.lumina_mgpt2.config import QK_NORM_EPS, LuminaMGPT2Config
 
-__all__ = ["LuminaMGPT2ForCausalLM", "LuminaDecoder", "GroupedHeadLayerNorm", "causal_lm_losses"]
+__all__ = ["LuminaMGPT2ForCausalLM", "LuminaDecoder", "GroupedHeadLayerNorm", "causal_lm_losses", "cache_step_inputs",
+           "LuminaGenerationStep"]
 
 _FP32_MIN = float(np.finfo(np.float32).min)
 
@@ -83,7 +84,8 @@ class LuminaAttention(nn.Cell):
         inv = 1.0 / (c.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
         self.inv_freq = Tensor((inv / scale).astype(np.float32))  # linear scaling = positions / factor
 
-    def construct(self, x, position_ids, mask):
+    def _qkv(self, x, position_ids):
+        """x [B, S, H] -> q [B, N, S, D], k / v [B, Nkv, S, D] (normed, rotated)."""
         b, s, _ = x.shape
         d = self.head_dim
         qkv = self.linear_qkv(x).reshape(b, s, self.kv_heads, (self.rep + 2) * d)
@@ -93,10 +95,28 @@ class LuminaAttention(nn.Cell):
         q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))
         cos, sin = _rope_cos_sin(position_ids, self.inv_freq)
         cos, sin = cos.astype(q.dtype), sin.astype(q.dtype)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
-        out = self.core_attention(q, k, v, mask)
-        return self.linear_proj(ops.transpose(out, (0, 2, 1, 3)).reshape(b, s, self.heads * d))
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def _out(self, out, b, s):
+        return self.linear_proj(ops.transpose(out, (0, 2, 1, 3)).reshape(b, s, self.heads * self.head_dim))
+
+    def construct(self, x, position_ids, mask):
+        q, k, v = self._qkv(x, position_ids)
+        return self._out(self.core_attention(q, k, v, mask), x.shape[0], x.shape[1])
+
+    def construct_cached(self, x, position_ids, mask, write, k_cache, v_cache):
+        """Generation: the new tokens' k / v are placed into the fixed-size caches k / v
+        [B, Nkv, L, D] at the slots ``write`` [S, L] (one-hot rows) marks; the queries attend to the
+        whole cache under ``mask`` [1, 1, S, L] (future and unwritten slots masked), so a token costs
+        the same at any position. Returns (out, k_cache, v_cache) (functional: graph-mode safe)."""
+        q, k, v = self._qkv(x, position_ids)
+        w = write.astype(k_cache.dtype)
+        keep = (1.0 - w.sum(0)).reshape(1, 1, -1, 1)
+        w_t = ops.transpose(w, (1, 0))                                   # [L, S]
+        k_cache = k_cache * keep + ops.matmul(w_t, k.astype(k_cache.dtype))
+        v_cache = v_cache * keep + ops.matmul(w_t, v.astype(v_cache.dtype))
+        out = self.core_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+        return self._out(out, x.shape[0], x.shape[1]), k_cache, v_cache
 
 
 class LuminaDecoderLayer(nn.Cell):
@@ -121,6 +141,16 @@ class LuminaDecoderLayer(nn.Cell):
         x = x + self._drop(self.self_attention(self.input_layernorm(x), position_ids, mask))
         return x + self._drop(self.mlp(self.pre_mlp_layernorm(x)))
 
+    def construct_cached(self, x, position_ids, mask, write, k_cache, v_cache):
+        attn = self.self_attention.construct_cached
+        if self.swin_norm:
+            a, k_cache, v_cache = attn(x, position_ids, mask, write, k_cache, v_cache)
+            x = x + self._drop(self.input_layernorm(a))
+            return x + self._drop(self.pre_mlp_layernorm(self.mlp(x))), k_cache, v_cache
+        a, k_cache, v_cache = attn(self.input_layernorm(x), position_ids, mask, write, k_cache, v_cache)
+        x = x + self._drop(a)
+        return x + self._drop(self.mlp(self.pre_mlp_layernorm(x))), k_cache, v_cache
+
 
 class _Embedding(nn.Cell):
     def __init__(self, c: LuminaMGPT2Config):
@@ -138,6 +168,14 @@ class _Blocks(nn.Cell):
         for layer in self.layers:
             x = layer(x, position_ids, mask)
         return self.final_layernorm(x)
+
+    def construct_cached(self, x, position_ids, mask, write, k_caches, v_caches):
+        new_k, new_v = (), ()
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer.construct_cached(x, position_ids, mask, write, k_caches[i], v_caches[i])
+            new_k += (k,)
+            new_v += (v,)
+        return self.final_layernorm(x), new_k, new_v
 
 
 class LuminaDecoder(nn.Cell):
@@ -170,7 +208,28 @@ class LuminaDecoder(nn.Cell):
         x = self.embed(input_ids)
         s = input_ids.shape[1]
         causal = ops.triu(ops.ones((s, s), ms.float32), 1) * _FP32_MIN
-        h = self.decoder(x, position_ids, causal.reshape(1, 1, s, s))
+        return self.head(self.decoder(x, position_ids, causal.reshape(1, 1, s, s)))
+
+    def new_cache(self, batch_size: int, max_len: int):
+        """Empty per-layer KV caches for `construct_cached`: (k tuple, v tuple) of [B, Nkv, max_len, D] zeros."""
+        attn = self.decoder.layers[0].self_attention
+        shape = (batch_size, attn.kv_heads, max_len, attn.head_dim)
+        n = len(self.decoder.layers)
+        return (tuple(ops.zeros(shape, self.compute_dtype) for _ in range(n)),
+                tuple(ops.zeros(shape, self.compute_dtype) for _ in range(n)))
+
+    def construct_cached(self, input_ids, position_ids, mask, write, k_caches, v_caches):
+        """Generation: logits [B, S, V] of ``input_ids`` [B, S] (at ``position_ids``), attending to the
+        caches (filled by earlier calls) under ``mask`` [1, 1, S, L]; the new k / v go to the slots of
+        ``write`` [S, L]. -> (logits, k_caches, v_caches). The same Cells and weights as `construct`;
+        `cache_step_inputs` makes the host-side arrays."""
+        h, k_caches, v_caches = self.decoder.construct_cached(self.embed(input_ids), position_ids, mask, write,
+                                                              k_caches, v_caches)
+        return self.head(h), k_caches, v_caches
+
+    def head(self, h):
+        """Final hidden states [B, S, H] -> fp32 logits (image-token mask if configured)."""
+        s = h.shape[1]
         if self.tie:
             b = h.shape[0]
             w = self.embedding.word_embeddings.weight.astype(h.dtype)
@@ -183,6 +242,31 @@ class LuminaDecoder(nn.Cell):
         return logits
 
 
+
+
+def cache_step_inputs(start: int, length: int, batch_size: int, max_len: int):
+    """Host-side inputs of `LuminaDecoder.construct_cached` for positions [start, start + length) of
+    a cache of `max_len` slots: position_ids [B, S] int32, mask [1, 1, S, L] fp32 (0 where the key
+    slot is at or before the query's position), write [S, L] fp32 one-hot."""
+    if start + length > max_len:
+        raise ValueError(f"cache_step_inputs: positions up to {start + length} exceed the cache length {max_len}")
+    pos = np.arange(start, start + length, dtype=np.int32)
+    slots = np.arange(max_len)
+    mask = np.where(slots[None, :] <= pos[:, None], 0.0, _FP32_MIN).astype(np.float32).reshape(1, 1, length, max_len)
+    write = (slots[None, :] == pos[:, None]).astype(np.float32)
+    return np.broadcast_to(pos, (batch_size, length)).copy(), mask, write
+
+
+class LuminaGenerationStep(nn.Cell):
+    """The decoder's cached forward as one Cell (graph mode: one compile per (S, L)); the sampler's
+    prefill (S = prompt length) and decode (S = 1) steps."""
+
+    def __init__(self, decoder: "LuminaDecoder"):
+        super().__init__()
+        self.decoder = decoder
+
+    def construct(self, input_ids, position_ids, mask, write, k_caches, v_caches):
+        return self.decoder.construct_cached(input_ids, position_ids, mask, write, k_caches, v_caches)
 
 
 def causal_lm_losses(logits, labels):

@@ -19,7 +19,8 @@ from ms_mm.models.lumina_mgpt2.movqgan_config import (
     GROUP_NORM_EPS, GROUP_NORM_GROUPS, MoVQGANConfig, decoder_channels, encoder_channels,
 )
 
-__all__ = ["MoVQGAN", "MoVQEncoder", "MoVQDecoder", "VectorQuantizer", "SpatialNorm"]
+__all__ = ["MoVQGAN", "MoVQEncoder", "MoVQDecoder", "VectorQuantizer", "SpatialNorm", "MoVQGANTokenizer",
+           "MoVQGANDetokenizer"]
 
 
 def _group_norm(c):
@@ -270,3 +271,26 @@ class MoVQGAN(nn.Cell):
     def construct(self, image):
         z_q, loss, codes, z = self.encode(image)
         return self.decode(z_q), loss, codes, z_q, z
+
+
+class MoVQGANTokenizer(nn.Cell):
+    """image [B, 3, H, W] -> codes [B, H/f * W/f] (feature extraction's graph: encode, codes only)."""
+
+    def __init__(self, movqgan: MoVQGAN):
+        super().__init__()
+        self.movqgan = movqgan
+
+    def construct(self, image):
+        return self.movqgan.encode(image)[2]
+
+
+class MoVQGANDetokenizer(nn.Cell):
+    """codes [B, h*w] -> image [B, 3, h*f, w*f] (the sampler's decode graph)."""
+
+    def __init__(self, movqgan: MoVQGAN, h: int, w: int):
+        super().__init__()
+        self.movqgan = movqgan
+        self.h, self.w = h, w
+
+    def construct(self, codes):
+        return self.movqgan.decode_code(codes, self.h, self.w)
