@@ -1,17 +1,33 @@
 """MindSpore's auto-parallel context for a ParallelConfig (one place, shared by training and DryRun).
 
-    set_parallel_context(pc)      # after mindspore.communication.init()
+    set_parallel_context(pc)                              # after mindspore.communication.init()
+    set_parallel_context(pc, optimizer_parallel=True)     # --use-distributed-optimizer
 
 Semi-auto parallel with ``full_batch=True``: every rank is fed the same global batch and the
-plan's strategies cut it (rows by dp). ``pipeline_stages`` is set from ``pc.pp``.
+plan's strategies cut it (rows by dp). ``pipeline_stages`` is set from ``pc.pp``. The device
+matrix MindSpore derives is TP x PP x DP (expert parallel lives inside DP: the plans split experts
+over ``ep`` of the ``dp`` ranks). ``optimizer_parallel`` turns on MindSpore's optimizer parallel
+(``enable_parallel_optimizer``): the optimizer states (AdamW moments) of every parameter that the
+plan leaves replicated over data-parallel ranks are sharded over them, and each rank updates its
+shard (Megatron's distributed optimizer / ZeRO-1); ``gradient_accumulation_shard`` also shards
+the pipeline's accumulated gradients.
 """
 from __future__ import annotations
 
 from ms_mm.parallel.config import ParallelConfig
 
 
-def set_parallel_context(pc: ParallelConfig) -> None:
+def parallel_context_kwargs(pc: ParallelConfig, optimizer_parallel: bool = False) -> dict:
+    kwargs = dict(parallel_mode="semi_auto_parallel", device_num=pc.world_size, full_batch=True,
+                  pipeline_stages=pc.pp)
+    if optimizer_parallel and pc.dp > 1:
+        kwargs["enable_parallel_optimizer"] = True
+        kwargs["parallel_optimizer_config"] = {"gradient_accumulation_shard": pc.pp > 1,
+                                               "parallel_optimizer_threshold": 0}
+    return kwargs
+
+
+def set_parallel_context(pc: ParallelConfig, optimizer_parallel: bool = False) -> None:
     import mindspore as ms
     ms.reset_auto_parallel_context()
-    ms.set_auto_parallel_context(parallel_mode="semi_auto_parallel", device_num=pc.world_size, full_batch=True,
-                                 pipeline_stages=pc.pp)
+    ms.set_auto_parallel_context(**parallel_context_kwargs(pc, optimizer_parallel))

@@ -207,6 +207,25 @@ def run_dryrun(model_config, parallel_config: ParallelConfig, micro_batch_size: 
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(_worker_args(model_config, pc, micro_batch_size, seq_len, level, dtype,
                                                  micro_batches)))
+
+    def command(rank, rank_dir):
+        env = dryrun_env(root, rank_id=rank, rank_size=pc.world_size, level=level)
+        env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], _PROJECT_ROOT])
+        return [sys.executable, "-m", "ms_mm.parallel.dryrun", "--worker", str(spec_path)], env
+
+    return run_rank_processes(command, ranks, pc, workdir, timeout=timeout, parallel_ranks=parallel_ranks,
+                              host_mem_limit_gb=host_mem_limit_gb)
+
+
+def run_rank_processes(command, ranks: Sequence[int], pc: ParallelConfig, workdir, timeout: float = 1800,
+                       parallel_ranks: int = 1, host_mem_limit_gb: Optional[float] = None,
+                       log_name: str = "dryrun.log") -> List[RankResult]:
+    """Run ``command(rank, rank_dir) -> (argv, env)`` once per simulated rank (``parallel_ranks`` at a
+    time, each in ``workdir/rank<N>``), stopping a process past ``timeout`` seconds or
+    ``host_mem_limit_gb`` of resident memory; each log is read for ``STEP_OK`` and the memory figures."""
+    if host_mem_limit_gb is None:
+        host_mem_limit_gb = 0.75 * _total_ram_gb() / max(1, parallel_ranks)
+    workdir = Path(workdir)
     limit_kb = int(host_mem_limit_gb * 1024 * 1024) if host_mem_limit_gb else None
     pending, running, results = list(ranks), [], []
     try:
@@ -215,12 +234,10 @@ def run_dryrun(model_config, parallel_config: ParallelConfig, micro_batch_size: 
                 rank = pending.pop(0)
                 rank_dir = workdir / f"rank{rank}"
                 rank_dir.mkdir(exist_ok=True)
-                env = dryrun_env(root, rank_id=rank, rank_size=pc.world_size, level=level)
-                env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], _PROJECT_ROOT])
-                log_path = rank_dir / "dryrun.log"
+                argv, env = command(rank, rank_dir)
+                log_path = rank_dir / log_name
                 log = open(log_path, "w")
-                proc = subprocess.Popen([sys.executable, "-m", "ms_mm.parallel.dryrun", "--worker", str(spec_path)],
-                                        cwd=rank_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(argv, cwd=rank_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
                 running.append({"rank": rank, "proc": proc, "log": log, "log_path": log_path, "start": time.time(),
                                 "killed": ""})
             time.sleep(0.5)

@@ -200,5 +200,7 @@ def dryrun_env(root, rank_id: int, rank_size: int, level: int = 1, base_env=None
     env["MS_SIMULATION_LEVEL"] = str(level)
     env["RANK_SIZE"] = str(rank_size)
     env["RANK_ID"] = str(rank_id)
-    env.setdefault("GLOG_v", "2")
+    # the memory figures are WARNING-level log lines: a quieter GLOG_v (3, errors only) hides them
+    if env.get("GLOG_v") not in ("0", "1", "2"):
+        env["GLOG_v"] = "2"
     return env

@@ -45,7 +45,6 @@ ACCEPTED_FLAGS = {
     "--no-masked-softmax-fusion": (0, "no masked-softmax fusion exists here"),
     "--no-gradient-accumulation-fusion": (0, "gradient accumulation is always unfused"),
     "--variable-seq-lengths": (0, "sequence lengths always vary per batch"),
-    "--use-distributed-optimizer": (0, "the optimizer state is replicated under data parallel"),
     "--distributed-timeout-minutes": (1, "msrun manages the collective timeouts"),
     "--distributed-backend": (1, "MindSpore picks HCCL / the CPU backend itself"),
     "--ai-framework": (1, "ms-mm always runs on MindSpore"),
@@ -63,9 +62,6 @@ ACCEPTED_FLAGS = {
     "--no-bias-swiglu-fusion": (0, "no fusion exists here"),
     "--no-rope-fusion": (0, "ms_mm.ops chooses fused kernels by device"),
     "--reuse-fp32-param": (0, "parameters are kept in fp32"),
-    "--recompute-granularity": (1, "recomputation is not configured from the command line"),
-    "--recompute-method": (1, "recomputation is not configured from the command line"),
-    "--recompute-num-layers": (1, "recomputation is not configured from the command line"),
     # MindSpeed-MM's DeepSeek-VL2 script: MoE kernels and MLA switches (sizes live in model.json)
     "--moe-grouped-gemm": (0, "ms_mm.ops chooses the MoE kernels by device"),
     "--moe-permutation-async-comm": (0, "ms_mm.ops chooses the MoE kernels by device"),
@@ -162,6 +158,11 @@ class TrainArgs:
     finetune_from_ema: bool = False
     finetune_from_hf: bool = False
     use_torch_fsdp2: bool = False
+    # memory: MindSpore's optimizer parallel and Cell.recompute (ms_mm.parallel.training)
+    use_distributed_optimizer: bool = False
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
     # a model family's own flags (`Family.extra_flags`), parsed once the model json names the family
     family_argv: List[str] = field(default_factory=list)
     # filled in by parse_args / the launcher
@@ -321,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--finetune_from_hf", "--finetune-from-hf"):
         g.add_argument(flag, dest="finetune_from_hf", type=str2bool, nargs="?", const=True, default=False,
                        help="--load is a converted HF release (weights only)")
+    g = p.add_argument_group("memory (optimizer parallel, recomputation)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard the optimizer states over data-parallel ranks (MindSpore's optimizer parallel)")
+    g.add_argument("--recompute-granularity", default=None,
+                   help="recompute activations in the backward pass (Cell.recompute of the model's layers)")
+    g.add_argument("--recompute-method", default=None, help="uniform | block")
+    g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--use-torch-fsdp2", action="store_true",
                    help="MindSpeed-MM's memory switch: optimizer parallel on Ascend (refused elsewhere)")
     g = p.add_argument_group("the upstream recipes' spellings")

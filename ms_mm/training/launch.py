@@ -5,8 +5,12 @@
 
 What it does, in order:
 1. parses the trainer flags (an unknown flag fails here, before anything starts);
-2. `DRY_RUN=1`: hands the model json and parallel sizes to `python -m ms_mm.parallel.dryrun`
-   (compiles the sharded graph for the simulated cluster) and stops;
+2. `DRY_RUN=1`: runs this same trainer (`pretrain_vlm.py`) for 2 iterations on simulated Ascend
+   ranks (MindSpore DryRun, `ms_mm.parallel.fake_cann`): the first rank of every pipeline stage, or
+   every rank with `DRY_RUN_RANKS=all` (or a list `0,4`); weights uninitialised
+   (`no_init_parameters`), the configured data (a synthetic batch when it cannot be read), no
+   checkpoint saved; prints one line per rank with its predicted peak device memory against the
+   card's 64 GB, and stops. Logs under `<--log_dir>/dryrun/rank<N>/`;
 3. if the weights the scripts name are absent (`--load` dir, or the HF directory the data json
    names: the family's `EmbeddedDefault.hf_dir_key`, e.g. `model_name_or_path` or `processor_path`),
    prints one line saying so and switches to the **embedded default** of the model family
@@ -17,7 +21,9 @@ What it does, in order:
 4. otherwise checks the sizes (world size vs. parallel sizes, expert count vs. EP, precision on this
    device) and starts training: directly for one worker, through `msrun` for more.
 
-Environment knobs: `MS_MM_DEMO_ITERS` (embedded-default iterations, default 200), `DRY_RUN`.
+Environment knobs: `MS_MM_DEMO_ITERS` (embedded-default iterations, default 200), `DRY_RUN`,
+`DRY_RUN_RANKS` (stages | all | 0,4), `DRY_RUN_LEVEL` (1: + memory figures; 0: compile only),
+`DRY_RUN_PARALLEL` (ranks compiled at the same time, default 1), `DRY_RUN_TIMEOUT` (s per rank).
 """
 from __future__ import annotations
 
@@ -32,7 +38,8 @@ from typing import List, Optional, Sequence
 
 from ms_mm import registry
 from ms_mm.training.arguments import ArgumentError, parse_args
-from ms_mm.training.trainer import check_parallel_sizes, device_target, family_and_config
+from ms_mm.training.trainer import (DRY_RUN_ENV, check_parallel_sizes, device_target, family_and_config,
+                                    parallel_run_config, refuse_parallel_on_cpu)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENTRY_SCRIPT = Path(__file__).resolve().with_name("pretrain_vlm.py")
@@ -195,6 +202,92 @@ def dry_run_command(args, train_argv: Sequence[str], model_json: dict, world_siz
     return cmd
 
 
+CARD_MEMORY_MB = 65536       # the simulated Ascend card (DryRun: "Device MOC memory size: 65536M")
+
+
+def _size(mb: int) -> str:
+    return f"{mb} MB" if mb < 10240 else f"{mb / 1024:.1f} GB"
+
+
+def trainer_dry_run(train_argv: List[str], model_json: dict, world_size: int, log_dir: str) -> int:
+    """`DRY_RUN=1`: the trainer itself on simulated Ascend ranks, one line per rank with its peak memory."""
+    from ms_mm.parallel import ParallelConfig, ParallelConfigError
+    from ms_mm.parallel.dryrun import default_ranks, run_rank_processes
+    from ms_mm.parallel.fake_cann import FakeCannError, dryrun_env, ensure_fake_cann
+    from ms_mm.parallel.training import run_parallel_config
+
+    args = parse_args(train_argv)
+    seq_len = _flag_value(train_argv, "--seq-length") or ""
+    try:
+        args.validate(world_size, "Ascend")
+        family, config = family_and_config(model_json, args.mm_model)
+        check_parallel_sizes(family, config, args, args.mm_model)
+        parallel = parallel_run_config(family, config, args, model_json, world_size, args.mm_model,
+                                       int(seq_len or 0))
+        pc = parallel[0] if parallel else run_parallel_config(args, world_size, model_json)
+        which = os.environ.get("DRY_RUN_RANKS", "stages").strip() or "stages"
+        if which in ("stages", "all"):
+            ranks = default_ranks(pc, which)
+        else:
+            ranks = [int(r) for r in which.split(",") if r.strip()]
+            bad = [r for r in ranks if not 0 <= r < world_size]
+            if bad:
+                raise ArgumentError(f"DRY_RUN_RANKS={which}: rank(s) {bad} outside the world of {world_size}")
+        root = ensure_fake_cann()
+    except (ArgumentError, ParallelConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FakeCannError as e:
+        print(f"error: DRY_RUN=1: {e}", file=sys.stderr)
+        return 2
+    level = int(os.environ.get("DRY_RUN_LEVEL", "1"))
+    rank_argv = list(train_argv)
+    for flag in ("--mm-model", "--mm-data"):      # the ranks run in their own log directories
+        rank_argv = _set_flag(rank_argv, flag, str(Path(_flag_value(train_argv, flag)).resolve()))
+    for flag in ("--save", "--save-interval", "--load", "--tensorboard-dir"):
+        rank_argv = _set_flag(rank_argv, flag, "")[:-2]
+    rank_argv = _set_flag(rank_argv, "--train-iters", "2")
+    rank_argv = _set_flag(rank_argv, "--log-interval", "1")
+    rank_argv = _set_flag(rank_argv, "--num-workers", "0")
+    workdir = Path(log_dir).resolve() / "dryrun"
+    workdir.mkdir(parents=True, exist_ok=True)
+    stage_size = pc.world_size // pc.pp
+
+    def command(rank, rank_dir):
+        env = dryrun_env(root, rank_id=rank, rank_size=world_size, level=level)
+        for key in ("MS_WORKER_NUM", "WORLD_SIZE", "MS_NODE_RANK", "RANK", "LOCAL_RANK"):
+            env.pop(key, None)
+        env.update({DRY_RUN_ENV: "1", "MS_MM_DEVICE_TARGET": "Ascend", "MS_MM_DRY_RUN_SEQ_LEN": seq_len,
+                    "TRANSFORMERS_VERBOSITY": "error"})
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(REPO_ROOT)]))
+        return [sys.executable, str(ENTRY_SCRIPT), *rank_argv], env
+
+    _say(f"DRY_RUN=1: {family.name} on {world_size} simulated Ascend ranks (dp {pc.dp}, tp {pc.tp}, pp {pc.pp}, "
+         f"ep {pc.ep}{', distributed optimizer' if args.use_distributed_optimizer else ''}): the trainer for 2 "
+         f"iterations on rank(s) {','.join(map(str, ranks))}, weights uninitialised, no checkpoint written; "
+         f"logs in {workdir}")
+    results = run_rank_processes(command, ranks, pc, workdir,
+                                 timeout=float(os.environ.get("DRY_RUN_TIMEOUT", "3600")),
+                                 parallel_ranks=int(os.environ.get("DRY_RUN_PARALLEL", "1")), log_name="train.log")
+    fits_all = True
+    for r in results:
+        where = f"rank {r.rank} (pipeline stage {r.rank // stage_size})"
+        if not r.ok:
+            fits_all = False
+            print(f"{where}: FAILED (exit {r.returncode}, log {r.log_path})\n{r.error}"
+                  + (f"\n{r.hint}" if r.hint else ""), flush=True)
+        elif r.actual_peak_mb is None:
+            print(f"{where}: ok, compiled and ran 2 iterations (level {level}: no memory figures) "
+                  f"({r.seconds:.0f} s)", flush=True)
+        else:
+            fits = r.actual_peak_mb <= CARD_MEMORY_MB
+            fits_all &= fits
+            print(f"{where}: ok, predicted peak device memory {_size(r.actual_peak_mb)} "
+                  f"({_size(r.used_peak_mb)} without fragments) of {CARD_MEMORY_MB // 1024} GB: "
+                  f"{'fits' if fits else 'DOES NOT FIT'} ({r.seconds:.0f} s)", flush=True)
+    return 0 if fits_all else 1
+
+
 def dry_run(cmd: List[str]) -> int:
     import importlib.util
 
@@ -232,7 +325,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 2
     if os.environ.get("DRY_RUN", "0") not in ("", "0"):
-        return dry_run(dry_run_command(args, train_argv, model_json, runner.worker_num))
+        return trainer_dry_run(train_argv, model_json, runner.worker_num, runner.log_dir)
 
     device = device_target()
     model_id = model_json.get("model_id", "")
@@ -271,6 +364,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 family, config = family_and_config(model_json, args.mm_model)
                 check_parallel_sizes(family, config, checked, args.mm_model)
             checked.validate(runner.worker_num, device)
+            refuse_parallel_on_cpu(checked, device, runner.worker_num)
+            if model_id:
+                parallel_run_config(family, config, checked, model_json, runner.worker_num, args.mm_model,
+                                    int(_flag_value(train_argv, "--seq-length") or 0))
         except ArgumentError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -96,13 +96,35 @@ def apply_freeze(model, model_json: dict, family: Family, log) -> List:
     return trainable
 
 
-def setup_runtime(args: TrainArgs):
-    """Device, graph mode, msrun data parallel and seeds; returns (device, rank, world_size)."""
+DRY_RUN_ENV = "MS_MM_DRY_RUN"     # set by the launcher in each simulated rank (DRY_RUN=1 bash <script>)
+
+
+def dry_run_rank() -> bool:
+    return os.environ.get(DRY_RUN_ENV, "0") not in ("", "0")
+
+
+def refuse_parallel_on_cpu(args: TrainArgs, device: str, world: int) -> None:
+    from ms_mm.parallel.training import uses_parallel_path
+
+    if device.upper() == "CPU" and uses_parallel_path(args, world):
+        raise ArgumentError(
+            f"tp {args.tensor_model_parallel_size} / pp {args.pipeline_model_parallel_size} / ep "
+            f"{args.expert_model_parallel_size}{' / --use-distributed-optimizer' if args.use_distributed_optimizer else ''}"
+            f" need MindSpore semi-auto parallel, which the CPU backend refuses: train on Ascend, or check the "
+            f"plan and its memory here with DRY_RUN=1 bash <script>")
+
+
+def setup_runtime(args: TrainArgs, parallel_config=None):
+    """Device, graph mode, msrun data / semi-auto parallel and seeds; returns (device, rank, world_size).
+
+    ``parallel_config`` (a checked ``ms_mm.parallel.ParallelConfig``): semi-auto parallel with the
+    plan's sizes (``ms_mm.parallel.set_parallel_context``) instead of pure data parallel."""
     import mindspore as ms
 
     device = device_target()
     world = launched_world_size()
     args.validate(world, device)
+    refuse_parallel_on_cpu(args, device, world)
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
         ms.set_device(device)
@@ -116,16 +138,18 @@ def setup_runtime(args: TrainArgs):
         from mindspore.communication import get_group_size, get_rank, init
 
         init()
-        rank, world = get_rank(), get_group_size()
+        if dry_run_rank():     # a simulated Ascend rank (DryRun): its id and the world come from the env
+            rank, world = int(os.environ["RANK_ID"]), int(os.environ["RANK_SIZE"])
+        else:
+            rank, world = get_rank(), get_group_size()
         args.validate(world, device)
-        if args.model_parallel_size > 1:
-            raise ArgumentError(
-                f"tensor/pipeline/expert parallel sizes (tp {args.tensor_model_parallel_size}, pp "
-                f"{args.pipeline_model_parallel_size}, ep {args.expert_model_parallel_size}) need the "
-                f"ms_mm.parallel sharding plans, which the trainer does not apply yet; check the plan with "
-                f"DRY_RUN=1 and train with tp=pp=1 (pure data parallel)")
-        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
-                                     device_num=world)
+        if parallel_config is not None:
+            from ms_mm.parallel import set_parallel_context
+
+            set_parallel_context(parallel_config, optimizer_parallel=args.use_distributed_optimizer)
+        else:
+            ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
+                                         device_num=world)
     elif args.model_parallel_size > 1:
         raise ArgumentError(f"WORLD_SIZE=1 cannot hold tensor-model-parallel-size "
                             f"{args.tensor_model_parallel_size} * pipeline-model-parallel-size "
@@ -191,6 +215,25 @@ def family_and_config(model_json: dict, where: str):
     return family, config
 
 
+def parallel_run_config(family: Family, config, args: TrainArgs, model_json: dict, world: int, where: str,
+                        seq_len: int = 0):
+    """(ParallelConfig, micro batches per step) of a run on the sharded path, None otherwise; every size
+    that does not divide (layers over stages, heads over tp, experts over ep, the global batch over
+    dp x micro batch, the world over tp x pp) is one ArgumentError naming the sizes and shapes."""
+    from ms_mm.parallel import ParallelConfigError
+    from ms_mm.parallel.training import check_run, run_parallel_config, uses_parallel_path
+
+    if not uses_parallel_path(args, world):
+        return None
+    try:
+        pc = run_parallel_config(args, world, model_json)
+        return pc, check_run(pc, config, args, seq_len)
+    except ParallelConfigError as e:
+        raise ArgumentError(f"--mm-model {where}: {e}") from None
+    except NotImplementedError as e:
+        raise ArgumentError(f"--mm-model {where}: {e}; train it with tp = pp = ep = 1") from None
+
+
 def check_parallel_sizes(family: Family, config, args: TrainArgs, where: str) -> None:
     if family.check_parallel_sizes is None:
         return
@@ -247,8 +290,21 @@ def train(args: TrainArgs, stream=None) -> List[float]:
             raise ArgumentError(f"--mm-model {args.mm_model}: {e}") from e
     # the model's own limits on the parallel sizes first (they name the model's numbers), then the runtime
     check_parallel_sizes(family, config, args, args.mm_model)
-    device, rank, world = setup_runtime(args)
-    is_rank0 = rank == 0
+    dry_run = dry_run_rank()
+    world0 = launched_world_size()
+    args.validate(world0, device_target())
+    refuse_parallel_on_cpu(args, device_target(), world0)
+    parallel = parallel_run_config(family, config, args, model_json, world0, args.mm_model,
+                                   int(os.environ.get("MS_MM_DRY_RUN_SEQ_LEN", "0") or 0))
+    pc, micro_per_step = parallel or (None, None)
+    if pc is not None and args.save and not dry_run:
+        raise ArgumentError(f"--save {args.save}: saving a sharded run (tp {pc.tp}, pp {pc.pp}, ep {pc.ep}, "
+                            f"distributed optimizer {args.use_distributed_optimizer}) needs per-rank checkpoint "
+                            f"slices, which ms-mm does not write yet; drop --save, or train with tp = pp = ep = 1")
+    device, rank, world = setup_runtime(args, pc)
+    # the loss lives on the last pipeline stage: its first rank logs
+    log_rank = (pc.pp - 1) * (world // pc.pp) if pc is not None and pc.pp > 1 else 0
+    is_rank0 = rank == log_rank or dry_run
 
     def log(msg):
         if is_rank0:
@@ -263,16 +319,47 @@ def train(args: TrainArgs, stream=None) -> List[float]:
 
     # activations in fp16/bf16, parameters (the optimizer's master copy) stay fp32
     compute_dtype = ms.float16 if args.fp16 else ms.bfloat16 if args.bf16 else ms.float32
-    model = family.build_model(config, compute_dtype)
+    if dry_run:     # simulated ranks: shapes only, never the weights on the host
+        from mindspore.nn.utils import no_init_parameters
+
+        with no_init_parameters():
+            model = family.build_model(config, compute_dtype)
+    else:
+        model = family.build_model(config, compute_dtype)
+    if args.recompute_granularity or args.recompute_method or args.recompute_num_layers:
+        from ms_mm.parallel import ParallelConfigError
+        from ms_mm.parallel.training import apply_recompute
+
+        try:
+            recomputed = apply_recompute(model, args.recompute_granularity, args.recompute_method,
+                                         args.recompute_num_layers)
+        except ParallelConfigError as e:
+            raise ArgumentError(str(e)) from None
+        log(f"recomputing {len(recomputed)} layer(s) in the backward pass (--recompute-granularity "
+            f"{args.recompute_granularity})")
+    if pc is not None:
+        from ms_mm.parallel import parallelize
+
+        parallelize(model, pc)
+        log(f"sharding plan of {family.name} applied: semi-auto parallel, dp {pc.dp} x tp {pc.tp} x pp {pc.pp}"
+            f" (ep {pc.ep}), {micro_per_step} micro batch(es) of {args.micro_batch_size * pc.dp} rows per step"
+            + (", optimizer states sharded over dp (--use-distributed-optimizer)"
+               if args.use_distributed_optimizer and pc.dp > 1 else ""))
     trainable = apply_freeze(model, model_json, family, log)
     n_total = sum(int(np.prod(p.shape)) for p in model.get_parameters())
     n_train = sum(int(np.prod(p.shape)) for p in trainable)
     log(f"parameters: {n_total:,} total, {n_train:,} trainable")
     optimizer = build_optimizer(args, trainable, device)
     loss_scaler = build_loss_scaler(args)
-    step_fn = TrainStep(model, optimizer, accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad,
-                        loss_scaler=loss_scaler, data_parallel=world > 1,
-                        extra_outputs=family.metric_outputs if family.step_metrics else ())
+    if pc is not None:
+        from ms_mm.parallel.training import ParallelTrainStep
+
+        step_fn = ParallelTrainStep(model, optimizer, pc, micro_per_step, clip_grad=args.clip_grad,
+                                    loss_scaler=loss_scaler, input_names=family.input_names, dry_run=dry_run)
+    else:
+        step_fn = TrainStep(model, optimizer, accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad,
+                            loss_scaler=loss_scaler, data_parallel=world > 1,
+                            extra_outputs=family.metric_outputs if family.step_metrics else ())
 
     state = ckpt.LoadedState()
     load, model_only, weights_from = args.load, args.finetune or args.resume_model_only, None
@@ -304,14 +391,22 @@ def train(args: TrainArgs, stream=None) -> List[float]:
         log(f"EMA of the weights: decay {ema_decay}, saved as {ckpt.EMA_DIR}/ in each checkpoint"
             + (" (restored)" if saved_ema is not None else ""))
 
+    # sharded path (full_batch): every rank reads the same global micro batches, the plan cuts the rows by dp
+    load_mbs, load_rank, load_world = ((args.micro_batch_size * pc.dp, 0, 1) if pc is not None
+                                       else (args.micro_batch_size, rank, world))
     try:
-        loader = family.build_dataloader(data_json, config, args.micro_batch_size, args.seed, rank, world,
+        loader = family.build_dataloader(data_json, config, load_mbs, args.seed, load_rank, load_world,
                                          args.num_workers, args.skip_bad_samples,
                                          **({"options": options} if options else {}))
     except (KeyError, ValueError, FileNotFoundError) as e:
-        raise ArgumentError(f"--mm-data {args.mm_data}: {e.args[0] if isinstance(e, KeyError) else e}") from e
+        if not dry_run:
+            raise ArgumentError(f"--mm-data {args.mm_data}: {e.args[0] if isinstance(e, KeyError) else e}") from e
+        from ms_mm.parallel.training import SyntheticLoader
+
+        loader = SyntheticLoader(family, config, load_mbs, int(os.environ.get("MS_MM_DRY_RUN_SEQ_LEN", "0") or 0))
+        log(f"DRY_RUN: the data json's samples are not readable here ({e}); {loader.describe()}")
     if state.data_state is not None:
-        loader.load_state_dict(_own_data_state(state.data_state, rank, world, args.load))
+        loader.load_state_dict(_own_data_state(state.data_state, load_rank, load_world, args.load))
 
     logger = MetricsLogger(train_iters=args.train_iters, start_iteration=state.iteration,
                            global_batch_size=args.global_batch_size, log_interval=args.log_interval,
@@ -351,7 +446,7 @@ def train(args: TrainArgs, stream=None) -> List[float]:
     try:
         while iteration < args.train_iters:
             t0 = time.time()
-            lr = current_lr(optimizer)
+            lr = args.lr if dry_run else current_lr(optimizer)   # no host kernels on simulated ranks
             micro, batches, tokens = [], [], 0
             for _ in range(args.grad_accum_steps):
                 try:
@@ -369,7 +464,7 @@ def train(args: TrainArgs, stream=None) -> List[float]:
                     f"({len(step_fn.graph_shapes)} graph(s) so far; {_padding_note(loader)})")
             if ema is not None:
                 ema.update()
-            metrics = _step_metrics(family, config, step_fn, batches)
+            metrics = _step_metrics(family, config, step_fn, batches) if pc is None else {}
             iteration += 1
             consumed += args.global_batch_size
             losses.append(loss)
@@ -398,6 +493,12 @@ def train(args: TrainArgs, stream=None) -> List[float]:
                           {p.name: p.asnumpy() for p in model.get_parameters()})
     logger.summary()
     log(f"input-shape buckets: {len(step_fn.graph_shapes)} compiled graph(s); {_padding_note(loader)}")
+    if dry_run:
+        from ms_mm.parallel.dryrun import STEP_OK
+
+        if pc is not None:   # the rank's compiled parameter layouts, beside its log
+            step_fn.write_parameter_layouts("parameter_layouts.json")
+        print(f"{STEP_OK} rank={rank} iterations={len(losses)}", flush=True)
     return losses
 
 

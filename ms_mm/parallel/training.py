@@ -1,0 +1,324 @@
+"""The trainer's parallel path: sizes checked up front, the plan applied, and the sharded train step.
+
+    pc = run_parallel_config(args, world_size, model_json)      # ParallelConfigError: one line
+    check_run(pc, config, args)                                 # plan.check + batch arithmetic
+    set_parallel_context(pc, optimizer_parallel=args.use_distributed_optimizer)
+    parallelize(model, pc); apply_recompute(model, ...)
+    step = ParallelTrainStep(model, optimizer, pc, micro_batches=..., clip_grad=..., loss_scaler=...)
+    loss, grad_norm, finite = step(micro_batches)              # same call as training.TrainStep
+
+``ms_mm.training.trainer`` takes this path when tp / pp / ep > 1 or ``--use-distributed-optimizer``
+is given on more than one rank, under MindSpore semi-auto parallel (Ascend, or DryRun's simulated
+Ascend ranks; the CPU backend refuses it). Every rank is fed the same global micro batches
+(``full_batch=True``): the plan's strategies cut the rows by dp. The ``GBS / (MBS x DP)`` micro
+batches of a step are stacked on a leading axis and run in one graph: under pipeline parallel by
+``StackedPipelineCell`` (MindSpore's pipeline schedule), otherwise by a loop over them whose mean
+loss is differentiated (gradient accumulation inside the graph). The step then unscales the loss
+scale (fp16), takes the global gradient norm, clips and updates, as ``training.TrainStep`` does.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ms_mm.parallel.config import ParallelConfig, ParallelConfigError
+
+
+# ------------------------------------------------------------------------------------ sizes
+def pipeline_layers_from_json(model_json: dict):
+    """(llm_pp_layers, vit_pp_layers) a MindSpeed-MM model json declares (``pipeline_num_layers``)."""
+    llm = (model_json.get("text_decoder") or {}).get("pipeline_num_layers")
+    vit = ((model_json.get("image_encoder") or {}).get("vision_encoder") or {}).get("pipeline_num_layers")
+    return llm, vit
+
+
+def run_parallel_config(args, world_size: int, model_json: Optional[dict] = None) -> ParallelConfig:
+    """The ParallelConfig of a training run from its Megatron flags and the launched world size."""
+    llm, vit = pipeline_layers_from_json(model_json or {})
+    pp = args.pipeline_model_parallel_size
+    return ParallelConfig(world_size=world_size, tp=args.tensor_model_parallel_size, pp=pp,
+                          cp=args.context_parallel_size, ep=args.expert_model_parallel_size,
+                          llm_pp_layers=llm if pp > 1 else None, vit_pp_layers=vit if pp > 1 else None)
+
+
+def micro_batches_per_step(pc: ParallelConfig, args) -> int:
+    """GBS / (MBS x DP), checked to divide and (pipeline) to give every stage a micro batch."""
+    gbs, mbs = args.global_batch_size, args.micro_batch_size
+    if gbs is None:
+        return 1
+    if gbs % (mbs * pc.dp):
+        raise ParallelConfigError(
+            f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} * dp {pc.dp} "
+            f"(world_size {pc.world_size} / (tp {pc.tp} * pp {pc.pp} * cp {pc.cp}))")
+    micro = gbs // (mbs * pc.dp)
+    if pc.pp > 1 and micro < pc.pp:
+        raise ParallelConfigError(
+            f"--global-batch-size {gbs} gives {micro} micro batch(es) of {mbs} x dp {pc.dp} per step, fewer "
+            f"than pp={pc.pp} pipeline stages: raise --global-batch-size to at least {mbs * pc.dp * pc.pp}")
+    return micro
+
+
+def check_run(pc: ParallelConfig, model_config, args, seq_len: int = 0) -> int:
+    """Every size check of a parallel run before anything starts; returns the micro batches per step."""
+    from ms_mm.parallel.plans import plan_for_config
+
+    plan = plan_for_config(model_config)
+    plan.check(pc, model_config)
+    micro = micro_batches_per_step(pc, args)
+    plan.check_batch(pc, args.micro_batch_size * pc.dp, seq_len or 0)
+    return micro
+
+
+def uses_parallel_path(args, world_size: int) -> bool:
+    """tp / pp / ep > 1, or the distributed optimizer on more than one rank."""
+    return (args.model_parallel_size > 1
+            or (bool(getattr(args, "use_distributed_optimizer", False)) and world_size > 1))
+
+
+# -------------------------------------------------------------------------------- recompute
+def layer_lists(model):
+    """(name, CellList) of every ``*.layers`` CellList of ``model`` (transformer blocks)."""
+    from mindspore import nn
+
+    return [(name, cell) for name, cell in model.cells_and_names()
+            if isinstance(cell, nn.CellList) and name.rsplit(".", 1)[-1] == "layers"]
+
+
+def apply_recompute(model, granularity: Optional[str], method: Optional[str] = None,
+                    num_layers: Optional[int] = None) -> list:
+    """Megatron's recompute flags as ``Cell.recompute()``; returns the names of recomputed Cells.
+
+    ``full`` + ``uniform`` (or no method): every layer of every ``*.layers`` list is recomputed
+    (Megatron checkpoints groups of ``num_layers`` layers; per-layer recompute keeps the same
+    activations); ``full`` + ``block``: the first ``num_layers`` layers of each list; ``selective``:
+    each layer's ``core_attention``.
+    """
+    if not granularity:
+        if method or num_layers:
+            raise ParallelConfigError("--recompute-method / --recompute-num-layers need --recompute-granularity")
+        return []
+    if granularity not in ("full", "selective"):
+        raise ParallelConfigError(f"--recompute-granularity {granularity!r}: choose full or selective")
+    if method not in (None, "uniform", "block"):
+        raise ParallelConfigError(f"--recompute-method {method!r}: choose uniform or block")
+    if granularity == "full" and method == "block" and not num_layers:
+        raise ParallelConfigError("--recompute-method block needs --recompute-num-layers N (layers recomputed)")
+    lists = layer_lists(model)
+    if not lists:
+        raise ParallelConfigError(f"--recompute-granularity {granularity}: the model exposes no `*.layers` "
+                                  f"list of blocks to recompute")
+    done = []
+    for name, layers in lists:
+        chosen = list(layers)
+        if granularity == "full" and method == "block":
+            chosen = chosen[:num_layers]
+        for i, layer in enumerate(chosen):
+            if granularity == "selective":
+                attn = getattr(getattr(layer, "self_attention", None), "core_attention", None)
+                if attn is None:
+                    continue
+                attn.recompute()
+                done.append(f"{name}.{i}.self_attention.core_attention")
+            else:
+                layer.recompute()
+                done.append(f"{name}.{i}")
+    if not done:
+        raise ParallelConfigError("--recompute-granularity selective: the model's layers have no "
+                                  "self_attention.core_attention to recompute")
+    return done
+
+
+# ------------------------------------------------------------------------------ dry-run data
+class SyntheticLoader:
+    """DryRun without readable data: the family's synthetic batch (``Family.synthetic_batch``) of
+    ``batch_size`` samples of ``seq_len`` tokens (default 1024), every step."""
+
+    def __init__(self, family, config, batch_size: int, seq_len: int = 0):
+        if family.synthetic_batch is None:
+            raise ValueError(f"the {family.name} family gives no synthetic batch for the dry run")
+        self.batch_size, self.seq_len = batch_size, seq_len or 1024
+        self.batch = family.synthetic_batch(config, batch_size, self.seq_len)
+        self.skipped = 0
+
+    def describe(self) -> str:
+        return f"synthetic batches of {self.batch_size} samples x {self.seq_len} tokens"
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.batch
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+# ------------------------------------------------------------------------------- train step
+def stack_micro_batches(micro_batches: Sequence[Sequence[np.ndarray]], names: Sequence[str]):
+    """[M, ...] arrays from M micro batches; all micro batches of a step must share their shapes."""
+    first = [tuple(np.shape(a)) for a in micro_batches[0]]
+    for j, mb in enumerate(micro_batches[1:], 1):
+        shapes = [tuple(np.shape(a)) for a in mb]
+        if shapes != first:
+            diff = [f"{n} {list(a)} vs {list(b)}" for n, a, b in zip(names, first, shapes) if a != b]
+            raise ValueError(f"micro batch {j} of the step has other shapes than micro batch 0 ({'; '.join(diff)}): "
+                             f"the parallel step stacks them; pad every sample to one shape (fixed sequence "
+                             f"length and image size)")
+    return [np.stack([np.asarray(mb[i]) for mb in micro_batches]) for i in range(len(first))]
+
+
+def _build_cells():
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    from ms_mm.parallel.pipeline import StackedPipelineCell, _TakeMicroBatch
+
+    class LossOnly(nn.Cell):
+        """The model's loss alone (output 0), optionally times the loss scale (fp16)."""
+
+        def __init__(self, model, loss_scaler=None):
+            super().__init__(auto_prefix=False)     # keep the MM parameter names
+            self.model = model
+            self.scaler = loss_scaler
+
+        def construct(self, *inputs):
+            loss = self.model(*inputs)[0]
+            if self.scaler is not None:
+                loss = loss * ops.cast(self.scaler.scale_value, loss.dtype)
+            return loss
+
+    class SumOverMicroBatches(nn.Cell):
+        """pp == 1: the network once per stacked micro batch, losses summed (gradient accumulation)."""
+
+        def __init__(self, network, micro_size):
+            super().__init__(auto_prefix=False)
+            self.network = network
+            self.micro_size = micro_size
+            self.micro_inputs = nn.CellList([_TakeMicroBatch(i) for i in range(micro_size)])
+
+        def construct(self, *inputs):
+            ret = None
+            for i in range(self.micro_size):
+                out = self.network(*self.micro_inputs[i](*inputs))
+                ret = out if ret is None else ret + out
+            return ret
+
+    def _square_sum(g):
+        return ops.reduce_sum(ops.square(ops.cast(g, ms.float32)))
+
+    def _scale(coef, g):
+        return g * ops.cast(coef, g.dtype)
+
+    def _clear(accu_grad, grad):
+        accu_grad = ops.depend(accu_grad, grad)
+        return ops.assign(accu_grad, accu_grad * 0)
+
+    class ParallelTrainOneStepCell(nn.Cell):
+        """forward + backward over the stacked micro batches, (un)scale, global norm, clip, update."""
+
+        def __init__(self, network, optimizer, micro_size, pipeline, clip_grad, loss_scaler):
+            super().__init__(auto_prefix=False)
+            self.network = network
+            self.optimizer = optimizer
+            self.weights = optimizer.parameters
+            self.grad = ops.GradOperation(get_by_list=True)
+            self.hyper_map = ops.HyperMap()
+            self.pipeline = pipeline
+            if pipeline:
+                self.accu_grads = self.weights.clone(prefix="accu_grads", init="zeros")
+            self.micro_scale = 1.0 / micro_size
+            self.clip = float(clip_grad)
+            self.scaler = loss_scaler
+
+        def construct(self, *inputs):
+            loss = self.network(*inputs)
+            grads = self.grad(self.network, self.weights)(*inputs)
+            if self.pipeline:    # MindSpore's pipeline pass accumulated the micro batches into accu_grads
+                grads = ops.depend(self.accu_grads, grads)
+            coef = ms.Tensor(self.micro_scale, ms.float32)
+            if self.scaler is not None:
+                coef = coef / self.scaler.scale_value
+            norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads))) * coef
+            finite = ops.isfinite(norm)
+            if self.clip > 0:
+                coef = coef * (self.clip / ops.maximum(norm, self.clip))
+            scaled = self.hyper_map(ops.partial(_scale, coef), grads)
+            if self.scaler is not None:
+                self.scaler.adjust(finite)
+                if finite:
+                    loss = ops.depend(loss, self.optimizer(scaled))
+            else:
+                loss = ops.depend(loss, self.optimizer(scaled))
+            if self.pipeline:
+                loss = ops.depend(loss, self.hyper_map(_clear, self.accu_grads, scaled))
+            loss = loss * self.micro_scale
+            if self.scaler is not None:
+                loss = loss / self.scaler.scale_value
+            return loss, norm, finite
+
+    return LossOnly, SumOverMicroBatches, StackedPipelineCell, ParallelTrainOneStepCell
+
+
+class ParallelTrainStep:
+    """The sharded train step with ``training.TrainStep``'s call: ``step(micro_batches) -> (mean loss,
+    grad norm, finite)``, where ``micro_batches`` are the step's ``GBS / (MBS x DP)`` global micro
+    batches (tuples of numpy arrays or Tensors in the model's input order, ``MBS x DP`` rows each).
+
+    Under pipeline parallel the loss and norm are those the rank's stage sees (the last stage holds
+    the loss). ``dry_run``: DryRun's simulated ranks, whose outputs hold no values (nan is reported).
+    """
+
+    def __init__(self, model, optimizer, pc: ParallelConfig, micro_batches: int, clip_grad: float = 0.0,
+                 loss_scaler=None, input_names: Sequence[str] = (), dry_run: bool = False):
+        LossOnly, SumOver, Stacked, StepCell = _build_cells()
+        net = LossOnly(model, loss_scaler)
+        pipeline = pc.pp > 1
+        net = Stacked(net, micro_batches) if pipeline else SumOver(net, micro_batches)
+        self.cell = StepCell(net, optimizer, micro_batches, pipeline, clip_grad, loss_scaler)
+        self.cell.set_train()
+        self.micro_batches = micro_batches
+        self.dry_run = dry_run
+        self.input_names = tuple(input_names)
+        self.graph_shapes: dict = {}
+        self.new_shapes: list = []
+        self.last_extra_outputs: list = []
+
+    def __call__(self, micro_batches):
+        import mindspore as ms
+
+        if len(micro_batches) != self.micro_batches:
+            raise ValueError(f"expected {self.micro_batches} micro-batches per step, got {len(micro_batches)}")
+        arrays = stack_micro_batches([[t.asnumpy() if hasattr(t, "asnumpy") else t for t in mb]
+                                      for mb in micro_batches], self.input_names)
+        signature = tuple(tuple(a.shape[1:]) for a in arrays)
+        self.new_shapes = [] if signature in self.graph_shapes else [signature]
+        self.graph_shapes[signature] = self.graph_shapes.get(signature, 0) + 1
+        out = self.cell(*[ms.Tensor(a) for a in arrays])
+        if self.dry_run or not isinstance(out, (tuple, list)):   # DryRun: simulated, no values to read
+            return float("nan"), float("nan"), True
+        loss, norm, finite = out
+        return float(loss.asnumpy()), float(norm.asnumpy()), bool(finite.asnumpy())
+
+    @property
+    def parameter_layout_dict(self):
+        return self.cell.parameter_layout_dict
+
+    def write_parameter_layouts(self, path) -> None:
+        """MindSpore's compiled layout of every parameter (device matrix, tensor map, slice shape) as json."""
+        import json
+        from pathlib import Path
+
+        # MindSpore's layout tuple: dev_matrix, tensor_map, slice_shape, field, uniform_split,
+        # opt_shard_group (the optimizer-parallel group: "" when the parameter is not sharded over dp), ...
+        layouts = {name: {"dev_matrix": list(lay[0]), "tensor_map": list(lay[1]), "slice_shape": list(lay[2]),
+                          "opt_shard_group": str(lay[5]) if len(lay) > 5 else "",
+                          "layout": repr(tuple(lay))}
+                   for name, lay in self.parameter_layout_dict.items()}
+        Path(path).write_text(json.dumps(layouts, sort_keys=True))
+
+    def data_parallel_mean(self, values):
+        return np.asarray(values, np.float32)

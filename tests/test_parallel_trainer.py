@@ -1,0 +1,102 @@
+"""The trainer's parallel path without devices: sizes refused up front in one line, the CPU refusal,
+the recompute flags, and the micro-batch arithmetic (the compiled path: tests/test_dryrun_trainer.py)."""
+import json
+from pathlib import Path
+
+import pytest
+
+from ms_mm import registry
+from ms_mm.parallel.training import apply_recompute, micro_batches_per_step, run_parallel_config
+from ms_mm.training.arguments import ArgumentError, parse_args
+from ms_mm.training.trainer import parallel_run_config, train
+
+QWEN_TINY = {"model_id": "qwen2_5vl", "preset": "tiny"}       # 2 LLM layers, 2 KV heads, 2 vision heads
+DSV2_TINY = {"model_id": "deepseekvl2", "preset": "tiny"}     # 4 routed experts
+SEVEN_B_BAD_SPLIT = json.loads((Path(__file__).resolve().parents[1] / "examples" / "mindspore" / "qwen2.5vl"
+                                / "model_7b.json").read_text())
+SEVEN_B_BAD_SPLIT["text_decoder"]["pipeline_num_layers"] = [1, 10, 10, 7]   # 28 layers, 4 stages
+
+
+def _check(model_json, world, *flags):
+    args = parse_args(["--mm-model", "m.json", "--mm-data", "d.json", *flags])
+    args.validate(world, "Ascend")
+    family = registry.get(model_json["model_id"])
+    config = family.config_from_json(model_json)
+    return parallel_run_config(family, config, args, model_json, world, "m.json")
+
+
+def test_sizes_that_fit_give_the_config_and_micro_batches():
+    pc, micro = _check(QWEN_TINY, 8, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                       "--global-batch-size", "8")
+    assert (pc.dp, pc.tp, pc.pp, micro) == (2, 2, 2, 4)
+    assert _check(QWEN_TINY, 8) is None                                   # pure data parallel: today's path
+    pc, micro = _check(QWEN_TINY, 8, "--use-distributed-optimizer")       # optimizer parallel alone
+    assert (pc.dp, micro) == (8, 1)
+    pc, _ = _check(DSV2_TINY, 8, "--expert-model-parallel-size", "2")
+    assert (pc.dp, pc.ep) == (8, 2)
+
+
+@pytest.mark.parametrize("model_json, world, flags, message", [
+    (QWEN_TINY, 8, ["--tensor-model-parallel-size", "4"],
+     "tp=4 does not divide text.num_key_value_heads=2 (text_decoder.decoder.layers.*.self_attention.linear_qkv"
+     ".weight has shape [128, 64]"),
+    (SEVEN_B_BAD_SPLIT, 8, ["--pipeline-model-parallel-size", "2"],
+     "llm_pp_layers=[1, 10, 10, 7] has 4 stage(s) but pp=2"),
+    (DSV2_TINY, 8, ["--expert-model-parallel-size", "8"],
+     "ep=8 does not divide language_config.n_routed_experts=4"),
+    (QWEN_TINY, 8, ["--pipeline-model-parallel-size", "2", "--global-batch-size", "8", "--micro-batch-size", "2"],
+     "--global-batch-size 8 gives 1 micro batch(es) of 2 x dp 4 per step, fewer than pp=2 pipeline stages"),
+])
+def test_sizes_that_do_not_divide_are_one_line(model_json, world, flags, message):
+    with pytest.raises(ArgumentError) as e:
+        _check(model_json, world, *flags)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_world_and_global_batch_mismatch_named_before_anything_starts():
+    args = parse_args(["--mm-model", "m", "--mm-data", "d", "--tensor-model-parallel-size", "4"])
+    with pytest.raises(ArgumentError, match=r"WORLD_SIZE=6 is not divisible by tensor-model-parallel-size \(4\)"):
+        args.validate(6, "Ascend")
+    args = parse_args(["--mm-model", "m", "--mm-data", "d", "--tensor-model-parallel-size", "2",
+                       "--global-batch-size", "6"])
+    with pytest.raises(ArgumentError, match=r"--global-batch-size 6 is not divisible by --micro-batch-size 1 \* "
+                                            r"data-parallel size 4"):
+        args.validate(8, "Ascend")
+    pc = run_parallel_config(parse_args(["--pipeline-model-parallel-size", "2"]), 4, {})
+    args = parse_args(["--global-batch-size", "5"])
+    assert micro_batches_per_step(pc, parse_args(["--global-batch-size", "8"])) == 4
+    with pytest.raises(ValueError, match="--global-batch-size 5 is not divisible by --micro-batch-size 1 \\* dp 2"):
+        micro_batches_per_step(pc, args)
+
+
+def test_cpu_refuses_the_sharded_path_in_one_line_pointing_to_dry_run(tmp_path, monkeypatch):
+    (tmp_path / "m.json").write_text(json.dumps(QWEN_TINY))
+    (tmp_path / "d.json").write_text("{}")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.delenv("MS_WORKER_NUM", raising=False)
+    monkeypatch.setenv("MS_MM_DEVICE_TARGET", "CPU")
+    args = parse_args(["--mm-model", str(tmp_path / "m.json"), "--mm-data", str(tmp_path / "d.json"),
+                       "--tensor-model-parallel-size", "2"])
+    with pytest.raises(ArgumentError) as e:
+        train(args)
+    assert "need MindSpore semi-auto parallel, which the CPU backend refuses" in str(e.value)
+    assert "DRY_RUN=1 bash <script>" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_recompute_flags_map_to_cell_recompute_of_the_layers():
+    family = registry.get("qwen2_5vl")
+    config = family.config_from_json(QWEN_TINY)
+    args = parse_args(["--recompute-granularity", "full", "--recompute-method", "block",
+                       "--recompute-num-layers", "1"])
+    assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers) == ("full", "block", 1)
+    model = family.build_model(config)
+    done = apply_recompute(model, "full", "block", 1)
+    assert done == ["image_encoder.encoder.blocks.layers.0", "text_decoder.decoder.layers.0"]
+    assert model.text_decoder.decoder.layers[0].recompute is not None
+    assert len(apply_recompute(family.build_model(config), "full", "uniform", 1)) == 4
+    sel = apply_recompute(family.build_model(config), "selective")
+    assert sel[-1] == "text_decoder.decoder.layers.1.self_attention.core_attention"
+    with pytest.raises(ValueError, match="--recompute-method block needs --recompute-num-layers"):
+        apply_recompute(model, "full", "block", None)
+    with pytest.raises(ValueError, match="need --recompute-granularity"):
+        apply_recompute(model, None, "uniform", 2)
