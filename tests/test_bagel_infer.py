@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 import convert
+from conftest import FIXTURE_ROOT
 from ms_mm.models.bagel import processing as P
 from ms_mm.models.bagel.infer import BagelInferencer, flow_timesteps
 from ms_mm.models.bagel.inputs import build_model_inputs, effective_timesteps
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO.parent / "shared" / "fixtures" / "bagel" / "forward"
+FIXTURE = FIXTURE_ROOT / "bagel" / "forward"   # missing: an error (conftest), never a skip
 
 
 def test_flow_schedule_is_upstreams():
@@ -25,7 +26,6 @@ def test_flow_schedule_is_upstreams():
     assert t[0] == 1.0 and abs(dt.sum() - 1.0) < 1e-6
 
 
-@pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture {FIXTURE} not present")
 def test_velocity_entry_matches_the_official_fixture():
     """`Bagel.velocity` (the sampler's call: x_t and t given, no noising inside) on the fixture's packed batch
     reproduces the official velocity prediction at the parity tolerance."""

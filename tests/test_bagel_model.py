@@ -12,12 +12,13 @@ from ms_mm.models.bagel import BagelConfig, build_model_inputs, config_from_hf
 from ms_mm.models.bagel.inputs import MASK_VALUE
 from ms_mm.training.mm_checkpoint import SafetensorsFile
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "bagel" / "forward"
+from conftest import FIXTURE_ROOT
+
+FIXTURE = FIXTURE_ROOT / "bagel" / "forward"   # a missing fixture is an error (conftest), never a skip
 # extra cases from the official code (scripts/make_bagel_fixtures.py): GQA, 2 ViT images, edit-style
 # clean + noised latents of different sizes, VAE ch_mult [1, 2] with res blocks, timestep_shift 3
 SHAPES = Path(__file__).resolve().parent / "fixtures" / "bagel_shapes"
-CASES = [pytest.param(FIXTURE, id="shared-forward",
-                      marks=pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture {FIXTURE} not present"))]
+CASES = [pytest.param(FIXTURE, id="shared-forward")]
 CASES += [pytest.param(d, id=d.name) for d in sorted(SHAPES.iterdir()) if (d / "outputs.npz").is_file()]
 
 # (atol, rtol). README suggests activations 1e-4/1e-4, losses 1e-5, gradients 1e-5 + 1e-3; observed here:
@@ -45,8 +46,6 @@ def _arrays(case):
 
 @pytest.fixture(scope="module")
 def fixture_arrays():
-    if not FIXTURE.is_dir():
-        pytest.skip(f"fixture {FIXTURE} not present")
     return _arrays(FIXTURE)
 
 
@@ -130,8 +129,6 @@ def test_hf_mm_hf_round_trip_is_bit_exact(case, tmp_path):
 
 
 def test_config_presets_forms_and_validation():
-    if not FIXTURE.is_dir():
-        pytest.skip(f"fixture {FIXTURE} not present")
     hf = convert.framework.read_hf_config(FIXTURE, convert.get_spec("bagel"))
     tiny = config_from_hf(hf)
     assert tiny.to_dict() == BagelConfig.preset("tiny").to_dict()

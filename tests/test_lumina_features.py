@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import FIXTURE_ROOT
 from ms_mm.data.errors import BadSampleError
 from ms_mm.models.lumina_mgpt2 import inputs as lin
 from ms_mm.models.lumina_mgpt2.processing import generate_crop_size_list, read_feature, read_index
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO.parent / "shared" / "fixtures" / "lumina_mgpt2" / "forward"
+FIXTURE = FIXTURE_ROOT / "lumina_mgpt2" / "forward"
 
 
 def test_crop_size_list_follows_upstream():
