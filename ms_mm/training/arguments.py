@@ -153,7 +153,7 @@ class TrainArgs:
     log_throughput: bool = False
     # EMA and the recipes' resume switches
     ema: Optional[float] = None
-    auto_resume: bool = False
+    auto_resume: bool = True
     resume_model_only: bool = False
     finetune_from_ema: bool = False
     finetune_from_hf: bool = False
@@ -311,8 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema", type=float, default=None,
                    help="decay of the weights' EMA, saved as ema/ in each checkpoint (default: the family's; 0: off)")
     for flag in ("--auto_resume", "--auto-resume"):
-        g.add_argument(flag, dest="auto_resume", type=str2bool, nargs="?", const=True, default=False,
-                       help="resume from the latest checkpoint in --save / --checkpoint_dir when there is one")
+        g.add_argument(flag, dest="auto_resume", type=str2bool, nargs="?", const=True, default=True,
+                       help="resume from the latest checkpoint in --save / --checkpoint_dir when there is one "
+                            "(the default; --auto_resume False or --no-auto-resume starts over)")
+    g.add_argument("--no-auto-resume", dest="auto_resume", action="store_false",
+                   help="start over even when --save already holds a checkpoint of this model")
     for flag in ("--resume-model-only", "--resume_model_only"):
         g.add_argument(flag, dest="resume_model_only", type=str2bool, nargs="?", const=True, default=False,
                        help="--load gives model weights only (iteration 0, fresh optimizer and data)")

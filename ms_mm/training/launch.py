@@ -149,11 +149,23 @@ def prepare_embedded_default(model_id: str, user_model_json: dict, workdir: Path
             "name": name, "train_overrides": dict(recipe.train_overrides)}
 
 
+def explicit_load(argv: Sequence[str]) -> Optional[str]:
+    """A `--load` appended on the script's command line (given after the script's own, so given twice)
+    that names an MM checkpoint directory: the embedded default honours it instead of the tiny release."""
+    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--load"]
+    values += [a.split("=", 1)[1] for a in argv if a.startswith("--load=")]
+    if len(values) < 2:
+        return None
+    last = _flag_value(argv, "--load")
+    return last if last and (Path(last) / "latest_checkpointed_iteration.txt").is_file() else None
+
+
 def embedded_overrides(argv: List[str], emb: dict, device: str) -> List[str]:
-    """The user's trainer flags, rewritten for a short single-worker run of the tiny model."""
+    """The user's trainer flags, rewritten for a short single-worker run of the tiny model (an explicit
+    `--load` of a checkpoint appended by the user stays)."""
     iters = int(os.environ.get("MS_MM_DEMO_ITERS", "200"))
     overrides = {
-        "--load": emb["load"], "--mm-model": emb["mm_model"], "--mm-data": emb["mm_data"],
+        "--load": explicit_load(argv) or emb["load"], "--mm-model": emb["mm_model"], "--mm-data": emb["mm_data"],
         "--tensor-model-parallel-size": 1, "--pipeline-model-parallel-size": 1, "--context-parallel-size": 1,
         "--expert-model-parallel-size": 1,
         "--micro-batch-size": 2, "--global-batch-size": 4, "--train-iters": iters,

@@ -271,6 +271,29 @@ def write_model_json(save_dir: str, model_json: dict) -> None:
     os.replace(tmp, path)
 
 
+def resumable_iteration(save_dir, family_name: str, log) -> Optional[int]:
+    """The iteration a re-run continues from: the latest training checkpoint in `save_dir` when there is
+    one of this family (a converter's `release` or another model's checkpoint is not resumed; the latter
+    is said in one line)."""
+    from ms_mm.training import mm_checkpoint as mmc
+
+    if not save_dir or not (Path(save_dir) / mmc.LATEST_FILE).is_file():
+        return None
+    try:
+        latest = mmc.latest_iteration(save_dir)
+        saved_family = mmc.read_layout(mmc.iteration_dir(save_dir, latest)).family if latest != "release" else ""
+    except (mmc.CheckpointError, OSError, ValueError) as e:
+        raise ArgumentError(f"--save {save_dir}: cannot read its latest checkpoint to resume from ({e}); "
+                            f"fix or move it, or pass --no-auto-resume to start over") from None
+    if latest == "release" or latest is None:
+        return None
+    if saved_family and saved_family != family_name:
+        log(f"--save {save_dir} holds a {saved_family} checkpoint (iteration {latest}), not {family_name}: "
+            f"starting over (its iterations are overwritten as this run saves)")
+        return None
+    return int(latest)
+
+
 def train(args: TrainArgs, stream=None) -> List[float]:
     import mindspore as ms
 
@@ -363,9 +386,11 @@ def train(args: TrainArgs, stream=None) -> List[float]:
 
     state = ckpt.LoadedState()
     load, model_only, weights_from = args.load, args.finetune or args.resume_model_only, None
-    if args.auto_resume and args.save and (Path(args.save) / "latest_checkpointed_iteration.txt").is_file():
+    resume_at = resumable_iteration(args.save, family.name, log) if args.auto_resume else None
+    if resume_at is not None:
         load, model_only = args.save, False         # upstream: the latest checkpoint resumes everything
-        log(f"--auto_resume: resuming from the latest checkpoint in {args.save}")
+        log(f"--auto_resume: resuming from the latest checkpoint in {args.save} (--save already holds iteration "
+            f"{resume_at}; --no-auto-resume starts over)")
     elif model_only and args.finetune_from_ema:
         weights_from = ckpt.EMA_DIR
     if load:
