@@ -223,7 +223,7 @@ def _size(mb: int) -> str:
 
 def trainer_dry_run(train_argv: List[str], model_json: dict, world_size: int, log_dir: str) -> int:
     """`DRY_RUN=1`: the trainer itself on simulated Ascend ranks, one line per rank with its peak memory."""
-    from ms_mm.parallel import ParallelConfig, ParallelConfigError
+    from ms_mm.parallel import ParallelConfigError
     from ms_mm.parallel.dryrun import default_ranks, run_rank_processes
     from ms_mm.parallel.fake_cann import FakeCannError, dryrun_env, ensure_fake_cann
     from ms_mm.parallel.training import run_parallel_config
@@ -298,18 +298,6 @@ def trainer_dry_run(train_argv: List[str], model_json: dict, world_size: int, lo
                   f"({_size(r.used_peak_mb)} without fragments) of {CARD_MEMORY_MB // 1024} GB: "
                   f"{'fits' if fits else 'DOES NOT FIT'} ({r.seconds:.0f} s)", flush=True)
     return 0 if fits_all else 1
-
-
-def dry_run(cmd: List[str]) -> int:
-    import importlib.util
-
-    if importlib.util.find_spec("ms_mm.parallel.dryrun") is None:
-        print("[ms-mm] DRY_RUN=1: ms_mm.parallel.dryrun is not available in this installation", file=sys.stderr)
-        return 2
-    print(f"[ms-mm] DRY_RUN=1: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return subprocess.call(cmd, env=env)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
