@@ -29,7 +29,9 @@ class LuminaTokenConfig:
     """Token ids of the image layout (FlexARItemProcessor): ``<racm3:break>`` starts an image,
     ``<reserved0{8800+n}>`` says n grids of 32 px (height, then width), ``<reserved08799>`` ends each
     row of codes, ``<eoss>`` ends the image; code c is token ``code_offset + c``; ``<reserved08706>``
-    is the conversation's turn separator. Defaults are the released tokenizer's ids."""
+    is the conversation's turn separator. The defaults are the Chameleon (Lumina-mGPT 1) tokenizer's ids; a
+    checkpoint's ``vocabulary_map`` resolves them by name (`from_vocabulary_map`), and the "7B" preset carries
+    the 2.0 release's where upstream publishes them (see ``_PRESETS``)."""
     image_start_id: int = 8197       # <racm3:break>
     image_end_id: int = 8196         # <eoss>
     newline_id: int = 8803           # <reserved08799>
@@ -76,7 +78,7 @@ _INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 @dataclass
 class LuminaMGPT2Config:
     """Field names = the checkpoint's config.json (ChameleonXLLMXConfig)."""
-    vocab_size: int = 172032
+    vocab_size: int = 171385
     hidden_size: int = 4096
     intermediate_size: int = 11008
     num_hidden_layers: int = 32
@@ -191,10 +193,29 @@ _PRESETS: Dict[str, Dict[str, Any]] = {
                  pad_token_id=1, bos_token_id=0, eos_token_id=2,
                  tokens=dict(image_start_id=97, image_end_id=96, newline_id=199, grid_base_id=200, code_offset=256,
                              separator_id=106, codebook_size=64)),
-    # Lumina-mGPT 2.0 7B: Chameleon-7B sizes (hidden 4096, 32 layers, 32 heads, MHA, FFN 11008, one q/k-norm
-    # row: mp 1), the released token ids (image codes 155000..171383) and train.sh's z_loss_weight 1e-5.
-    # vocab_size / max_position_embeddings are not in the public code: check them against the release's config.json.
-    "7B": dict(z_loss_weight=1e-5, pad_token_id=None, eos_token_id=151666),
+    # Lumina-mGPT 2.0 7B, every number from upstream (the released config.json itself is not in either repository):
+    #  * Ascend/MindSpeed-MM examples/lumina/mgpt2/model.json (commit 624876af, "predictor" block + top-level
+    #    "z_loss_weight"): vocab_size, max_position_embeddings, hidden/intermediate sizes, layers, heads, kv heads,
+    #    rms_norm_eps, rope_theta, rope_scaling, swin_norm, biases, tie, act, dropout, mask_image_logits,
+    #    pad/bos/eos ids and z_loss_weight (the same 1e-5 as Alpha-VLLM/Lumina-mGPT-2.0 lumina_mgpt/scripts/train.sh);
+    #  * model_parallel_size 1: MindSpeed-MM mindspeed_mm/models/predictor/dits/lumina_mgpt2.py ChameleonAttention
+    #    hard-codes it (its q/k-norm weights, one row, load the released checkpoint);
+    #  * image ids: Alpha-VLLM/Lumina-mGPT-2.0 lumina_mgpt/inference_solver.py (decode_ids: 151665 starts an image,
+    #    151666 (<eoss>, also generate()'s eos) ends it, 151670 is the row newline; codes 155000..171383) and
+    #    MindSpeed-MM mindspeed_mm/data/data_utils/lumina_item_processor.py (image_end_token_id = 151666).
+    # Not published as numbers anywhere upstream (both resolve them by name from the release's vocabulary_map, as
+    # config_from_hf does): the ids of <reserved08800> (grid_base_id) and <reserved08706> (separator_id); the preset
+    # keeps LuminaTokenConfig's defaults for those two, which are NOT the 2.0 tokenizer's ids.
+    # No qk_layernorm field exists upstream: Chameleon always applies q/k LayerNorm (QK_NORM_EPS above).
+    # Training switches that differ between upstream's two recipes are MindSpeed-MM's here: dropout 0.0
+    # (Lumina's train.sh: 0.05), max_position_embeddings 10240 (Lumina's train.sh overrides it with --max_seq_len 4096).
+    "7B": dict(vocab_size=171385, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=10240, rms_norm_eps=1e-5,
+               rope_theta=10000.0, rope_scaling=None, model_parallel_size=1, swin_norm=False, z_loss_weight=1e-5,
+               mask_image_logits=False, dropout=0.0, attention_dropout=0.0, attention_bias=False, mlp_bias=False,
+               hidden_act="silu", tie_word_embeddings=False, pad_token_id=None, bos_token_id=1, eos_token_id=2,
+               tokens=dict(image_start_id=151665, image_end_id=151666, newline_id=151670, code_offset=155000,
+                           codebook_size=16384)),
 }
 
 
