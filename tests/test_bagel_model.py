@@ -182,3 +182,72 @@ def test_tp2_pp2_split_and_back_is_bit_exact(tmp_path):
         assert all(src.get(k).tobytes() == dst.get(k).tobytes() for k in src.keys()), fname
     with pytest.raises(convert.ConversionError, match=r"tp_size 2 does not divide the LLM attention heads"):
         convert.hf_to_mm(FIXTURE, tmp_path / "mm3", "bagel", tp_size=2)
+
+
+def _is_und_weight(name):
+    """Upstream's und side of the model: the LLM weights without a `_moe_gen` copy (lm_head aside),
+    the text embedding, the ViT and the connector."""
+    if name.startswith("image_encoder."):
+        return True
+    return (name.startswith("text_decoder.") and "_moe_gen" not in name
+            and not name.startswith("text_decoder.output_layer."))
+
+
+def test_freeze_und_detaches_the_und_rows_as_upstream(fixture_arrays):
+    """freeze_und (upstream qwen2_navit.py: the und rows of the decoder input, of v, of the normed q / k,
+    of the attention and MLP outputs and of the final norm are detached). On the shared fixture (no
+    token attends to the noised latents, so CE depends on und weights only and MSE reaches the und
+    weights only through the detached k / v): the forward is the reference's; every und weight gets an
+    exactly zero gradient; every gen weight still gets one; the heads after the final norm (llm2vae,
+    lm_head) get the gradients they get without freezing (llm2vae: the reference's). The other gen
+    gradients change: the noise split's own <soi> / <eoi> tokens are und rows that attend to the
+    latents, and the latents attend back to their (now constant) keys and values."""
+    import mindspore as ms
+
+    from ms_mm.models.bagel.inputs import MODEL_INPUT_NAMES
+    from ms_mm.models.bagel.modeling import Bagel
+    from ms_mm.training.weights import load_state_dict
+
+    inputs, ref = fixture_arrays
+    config, state = convert.load_hf_as_mm(str(FIXTURE), "bagel")
+    model_inputs = build_model_inputs(inputs, config)
+    args = [ms.Tensor(model_inputs[k]) for k in MODEL_INPUT_NAMES]
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    runs = {}
+    try:
+        for freeze in (False, True):
+            config.llm.freeze_und = freeze
+            net = Bagel(config)
+            load_state_dict(net, state)
+            weights = net.trainable_params()
+            results, grads = ms.jit(ms.value_and_grad(net, None, weights, has_aux=True))(*args)
+            runs[freeze] = ([r.asnumpy() for r in results], {p.name: g.asnumpy() for p, g in zip(weights, grads)})
+    finally:
+        ms.set_context(mode=previous)
+        config.llm.freeze_und = False
+    (out_free, g_free), (out_frozen, g_frozen) = runs[False], runs[True]
+    for a, b in zip(out_free, out_frozen):
+        np.testing.assert_array_equal(a, b)                       # stop_gradient changes no value
+    np.testing.assert_allclose(out_frozen[0], ref["loss"], atol=TOL_LOSS[0])
+    und = sorted(n for n in g_frozen if _is_und_weight(n))
+    gen = sorted(n for n in g_frozen if not _is_und_weight(n))
+    assert len(und) > 20 and any("moe_gen" in n for n in gen)
+    nonzero_und = [n for n in und if np.any(g_frozen[n] != 0)]
+    assert not nonzero_und, f"und weights with a gradient under freeze_und: {nonzero_und}"
+    assert all(np.abs(g_free[n]).max() > 0 for n in und if "q_layernorm" not in n and "k_layernorm" not in n)
+    zero_gen = [n for n in gen if not np.any(g_frozen[n] != 0)]
+    assert not zero_gen, f"gen weights without a gradient under freeze_und: {zero_gen}"
+    hf = convert.mm_grads_to_hf("bagel", config, g_frozen)
+    for key in ref:
+        if not key.startswith("grad."):
+            continue
+        name = key[len("grad."):]
+        if name.startswith("llm2vae."):
+            np.testing.assert_allclose(hf[name], ref[key], atol=TOL_GRAD[0], rtol=TOL_GRAD[1], err_msg=name)
+        elif "moe_gen" in name or name.split(".")[0] in ("vae2llm", "time_embedder"):
+            assert np.abs(hf[name]).max() > 0, name
+        else:
+            assert not np.any(hf[name] != 0), name
+    for name in ("text_decoder.output_layer.weight", "llm2vae.weight", "llm2vae.bias"):
+        np.testing.assert_allclose(g_frozen[name], g_free[name], atol=1e-7, rtol=1e-6, err_msg=name)

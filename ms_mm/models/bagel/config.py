@@ -55,6 +55,7 @@ class Qwen2MoTConfig:
     qk_norm: bool = True
     tie_word_embeddings: bool = False
     layer_module: str = "Qwen2MoTDecoderLayer"
+    # upstream's training flag: the understanding rows' stream carries no gradient (modeling.MoTDecoder)
     freeze_und: bool = False
 
     @property
@@ -82,9 +83,8 @@ class Qwen2MoTConfig:
                              f"(BAGEL-MoT) is implemented")
         if self.tie_word_embeddings:
             raise ValueError(f"{prefix}.tie_word_embeddings=True: BAGEL-MoT keeps a separate lm_head (untied)")
-        if self.freeze_und:
-            raise ValueError(f"{prefix}.freeze_und=True is not implemented (it detaches the und weights' "
-                             f"outputs; freeze those parameters in the optimizer instead)")
+        if not isinstance(self.freeze_und, bool):
+            raise ValueError(f"{prefix}.freeze_und={self.freeze_und!r}: expected true or false")
 
 
 @dataclass

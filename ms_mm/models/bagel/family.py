@@ -70,6 +70,8 @@ EXTRA_FLAGS = {
     "--max_num_tokens": (int, "= packed_parameters.max_num_tokens (the packed sequence budget)"),
     "--max_num_tokens_per_sample": (int, "= packed_parameters.max_num_tokens_per_sample"),
     "--timestep_shift": (float, "flow-matching timestep shift"),
+    "--freeze_und": (_bool, "upstream's freeze_und: no gradient through the understanding tokens (their und "
+                            "weights, the ViT, connector and text embedding stay as loaded; lm_head still learns)"),
     "--ce_weight": (float, "weight of the CE loss"),
     "--mse_weight": (float, "weight of the MSE loss"),
 }
@@ -79,6 +81,8 @@ def apply_flags(config, options):
     for key in ("max_latent_size", "timestep_shift", "ce_weight", "mse_weight"):
         if options.get(key) is not None:
             setattr(config, key, type(getattr(config, key))(options[key]))
+    if options.get("freeze_und") is not None:
+        config.llm.freeze_und = bool(options["freeze_und"])
     return config.validate()
 
 

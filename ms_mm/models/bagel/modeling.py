@@ -9,6 +9,12 @@ MoT routing is two static slices and the scatter back to packed positions happen
 Attention is permutation-equivariant: ONE joint attention runs over all rows with the RoPE positions
 and the additive mask (per-split causal / full / noise, block-diagonal per sample) permuted alike.
 
+`llm.freeze_und` (upstream's training flag, qwen2_navit.py): the und rows carry no gradient. They are
+cut where upstream detaches them: the decoder input, the und values, the normed und queries and keys,
+the und attention and MLP outputs of every layer and the und final norm. So the und weights, the text
+embedding, the ViT and the connector get exactly zero gradient, the latents attend to constant und
+keys / values, and lm_head still learns from CE. A construct-time constant: one graph either way.
+
 Parameter names are the MM checkpoint names (table in `adapters/bagel.py`). Everything that
 depends on the data (orders, masks, gather indices) arrives as inputs: `construct` has static shapes
 and compiles in graph mode. The VAE is frozen (upstream encodes under no_grad before the forward) and
@@ -101,6 +107,7 @@ class MoTAttention(nn.Cell):
         self.linear_proj = Linear(self.num_heads * self.head_dim, c.hidden_size, has_bias=False)
         self.linear_proj_moe_gen = Linear(self.num_heads * self.head_dim, c.hidden_size, has_bias=False)
         self.core_attention = CoreAttention(self.num_heads, self.num_kv_heads, head_dim=self.head_dim)
+        self.freeze_und = bool(c.freeze_und)
 
     def _split_qkv(self, qkv):
         n = qkv.shape[0]
@@ -112,9 +119,13 @@ class MoTAttention(nn.Cell):
         n_und = x_und.shape[0]
         q_u, k_u, v_u = self._split_qkv(self.linear_qkv(x_und))
         q_g, k_g, v_g = self._split_qkv(self.linear_qkv_moe_gen(x_gen))
+        if self.freeze_und:
+            v_u = ops.stop_gradient(v_u)
         if self.qk_norm:
             q_u, k_u = self.q_layernorm(q_u), self.k_layernorm(k_u)
             q_g, k_g = self.q_layernorm_moe_gen(q_g), self.k_layernorm_moe_gen(k_g)
+        if self.freeze_und:     # the gen rows still attend to the und keys / values, as constants
+            q_u, k_u = ops.stop_gradient(q_u), ops.stop_gradient(k_u)
         # [S, heads, hd] -> [1, heads, S, hd]
         q = ops.expand_dims(ops.transpose(ops.cat((q_u, q_g), 0), (1, 0, 2)), 0)
         k = ops.expand_dims(ops.transpose(ops.cat((k_u, k_g), 0), (1, 0, 2)), 0)
@@ -136,13 +147,19 @@ class MoTDecoderLayer(nn.Cell):
         self.pre_mlp_layernorm_moe_gen = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, has_bias=False)
         self.mlp_moe_gen = GatedMLP(c.hidden_size, c.intermediate_size, has_bias=False)
+        self.freeze_und = bool(c.freeze_und)
 
     def construct(self, h_und, h_gen, cos, sin, mask):
         a_und, a_gen = self.self_attention(self.input_layernorm(h_und), self.input_layernorm_moe_gen(h_gen),
                                            cos, sin, mask)
+        if self.freeze_und:
+            a_und = ops.stop_gradient(a_und)
         h_und = h_und + a_und
         h_gen = h_gen + a_gen
-        h_und = h_und + self.mlp(self.pre_mlp_layernorm(h_und))
+        m_und = self.mlp(self.pre_mlp_layernorm(h_und))
+        if self.freeze_und:
+            m_und = ops.stop_gradient(m_und)
+        h_und = h_und + m_und
         h_gen = h_gen + self.mlp_moe_gen(self.pre_mlp_layernorm_moe_gen(h_gen))
         return h_und, h_gen
 
@@ -154,11 +171,17 @@ class MoTDecoder(nn.Cell):
         self.layers = nn.CellList([MoTDecoderLayer(c) for _ in range(c.num_hidden_layers)])
         self.final_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.final_layernorm_moe_gen = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.freeze_und = bool(c.freeze_und)
 
     def construct(self, h_und, h_gen, cos, sin, mask):
+        if self.freeze_und:
+            h_und = ops.stop_gradient(h_und)
         for i in range(self.num_layers):
             h_und, h_gen = self.layers[i](h_und, h_gen, cos, sin, mask)
-        return self.final_layernorm(h_und), self.final_layernorm_moe_gen(h_gen)
+        out_und = self.final_layernorm(h_und)
+        if self.freeze_und:
+            out_und = ops.stop_gradient(out_und)
+        return out_und, self.final_layernorm_moe_gen(h_gen)
 
 
 class TextEmbedding(nn.Cell):
