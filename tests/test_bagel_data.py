@@ -1,6 +1,7 @@
 """BAGEL data pipeline: the bagel_example layout, packing to static budgets, exact resume, sharding and
 bad input (one clear error naming the file / key, or a counted skip)."""
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -223,3 +224,61 @@ def test_too_long_sample_and_unknown_dataset(demo_dir, config, tmp_path):
     settings = read_data_settings(up)
     assert [g.kind for g in settings.groups] == ["t2i_pretrain", "vlm_sft"]
     assert settings.groups[0].infos[0]["data_dir"] == str(demo_dir / "t2i")
+
+
+def test_interpolated_position_ids_by_hand():
+    """Upstream data_utils.py `get_flattened_position_ids_interpolate`, worked out by hand.
+
+    Grid of max_per_side = 4: boundaries = arange(1/4, 1, 1/4) = [0.25, 0.5, 0.75]; a cell at fraction
+    f gets bucketize(f, boundaries, right=True) = the number of boundaries <= f.
+    * 3 x 5 patches (42 x 70 px, patch 14): rows at 0, 1/3, 2/3 -> buckets 0, 1, 2; columns at 0, .2,
+      .4, .6, .8 -> 0, 0, 1, 2, 3; id = row * 4 + col.
+    * 2 x 6 patches: rows 0, .5 -> 0, 2 (.5 sits on a boundary, which right=True counts); columns
+      0, 1/6, 1/3, 1/2, 2/3, 5/6 -> 0, 0, 1, 2, 2, 3.
+    Extrapolation instead puts cell (r, c) at r * 4 + c (a 5-wide row spills into the next grid row).
+    """
+    from ms_mm.models.bagel.processing import flattened_position_ids
+
+    want_3x5 = [0, 0, 1, 2, 3,
+                4, 4, 5, 6, 7,
+                8, 8, 9, 10, 11]
+    assert flattened_position_ids(42, 70, 14, 4, interpolate=True).tolist() == want_3x5
+    want_2x6 = [0, 0, 1, 2, 2, 3,
+                8, 8, 9, 10, 10, 11]
+    assert flattened_position_ids(28, 84, 14, 4, interpolate=True).tolist() == want_2x6
+    assert flattened_position_ids(42, 70, 14, 4).tolist() == [0, 1, 2, 3, 4, 4, 5, 6, 7, 8, 8, 9, 10, 11, 12]
+    # a full-grid image maps onto itself (on the released 70 grid too: the fractions k/70 meet the
+    # boundaries k/70 in float32 and right=True keeps them in bucket k); 37 rows on 70: the last one, at
+    # 36/37 = 0.973, lands in grid row floor(0.973 * 70) = 68
+    assert flattened_position_ids(56, 56, 14, 4, interpolate=True).tolist() == list(range(16))
+    ids = flattened_position_ids(14 * 37, 14 * 70, 14, 70, interpolate=True)
+    assert ids[:70].tolist() == list(range(70)) and ids.max() == 68 * 70 + 69 and len(set(ids.tolist())) == 37 * 70
+
+
+def test_interpolate_pos_reaches_the_packed_batch(demo_dir, config):
+    """interpolate_pos (one flag for model and data, as upstream) switches the ViT and latent ids."""
+    from ms_mm.models.bagel import processing as P
+
+    cfg = demo.demo_data_config(demo_dir)
+    with pytest.raises(DataConfigError, match=r"basic_parameters\.interpolate_pos False differs from the model's"):
+        build_bagel_dataloader(cfg, dataclasses.replace(config, interpolate_pos=True))
+    cfg = copy.deepcopy(cfg)
+    cfg["dataset_param"]["basic_parameters"].pop("interpolate_pos", None)
+    loader = build_bagel_dataloader(cfg, dataclasses.replace(config, interpolate_pos=True))
+    try:
+        s = loader.s
+        assert s.interpolate_pos is True
+        packer = P.Packer(s, loader.special, np.random.default_rng(0))
+        vit_img, vae_img = np.zeros((3, 42, 70), np.float32), np.zeros((3, 32, 48), np.float32)
+        sample = {"sequence_plan": [P._plan("vit_image"), P._plan("text"), P._plan("vae_image", loss=1)],
+                  "text_ids_list": [[5, 6]], "images": [vit_img, vae_img]}
+        packer.add(sample, P.sample_cost(sample, s))
+        batch = packer.batch()
+    finally:
+        loader.close()
+    np.testing.assert_array_equal(batch["packed_vit_position_ids"],
+                                  P.flattened_position_ids(42, 70, s.vit_patch_size, s.max_num_patch_per_side, True))
+    np.testing.assert_array_equal(batch["packed_latent_position_ids"],
+                                  P.flattened_position_ids(32, 48, s.vae_image_downsample, s.max_latent_size, True))
+    assert not np.array_equal(batch["packed_vit_position_ids"],
+                              P.flattened_position_ids(42, 70, s.vit_patch_size, s.max_num_patch_per_side))

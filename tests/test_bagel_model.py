@@ -251,3 +251,27 @@ def test_freeze_und_detaches_the_und_rows_as_upstream(fixture_arrays):
             assert not np.any(hf[name] != 0), name
     for name in ("text_decoder.output_layer.weight", "llm2vae.weight", "llm2vae.bias"):
         np.testing.assert_allclose(g_frozen[name], g_free[name], atol=1e-7, rtol=1e-6, err_msg=name)
+
+
+def test_freeze_und_and_interpolate_pos_config_forms():
+    from ms_mm.models.bagel.config import config_from_mindspeed, mindspeed_model_json
+    from ms_mm.models.bagel.family import apply_flags
+
+    tiny = BagelConfig.preset("tiny")
+    d = tiny.to_dict()
+    d["llm"]["freeze_und"], d["interpolate_pos"] = True, True
+    c = BagelConfig.from_dict(d)
+    assert c.llm.freeze_und is True and c.interpolate_pos is True
+    mj = mindspeed_model_json(c)
+    assert mj["mllm"]["freeze_und"] is True and mj["interpolate_pos"] is True
+    assert config_from_mindspeed(mj).to_dict() == c.to_dict()
+    assert apply_flags(BagelConfig.preset("tiny"), {"freeze_und": True}).llm.freeze_und is True
+    for path, value, match in ((("llm", "freeze_und"), "yes", r"llm\.freeze_und='yes': expected true or false"),
+                               (("interpolate_pos",), 1, r"bagel\.interpolate_pos=1: expected true or false")):
+        d = tiny.to_dict()
+        node = d
+        for p in path[:-1]:
+            node = node[p]
+        node[path[-1]] = value
+        with pytest.raises(ValueError, match=match):
+            BagelConfig.from_dict(d)

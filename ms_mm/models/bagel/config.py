@@ -222,8 +222,8 @@ class BagelConfig:
                              f"position table side vit.image_size // vit.patch_size = {self.vit.num_patches_per_side}")
         if self.connector_act not in _ACTS:
             raise ValueError(f"bagel.connector_act={self.connector_act!r}: expected one of {list(_ACTS)}")
-        if self.interpolate_pos:
-            raise ValueError("bagel.interpolate_pos=True is not implemented (BAGEL-7B-MoT extrapolates)")
+        if not isinstance(self.interpolate_pos, bool):
+            raise ValueError(f"bagel.interpolate_pos={self.interpolate_pos!r}: expected true or false")
         _positive_float(self, "timestep_shift", "bagel")
         _positive_float(self, "timestep_max_period", "bagel")
         if not isinstance(self.vit_select_layer, int) or self.vit_select_layer >= 0:
@@ -393,7 +393,7 @@ def config_from_mindspeed(mj: Dict[str, Any]) -> BagelConfig:
         bagel["vit_max_num_patch_per_side"] = int(ie["vit_max_num_patch_per_side"])
     tokens = mj.get("special_token_ids") or {}
     bagel.update({k: int(tokens[k]) for k in _TOKEN_FIELDS if k in tokens})
-    for k in ("ce_weight", "mse_weight", "connector_act"):
+    for k in ("ce_weight", "mse_weight", "connector_act", "interpolate_pos"):
         if k in mj:
             bagel[k] = mj[k]
     try:
@@ -432,4 +432,5 @@ def mindspeed_model_json(config: BagelConfig, freeze: Optional[Dict[str, bool]] 
                "timestep_shift": config.timestep_shift},
         "special_token_ids": {k: getattr(config, k) for k in _TOKEN_FIELDS},
         "visual_und": config.visual_und, "visual_gen": config.visual_gen,
+        "interpolate_pos": config.interpolate_pos,
     }

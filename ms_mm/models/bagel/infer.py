@@ -49,7 +49,8 @@ def _settings(config, max_num_tokens=512, vit=None, latent=None, images=2, side=
     return P.DataSettings(groups=[], budgets=budgets, model_path="", text_cond_dropout_prob=0.0,
                           vit_cond_dropout_prob=0.0, vae_cond_dropout_prob=0.0, vit_patch_size=config.vit.patch_size,
                           max_num_patch_per_side=config.vit_max_num_patch_per_side,
-                          max_latent_size=config.max_latent_size, vae_image_downsample=config.latent_downsample)
+                          max_latent_size=config.max_latent_size, vae_image_downsample=config.latent_downsample,
+                          interpolate_pos=bool(config.interpolate_pos))
 
 
 class BagelInferencer:

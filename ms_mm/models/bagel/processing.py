@@ -138,9 +138,35 @@ def patchify(image: np.ndarray, p: int) -> np.ndarray:
     return x.reshape(-1, p * p * c)
 
 
-def flattened_position_ids(h: int, w: int, patch: int, max_per_side: int) -> np.ndarray:
-    """Upstream `get_flattened_position_ids_extrapolate`: row * max_per_side + col."""
-    return (np.arange(h // patch)[:, None] * max_per_side + np.arange(w // patch)).reshape(-1)
+def flattened_position_ids(h: int, w: int, patch: int, max_per_side: int, interpolate: bool = False) -> np.ndarray:
+    """Flattened grid position ids of an image of h x w pixels cut into patch x patch cells, on the
+    `max_per_side` grid of the position tables (upstream data_utils.py).
+
+    Extrapolate (`get_flattened_position_ids_extrapolate`, the default): cell (r, c) -> r * max_per_side + c,
+    the top-left corner of the table. Interpolate (`..._interpolate`, `interpolate_pos=True`): the image's
+    cells are spread over the whole grid: cell r of n rows sits at the fraction r / n, which lands in the
+    bucket of the grid boundaries k / max_per_side (k = 1 .. max_per_side - 1) at or below it."""
+    n_h, n_w = h // patch, w // patch
+    if not interpolate:
+        rows, cols = np.arange(n_h), np.arange(n_w)
+    else:
+        rows, cols = _interpolated_cells(n_h, max_per_side), _interpolated_cells(n_w, max_per_side)
+    return (rows[:, None] * max_per_side + cols).reshape(-1).astype(np.int64)
+
+
+def _arange_f32(start: float, end: float, step: float) -> np.ndarray:
+    """torch.arange(start, end, step) for a float32 result: ceil((end - start) / step) values, each
+    start + i * step computed in double, then rounded to float32."""
+    n = max(0, int(np.ceil((end - start) / step)))
+    return (start + step * np.arange(n, dtype=np.float64)).astype(np.float32)
+
+
+def _interpolated_cells(n: int, max_per_side: int) -> np.ndarray:
+    """Bucket index on the max_per_side grid of each of n cells (torch.bucketize(right=True) = the number
+    of boundaries <= the cell's fraction), with upstream's float32 fractions and boundaries."""
+    boundaries = _arange_f32(1.0 / max_per_side, 1.0, 1.0 / max_per_side)
+    fractions = _arange_f32(0.0, 1.0 - 1e-6, 1.0 / n)
+    return np.searchsorted(boundaries, fractions, side="right").astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------- config
@@ -191,6 +217,7 @@ class DataSettings:
     max_latent_size: int = 32
     vae_image_downsample: int = 16
     data_seed: int = 42
+    interpolate_pos: Optional[bool] = None      # None: the model config's (upstream passes one flag to both)
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -327,7 +354,9 @@ def read_data_settings(data_cfg: dict, options: Optional[dict] = None) -> DataSe
         vae_cond_dropout_prob=float(bp.get("vae_cond_dropout_prob", 0.1)),
         vit_patch_size=int(bp.get("vit_patch_size", 14)), max_num_patch_per_side=int(bp.get("max_num_patch_per_side", 70)),
         max_latent_size=max_latent, vae_image_downsample=int(bp.get("vae_image_downsample", 16)),
-        data_seed=int(bp.get("data_seed", 42)))
+        data_seed=int(bp.get("data_seed", 42)), interpolate_pos=bp.get("interpolate_pos"))
+    if settings.interpolate_pos is not None and not isinstance(settings.interpolate_pos, bool):
+        raise DataConfigError(f"data json: {prefix}.interpolate_pos={settings.interpolate_pos!r}: expected true or false")
     settings.budgets = _budgets(pk, settings)
     if not settings.model_path:
         raise DataConfigError(f"data json: {prefix}.model_path (the tokenizer / checkpoint directory) is required")
@@ -708,7 +737,7 @@ class Packer:
                 st["packed_vit_tokens"].append(tokens)
                 st["vit_token_seqlens"].append(n)
                 st["packed_vit_position_ids"].append(flattened_position_ids(
-                    img.shape[1], img.shape[2], s.vit_patch_size, s.max_num_patch_per_side))
+                    img.shape[1], img.shape[2], s.vit_patch_size, s.max_num_patch_per_side, bool(s.interpolate_pos)))
                 st["packed_text_ids"].append(sp["end_of_image"])
                 st["packed_text_indexes"].append(curr)
                 curr += 1
@@ -726,7 +755,7 @@ class Packer:
                 curr += 1
                 st["vae_images"].append(img)
                 st["packed_latent_position_ids"].append(flattened_position_ids(
-                    img.shape[1], img.shape[2], s.vae_image_downsample, s.max_latent_size))
+                    img.shape[1], img.shape[2], s.vae_image_downsample, s.max_latent_size, bool(s.interpolate_pos)))
                 h, w = img.shape[1] // s.vae_image_downsample, img.shape[2] // s.vae_image_downsample
                 st["vae_latent_shapes"].append((h, w))
                 n = h * w
@@ -1106,6 +1135,12 @@ def build_bagel_dataloader(data_cfg, config, micro_batch_size=1, seed=1234, rank
     if settings.vae_image_downsample != config.latent_downsample:
         raise DataConfigError(f"data json: vae_image_downsample {settings.vae_image_downsample} differs from the "
                               f"model's VAE downsample x latent_patch_size = {config.latent_downsample}")
+    if settings.interpolate_pos is None:
+        settings.interpolate_pos = bool(config.interpolate_pos)
+    elif settings.interpolate_pos != config.interpolate_pos:
+        raise DataConfigError(f"data json: dataset_param.basic_parameters.interpolate_pos {settings.interpolate_pos} "
+                              f"differs from the model's interpolate_pos {config.interpolate_pos} (upstream sets "
+                              f"both from one flag)")
     if settings.vit_patch_size != config.vit.patch_size:
         raise DataConfigError(f"data json: vit_patch_size {settings.vit_patch_size} differs from the model's "
                               f"{config.vit.patch_size}")
