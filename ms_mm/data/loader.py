@@ -231,6 +231,16 @@ class MllmDataLoader:
         """Batches ready and waiting (0 before iteration starts)."""
         return self._queue.qsize() if self._queue is not None else 0
 
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Dataset indices this rank reads in epoch `epoch`, in reading order: the one hook for a
+        different per-epoch order (a subclass overrides only this). Default: `epoch_shard` (a
+        permutation seeded by (seed, epoch) when `shuffle`, dealt round-robin over the ranks, the
+        same `samples_per_epoch` on every rank). The order must depend only on `epoch` and the
+        loader's settings, since a saved position (`state_dict`'s `cursor`) is an offset into it.
+        With `group_by_length`, the loader then sorts each window of `group_window` micro-batches
+        read in this order by sample length (`length_key`) before batching."""
+        return epoch_shard(len(self.dataset), epoch, self.seed, self.rank, self.world_size, self.shuffle)
+
     def state_dict(self) -> dict:
         """Position after the last delivered batch, plus what it is only valid for."""
         return {**self._position, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
@@ -354,8 +364,7 @@ class MllmDataLoader:
         """Yield `(epoch, cursor_after, index)` from `position` on, forever or num_epochs."""
         epoch, cursor = position["epoch"], position["cursor"]
         while self.num_epochs is None or epoch < self.num_epochs:
-            shard = epoch_shard(len(self.dataset), epoch, self.seed, self.rank, self.world_size,
-                                self.shuffle)
+            shard = self.epoch_order(epoch)
             for c in range(cursor, len(shard)):
                 yield epoch, c + 1, int(shard[c])
             yield epoch, len(shard), None  # epoch boundary marker

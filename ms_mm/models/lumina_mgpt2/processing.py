@@ -299,8 +299,8 @@ def length_grouped_shard(lengths: Sequence[int], epoch: int, seed: int, rank: in
 
 
 class LengthGroupedLoader(MllmDataLoader):
-    """`MllmDataLoader` whose per-epoch order is `length_grouped_shard` (same positions, state and
-    bad-sample handling)."""
+    """`MllmDataLoader` whose per-epoch order (`epoch_order`) is `length_grouped_shard` while
+    `group_by_length` is on (same positions, state and bad-sample handling)."""
 
     def __init__(self, dataset, *args, lengths=None, group_by_length: bool = True, **kwargs):
         super().__init__(dataset, *args, **kwargs)
@@ -308,20 +308,10 @@ class LengthGroupedLoader(MllmDataLoader):
         self.group_by_length = group_by_length
 
     def epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.group_by_length:
+            return super().epoch_order(epoch)
         return length_grouped_shard(self.lengths, epoch, self.seed, self.rank, self.world_size,
                                     self.micro_batch_size, self.shuffle)
-
-    def _sample_stream(self, position: dict):
-        if not self.group_by_length:
-            yield from super()._sample_stream(position)
-            return
-        epoch, cursor = position["epoch"], position["cursor"]
-        while self.num_epochs is None or epoch < self.num_epochs:
-            shard = self.epoch_order(epoch)
-            for c in range(cursor, len(shard)):
-                yield epoch, c + 1, int(shard[c])
-            yield epoch, len(shard), None
-            epoch, cursor = epoch + 1, 0
 
 
 def _collate(samples, max_len: int, pad_to, pad_multiple) -> dict:
