@@ -275,3 +275,51 @@ def test_freeze_und_and_interpolate_pos_config_forms():
         node[path[-1]] = value
         with pytest.raises(ValueError, match=match):
             BagelConfig.from_dict(d)
+
+
+def test_training_latent_is_a_posterior_sample_as_upstream(fixture_arrays):
+    """Upstream's training encodes with DiagonalGaussian(sample=True): z = mean + exp(logvar / 2) * eps,
+    latent = scale * (z - shift) (modeling/autoencoder.py). Checked on the reference encoder moments; with
+    eps = 0, or vae_sample_posterior = False, it is the reference posterior-mean latent, and the train
+    Cell's loss follows the switch."""
+    import dataclasses
+
+    import mindspore as ms
+
+    from ms_mm.models.bagel.modeling import BagelForTraining
+    from ms_mm.training.weights import load_state_dict
+
+    inputs, ref = fixture_arrays
+    config, state = convert.load_hf_as_mm(str(FIXTURE), "bagel")
+    z = config.vae.z_channels
+    moments = ref["vae_encoder_moments"].astype(np.float64)
+    eps = np.random.default_rng(7).standard_normal(ref["vae_latent"].shape).astype(np.float32)
+    want = config.vae.scale_factor * (moments[:, :z] + np.exp(0.5 * moments[:, z:]) * eps - config.vae.shift_factor)
+    net = BagelForTraining(config)
+    load_state_dict(net, state)
+    images = ms.Tensor(inputs["padded_images"])
+    atol, rtol = TOL_VAE
+    got = ms.jit(net.vae.sample)(images, ms.Tensor(eps)).asnumpy()
+    np.testing.assert_allclose(got, want, atol=atol, rtol=rtol)
+    assert np.abs(got - ref["vae_latent"]).max() > 10 * atol      # a sample, not the mean
+    zero = ms.jit(net.vae.sample)(images, ms.Tensor(np.zeros_like(eps))).asnumpy()
+    np.testing.assert_allclose(zero, ref["vae_latent"], atol=atol, rtol=rtol)
+
+    # the train Cell: sampling on by default, the mean with the switch off (or zero noise)
+    from ms_mm.models.bagel.processing import TRAIN_INPUT_NAMES
+
+    model_inputs = build_model_inputs(inputs, config)
+    feed = dict(model_inputs, padded_images=inputs["padded_images"])
+
+    def loss(cfg, noise):
+        cell = BagelForTraining(cfg)
+        load_state_dict(cell, state)
+        args = [ms.Tensor(noise if k == "posterior_noise" else feed[k]) for k in TRAIN_INPUT_NAMES]
+        return float(ms.jit(cell.construct)(*args)[0].asnumpy())
+
+    mean_cfg = dataclasses.replace(config, vae_sample_posterior=False)
+    assert config.vae_sample_posterior is True
+    with_noise, without = loss(config, eps), loss(config, np.zeros_like(eps))
+    assert abs(without - float(ref["loss"])) <= TOL_LOSS[0]
+    assert abs(loss(mean_cfg, eps) - float(ref["loss"])) <= TOL_LOSS[0]
+    assert abs(with_noise - without) > 1e-4

@@ -194,6 +194,8 @@ class BagelConfig:
     # loss weights of the training loop (loss = ce_weight * ce + mse_weight * mse)
     ce_weight: float = 1.0
     mse_weight: float = 1.0
+    # the training loop's VAE latent: a posterior sample (upstream: DiagonalGaussian(sample=True)) or its mean
+    vae_sample_posterior: bool = True
 
     @property
     def patch_latent_dim(self) -> int:
@@ -224,6 +226,8 @@ class BagelConfig:
             raise ValueError(f"bagel.connector_act={self.connector_act!r}: expected one of {list(_ACTS)}")
         if not isinstance(self.interpolate_pos, bool):
             raise ValueError(f"bagel.interpolate_pos={self.interpolate_pos!r}: expected true or false")
+        if not isinstance(self.vae_sample_posterior, bool):
+            raise ValueError(f"bagel.vae_sample_posterior={self.vae_sample_posterior!r}: expected true or false")
         _positive_float(self, "timestep_shift", "bagel")
         _positive_float(self, "timestep_max_period", "bagel")
         if not isinstance(self.vit_select_layer, int) or self.vit_select_layer >= 0:
@@ -393,7 +397,7 @@ def config_from_mindspeed(mj: Dict[str, Any]) -> BagelConfig:
         bagel["vit_max_num_patch_per_side"] = int(ie["vit_max_num_patch_per_side"])
     tokens = mj.get("special_token_ids") or {}
     bagel.update({k: int(tokens[k]) for k in _TOKEN_FIELDS if k in tokens})
-    for k in ("ce_weight", "mse_weight", "connector_act", "interpolate_pos"):
+    for k in ("ce_weight", "mse_weight", "connector_act", "interpolate_pos", "vae_sample_posterior"):
         if k in mj:
             bagel[k] = mj[k]
     try:

@@ -444,15 +444,26 @@ class Bagel(nn.Cell):
 
 class BagelForTraining(Bagel):
     """The train step's Cell: the frozen VAE encodes the (budget-padded) images inside the step, as
-    upstream's loop does before the forward, then the BAGEL forward (`inputs.TRAIN_INPUT_NAMES`:
-    `padded_images` [n_images, 3, H, W] in place of `padded_latent`).
+    upstream's loop does before the forward, then the BAGEL forward (`processing.TRAIN_INPUT_NAMES`:
+    `padded_images` [n_images, 3, H, W] and `posterior_noise` [n_images, z, H/8, W/8] in place of
+    `padded_latent`).
 
-    Returns ``(loss, ce, mse)``. Parameter names are `Bagel`'s (the same checkpoint)."""
+    The latent is a posterior sample, as upstream's `vae_model.encode` (DiagonalGaussian(sample=True)):
+    mean + exp(logvar / 2) * posterior_noise, the noise drawn host-side from the data position's seed so a
+    resumed run sees the same latents. ``config.vae_sample_posterior = False`` uses the mean instead
+    (what the parity fixture was made with). Returns ``(loss, ce, mse)``. Parameter names are `Bagel`'s."""
 
-    def construct(self, text_ids, vit_pixels, vit_position_ids, vit_attention_mask, padded_images,
+    def __init__(self, config, compute_dtype=ms.float32):
+        super().__init__(config, compute_dtype)
+        self.sample_posterior = bool(config.vae_sample_posterior)
+
+    def construct(self, text_ids, vit_pixels, vit_position_ids, vit_attention_mask, padded_images, posterior_noise,
                   latent_gather_index, latent_position_ids, timesteps, noise, position_ids, attention_mask,
                   ce_rows, ce_labels, ce_weights, mse_rows, mse_latent_rows, mse_weights):
-        _, latent = self.vae(padded_images)
+        if self.sample_posterior:
+            latent = self.vae.sample(padded_images, posterior_noise)
+        else:
+            _, latent = self.vae(padded_images)
         latent = ops.stop_gradient(latent)
         out = self.train_forward(text_ids, vit_pixels, vit_position_ids, vit_attention_mask, latent,
                                  latent_gather_index, latent_position_ids, timesteps, noise, position_ids,
@@ -615,7 +626,8 @@ class Decoder(nn.Cell):
 
 class AutoEncoder(nn.Cell):
     """FLUX VAE. ``construct(images)`` -> (moments [B, 2z, h, w] = [mean; logvar], latent =
-    scale * (mean - shift)): the posterior mean, as the fixture (upstream training samples instead)."""
+    scale * (mean - shift)): the posterior mean, as the fixture. ``sample(images, eps)``: the latent of the
+    posterior sample mean + exp(logvar / 2) * eps (upstream `DiagonalGaussian(sample=True)`, its training)."""
 
     def __init__(self, c):
         super().__init__()
@@ -629,6 +641,12 @@ class AutoEncoder(nn.Cell):
         moments = self.encoder(images)
         mean = moments[:, :self.z_channels]
         return moments, self.scale_factor * (mean - self.shift_factor)
+
+    def sample(self, images, eps):
+        moments = self.encoder(images)
+        mean, logvar = moments[:, :self.z_channels], moments[:, self.z_channels:]
+        z = mean + ops.exp(0.5 * logvar) * eps
+        return self.scale_factor * (z - self.shift_factor)
 
 
 class LatentDecoder(nn.Cell):

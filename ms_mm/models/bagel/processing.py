@@ -15,8 +15,8 @@
 
 Sharding: parquet files are dealt to ranks as upstream (`num_files` must be a multiple of the card
 count), jsonl lines likewise. Every random choice is a function of (data seed, position): sample-level
-choices of (seed, group, epoch, record), batch-level ones (group sampling, dropout, timesteps, noise)
-of (seed, rank, batch number). So the loader's `state_dict()` (per-group cursors, the packing
+choices of (seed, group, epoch, record), batch-level ones (group sampling, dropout, timesteps, the flow
+noise and the VAE posterior noise) of (seed, rank, batch number). So the loader's `state_dict()` (per-group cursors, the packing
 buffer as record references, the batch number) restores the exact stream. A background thread keeps
 `prefetch` batches ready (`BagelPackedLoader.prefetched`), so loading overlaps the step.
 """
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 GROUP_KINDS = ("t2i_pretrain", "vlm_sft", "unified_edit")       # upstream DATASET_REGISTRY
 TRAIN_INPUT_NAMES = (
     "text_ids", "vit_pixels", "vit_position_ids", "vit_attention_mask",
-    "padded_images", "latent_gather_index", "latent_position_ids", "timesteps", "noise",
+    "padded_images", "posterior_noise", "latent_gather_index", "latent_position_ids", "timesteps", "noise",
     "position_ids", "attention_mask",
     "ce_rows", "ce_labels", "ce_weights", "mse_rows", "mse_latent_rows", "mse_weights",
 )
@@ -813,8 +813,10 @@ class Packer:
 
 
 def padded_model_inputs(batch: dict, config, budgets: Budgets, rng: np.random.Generator,
-                        vae_downsample: int, pad_token_id: int = 0, noise: Optional[np.ndarray] = None) -> dict:
-    """A packed batch -> `TRAIN_INPUT_NAMES` arrays padded to `budgets` (static shapes), plus the host-side
+                        vae_downsample: int, pad_token_id: int = 0, noise: Optional[np.ndarray] = None,
+                        posterior_rng: Optional[np.random.Generator] = None) -> dict:
+    """A packed batch -> `TRAIN_INPUT_NAMES` arrays padded to `budgets` (static shapes; `posterior_noise` is
+    the VAE posterior's standard normal draw from `posterior_rng`, zeros without one), plus the host-side
     `num_real_tokens`, `token_budget`, `row_of_position` (padded model row of each packed position) and
     `latent_rows` (padded rows of the real latent tokens).
 
@@ -856,6 +858,9 @@ def padded_model_inputs(batch: dict, config, budgets: Budgets, rng: np.random.Ge
     images = np.zeros((b.max_num_vae_images, 3, H, W), np.float32)
     for i, img in enumerate(batch["vae_images"]):
         images[i, :, :img.shape[1], :img.shape[2]] = img
+    latent_shape = (b.max_num_vae_images, z, H // config.vae.downsample, W // config.vae.downsample)
+    posterior_noise = (posterior_rng.standard_normal(latent_shape, dtype=np.float32) if posterior_rng is not None
+                       else np.zeros(latent_shape, np.float32))
     n_ce, n_mse = len(real["ce_rows"]), len(real["mse_rows"])
     if n_ce > b.max_num_ce_tokens:
         raise ValueError(f"{n_ce} CE tokens exceed max_num_ce_tokens {b.max_num_ce_tokens}")
@@ -866,6 +871,7 @@ def padded_model_inputs(batch: dict, config, budgets: Budgets, rng: np.random.Ge
         "vit_position_ids": pad(real["vit_position_ids"], T_v),
         "vit_attention_mask": vit_mask[None, None],
         "padded_images": images,
+        "posterior_noise": posterior_noise,
         "latent_gather_index": pad(real["latent_gather_index"], T_l),
         "latent_position_ids": pad(real["latent_position_ids"], T_l),
         "timesteps": timesteps,
@@ -1113,8 +1119,9 @@ class BagelPackedLoader:
             if packer.curr >= b.expected_num_tokens:
                 break
         noise_rng = np.random.default_rng([self.s.data_seed, self.rank, batch_no, 1])
+        posterior_rng = np.random.default_rng([self.s.data_seed, self.rank, batch_no, 2])
         inputs = padded_model_inputs(packer.batch(), self.config, b, noise_rng, self.s.vae_image_downsample,
-                                     self.pad_token_id)
+                                     self.pad_token_id, posterior_rng=posterior_rng)
         inputs["num_samples"] = packer.num_samples
         return inputs, buffer, box[0]
 
