@@ -75,11 +75,14 @@ def test_unknown_flag_fails_before_anything_starts(tmp_path):
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "save_dir").exists()
 
 
-def test_dry_run_hands_the_script_sizes_to_the_parallel_dryrun(tmp_path):
-    """DRY_RUN=1: the 7b script's sizes (TP 1, PP 4 with [1,10,10,7] / [32,0,0,0], 8 cards, bf16, seq
-    1024) reach `python -m ms_mm.parallel.dryrun`, whose own parser accepts them."""
-    from ms_mm.parallel.dryrun import build_parser
+def test_dry_run_hands_the_script_sizes_to_the_trainer_on_simulated_ranks(tmp_path, monkeypatch):
+    """DRY_RUN=1: the 7b script's launcher argv (8 cards, TP 1, PP 4 split [1,10,10,7] / [32,0,0,0],
+    bf16, seq 1024) becomes one trainer process per pipeline stage on simulated Ascend ranks: the same
+    entry script, the script's sizes, 2 iterations, nothing loaded or saved, and each rank's DryRun
+    environment. The processes are recorded, not started (test_dryrun_trainer.py runs them)."""
+    from ms_mm.parallel import dryrun, fake_cann
     from ms_mm.training import launch
+    from ms_mm.training.arguments import parse_args
 
     # a `python` shim first on PATH records the launcher's argv instead of running it
     shim_dir = tmp_path / "bin"
@@ -94,22 +97,50 @@ def test_dry_run_hands_the_script_sizes_to_the_parallel_dryrun(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     argv = json.loads(record.read_text())
     assert argv[:2] == ["-m", "ms_mm.training.launch"]
-    cut = argv.index("--")
-    ms_args = launch._msrun_parser().parse_args(argv[2:cut])
-    from ms_mm.training.arguments import parse_args
 
-    train_argv = argv[cut + 1:]
-    args = parse_args(train_argv)
-    model_json = json.loads(Path(args.mm_model).read_text())
-    cmd = launch.dry_run_command(args, train_argv, model_json, ms_args.worker_num)
-    assert cmd[1:3] == ["-m", "ms_mm.parallel.dryrun"]
-    parsed = build_parser().parse_args(cmd[3:])
-    assert (parsed.tp, parsed.pp, parsed.world_size) == (1, 4, 8)
-    as_list = lambda v: json.loads(v) if isinstance(v, str) else v  # noqa: E731
-    assert as_list(parsed.llm_pp_layers) == [1, 10, 10, 7]
-    assert as_list(parsed.vit_pp_layers) == [32, 0, 0, 0]
-    assert parsed.dtype == "bf16" and parsed.seq_len == 1024 and parsed.micro_batch_size == 1
-    assert Path(parsed.mm_model).name == "model_7b.json"
+    started = []
+
+    def fake_run_rank_processes(command, ranks, pc, workdir, **kw):
+        out = []
+        for rank in ranks:
+            rank_dir = Path(workdir) / f"rank{rank}"
+            rank_dir.mkdir(parents=True, exist_ok=True)
+            rank_argv, rank_env = command(rank, rank_dir)
+            started.append((rank, rank_argv, rank_env, pc))
+            out.append(dryrun.RankResult(rank=rank, returncode=0, step_ok=True, used_peak_mb=1000,
+                                         actual_peak_mb=2000, seconds=0.0, log_path=str(rank_dir / "train.log")))
+        return out
+
+    monkeypatch.setattr(dryrun, "run_rank_processes", fake_run_rank_processes)
+    monkeypatch.setattr(fake_cann, "ensure_fake_cann", lambda: tmp_path / "fake_cann")
+    for key in ("DRY_RUN_RANKS", "DRY_RUN_LEVEL", "RANK_ID", "RANK_SIZE", "MS_MM_DRY_RUN", "MS_MM_DRY_RUN_SEQ_LEN"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("DRY_RUN", "1")
+    monkeypatch.chdir(tmp_path)
+    assert launch.main(argv[2:]) == 0
+
+    # the first rank of each of the 4 stages of 2 ranks
+    assert [rank for rank, *_ in started] == [0, 2, 4, 6]
+    model_7b = SCRIPT.parent / "model_7b.json"
+    for rank, rank_argv, rank_env, pc in started:
+        assert rank_argv[:2] == [sys.executable, str(REPO / "ms_mm" / "training" / "pretrain_vlm.py")]
+        args = parse_args(rank_argv[2:])
+        assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (1, 4)
+        assert args.bf16 and args.micro_batch_size == 1 and args.global_batch_size == 48 * 2
+        assert args.train_iters == 2 and args.log_interval == 1 and args.num_workers == 0
+        assert args.load is None and args.save is None
+        assert Path(args.mm_model) == model_7b.resolve() and Path(args.mm_model).is_absolute()
+        assert Path(args.mm_data) == (SCRIPT.parent / "data_7b.json").resolve()
+        assert "--seq-length" in rank_argv and rank_argv[rank_argv.index("--seq-length") + 1] == "1024"
+        # the trainer's switch into DryRun, on one simulated Ascend rank of the world of 8
+        assert rank_env["MS_MM_DRY_RUN"] == "1" and rank_env["MS_MM_DEVICE_TARGET"] == "Ascend"
+        assert rank_env["MS_MM_DRY_RUN_SEQ_LEN"] == "1024"
+        assert (rank_env["RANK_ID"], rank_env["RANK_SIZE"], rank_env["MS_SIMULATION_LEVEL"]) == (str(rank), "8", "1")
+        assert str(tmp_path / "fake_cann") in rank_env["LD_LIBRARY_PATH"]
+        assert not {"MS_WORKER_NUM", "WORLD_SIZE", "MS_NODE_RANK", "RANK", "LOCAL_RANK"} & set(rank_env)
+        # the stage split the trainer will build: model_7b.json's pipeline_num_layers
+        assert (pc.world_size, pc.tp, pc.pp, pc.dp) == (8, 1, 4, 2)
+        assert list(pc.llm_pp_layers) == [1, 10, 10, 7] and list(pc.vit_pp_layers) == [32, 0, 0, 0]
 
 
 def test_real_weights_path_checks_sizes_before_msrun(tmp_path):

@@ -193,27 +193,6 @@ def _flag_value(argv: Sequence[str], flag: str) -> Optional[str]:
     return value
 
 
-def dry_run_command(args, train_argv: Sequence[str], model_json: dict, world_size: int) -> List[str]:
-    """`python -m ms_mm.parallel.dryrun ...` for the sizes the script would train with."""
-    cmd = [sys.executable, "-m", "ms_mm.parallel.dryrun", "--mm-model", str(args.mm_model),
-           "--world-size", str(world_size),
-           "--tp", str(args.tensor_model_parallel_size), "--pp", str(args.pipeline_model_parallel_size),
-           "--cp", str(args.context_parallel_size), "--ep", str(args.expert_model_parallel_size),
-           "--micro-batch-size", str(args.micro_batch_size),
-           "--dtype", "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"]
-    seq = _flag_value(train_argv, "--seq-length")
-    if seq:
-        cmd += ["--seq-len", seq]
-    # the pipeline split the model json declares (MindSpeed-MM's pipeline_num_layers)
-    llm = (model_json.get("text_decoder") or {}).get("pipeline_num_layers")
-    vit = ((model_json.get("image_encoder") or {}).get("vision_encoder") or {}).get("pipeline_num_layers")
-    if args.pipeline_model_parallel_size > 1:
-        for flag, layers in (("--llm-pp-layers", llm), ("--vit-pp-layers", vit)):
-            if layers:
-                cmd += [flag, json.dumps(layers, separators=(",", ":"))]
-    return cmd
-
-
 CARD_MEMORY_MB = 65536       # the simulated Ascend card (DryRun: "Device MOC memory size: 65536M")
 
 
