@@ -283,3 +283,35 @@ def test_interpolate_pos_reaches_the_packed_batch(demo_dir, config):
                                   P.flattened_position_ids(32, 48, s.vae_image_downsample, s.max_latent_size, True))
     assert not np.array_equal(batch["packed_vit_position_ids"],
                               P.flattened_position_ids(42, 70, s.vit_patch_size, s.max_num_patch_per_side))
+
+
+def test_the_shared_prefetcher_keeps_batches_ready(demo_dir, config):
+    """The loader runs on `ms_mm.data.prefetch.Prefetcher`: while the step computes, the next `prefetch`
+    batches get ready; closing stops the producer, and iterating again restarts it at the same position."""
+    import time
+
+    from ms_mm.data.prefetch import Prefetcher
+
+    loader = build_bagel_dataloader(demo.demo_data_config(demo_dir), config)
+    try:
+        first = next(loader)
+        assert isinstance(loader._prefetcher, Prefetcher)
+        end = time.monotonic() + 60
+        while loader.prefetched < loader.prefetch and time.monotonic() < end:
+            time.sleep(0.05)
+        assert loader.prefetched == loader.prefetch
+        state = loader.state_dict()
+        loader.close()
+        assert loader.prefetched == 0 and state["batches"] == 1
+        second = next(loader)                        # restarted from the position of the last batch handed out
+        assert loader.state_dict()["batches"] == 2
+    finally:
+        loader.close()
+    reference = build_bagel_dataloader(demo.demo_data_config(demo_dir), config)
+    try:
+        a, b = _take(reference, 2)
+    finally:
+        reference.close()
+    for k in TRAIN_INPUT_NAMES:
+        np.testing.assert_array_equal(first[k], a[k], err_msg=k)
+        np.testing.assert_array_equal(second[k], b[k], err_msg=k)

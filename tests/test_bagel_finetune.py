@@ -101,3 +101,22 @@ def test_recipe_flags_and_refusals(emb):
     with pytest.raises(ArgumentError, match=r"--visual_gen is not a flag of model family qwen2_5_vl"):
         train(parse_args(["--mm-model", str(qwen_json), "--mm-data", e["mm_data"], "--visual_gen", "False"]),
               stream=io.StringIO())
+
+
+def test_freeze_und_flag_keeps_the_und_weights(emb, tmp_path):
+    """--freeze_und (upstream's flag) through the trainer: the und weights, the ViT, the connector and the
+    text embedding come out as loaded (zero gradients, AdamW without weight decay leaves them), the gen
+    copies and lm_head train."""
+    e, _ = emb
+    save = tmp_path / "save"
+    _run(emb, "--train-iters", "2", "--save", str(save), "--save-interval", "2", "--freeze_und", "True")
+    before = load_model(e["load"], float32=True)
+    after = load_model(str(save / "iter_0000002"), float32=True)
+    und = [k for k in after if k.startswith("image_encoder.") or
+           (k.startswith("text_decoder.") and "_moe_gen" not in k and "output_layer" not in k)]
+    assert len(und) > 20
+    moved = [k for k in und if not np.array_equal(before[k], after[k])]
+    assert not moved, moved
+    for k in ("text_decoder.output_layer.weight", "llm2vae.weight",
+              "text_decoder.decoder.layers.0.self_attention.linear_qkv_moe_gen.weight"):
+        assert not np.array_equal(before[k], after[k]), k

@@ -17,8 +17,9 @@ Sharding: parquet files are dealt to ranks as upstream (`num_files` must be a mu
 count), jsonl lines likewise. Every random choice is a function of (data seed, position): sample-level
 choices of (seed, group, epoch, record), batch-level ones (group sampling, dropout, timesteps, the flow
 noise and the VAE posterior noise) of (seed, rank, batch number). So the loader's `state_dict()` (per-group cursors, the packing
-buffer as record references, the batch number) restores the exact stream. A background thread keeps
-`prefetch` batches ready (`BagelPackedLoader.prefetched`), so loading overlaps the step.
+buffer as record references, the batch number) restores the exact stream. The shared background
+producer (`ms_mm.data.prefetch.Prefetcher`) keeps `prefetch` batches ready (`BagelPackedLoader.prefetched`),
+so loading overlaps the step.
 """
 from __future__ import annotations
 
@@ -27,8 +28,6 @@ import io
 import json
 import logging
 import os
-import queue
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -36,6 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ms_mm.data.errors import BadSampleError
+from ms_mm.data.prefetch import Prefetcher
 from ms_mm.models.bagel.inputs import MASK_VALUE, build_model_inputs
 
 logger = logging.getLogger(__name__)
@@ -905,9 +905,6 @@ def load_tokenizer(path: str):
         raise DataConfigError(f"data json: model_path {path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
 
 
-_END = object()
-
-
 class BagelPackedLoader:
     """Endless iterator of static-shape BAGEL micro batches (one packed sequence each); see the module
     docstring. `state_dict()` is the position after the last batch handed out."""
@@ -933,7 +930,7 @@ class BagelPackedLoader:
         self.prefetch = max(1, int(prefetch))
         self._position = {"batches": 0, "skipped": 0, "buffer": [], "groups": [st.state() for st in self.streams]}
         self._skipped_files = sum(len(st.dropped_files) for st in self.streams)
-        self._queue = self._thread = self._stop = None
+        self._prefetcher = None
         self._failed = None
         self.stats = {"real_tokens": 0, "budget_tokens": 0, "batches": 0, "samples": 0}
 
@@ -944,7 +941,7 @@ class BagelPackedLoader:
 
     @property
     def prefetched(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        return self._prefetcher.ready if self._prefetcher is not None else 0
 
     def state_dict(self) -> dict:
         return {**json.loads(json.dumps(self._position)), "seed": self.s.data_seed, "rank": self.rank,
@@ -975,14 +972,14 @@ class BagelPackedLoader:
     def __next__(self) -> dict:
         if self._failed is not None:
             raise self._failed
-        if self._thread is None:
+        if self._prefetcher is None:
             self._start()
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            self._failed = item
+        try:
+            batch, position = self._prefetcher.get()
+        except Exception as e:  # the producer's error, at its place in the stream
+            self._failed = e
             self._stop_producer()
-            raise item
-        batch, position = item
+            raise
         self._position = position
         self.stats["real_tokens"] += batch["num_real_tokens"]
         self.stats["budget_tokens"] += batch["token_budget"]
@@ -1001,47 +998,26 @@ class BagelPackedLoader:
 
     # --------------------------------------------------------------- producer
     def _start(self):
-        self._queue = queue.Queue(maxsize=self.prefetch)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(json.loads(json.dumps(self._position)),),
-                                        name="ms_mm-bagel-packer", daemon=True)
-        self._thread.start()
+        position = json.loads(json.dumps(self._position))
+        self._prefetcher = Prefetcher(lambda: self._batches(position), self.prefetch, name="ms_mm-bagel-packer")
 
     def _stop_producer(self):
-        if self._thread is not None:
-            self._stop.set()
-            try:
-                while True:
-                    self._queue.get_nowait()
-            except queue.Empty:
-                pass
-            self._thread.join(timeout=30)
-        self._thread = self._queue = self._stop = None
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+        self._prefetcher = None
 
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self, position):
-        try:
-            for st, g in zip(self.streams, position["groups"]):
-                st.epoch, st.cursor = g["epoch"], g["cursor"]
-            buffer = [(tuple(ref), None) for ref in position["buffer"]]
-            batches, skipped = position["batches"], position["skipped"]
-            while not self._stop.is_set():
-                batch, buffer, skipped = self._pack_one(batches, buffer, skipped)
-                batches += 1
-                pos = {"batches": batches, "skipped": skipped, "buffer": [list(r) for r, _ in buffer],
-                       "groups": [st.state() for st in self.streams]}
-                if not self._put((batch, pos)):
-                    return
-        except BaseException as e:  # noqa: BLE001 - reaches the consumer
-            self._put(e)
+    def _batches(self, position):
+        """The packed batches from `position` on, each with the position after it (runs in the prefetch
+        thread; the streams' cursors are that thread's until the loader stops it)."""
+        for st, g in zip(self.streams, position["groups"]):
+            st.epoch, st.cursor = g["epoch"], g["cursor"]
+        buffer = [(tuple(ref), None) for ref in position["buffer"]]
+        batches, skipped = position["batches"], position["skipped"]
+        while True:
+            batch, buffer, skipped = self._pack_one(batches, buffer, skipped)
+            batches += 1
+            yield batch, {"batches": batches, "skipped": skipped, "buffer": [list(r) for r, _ in buffer],
+                          "groups": [st.state() for st in self.streams]}
 
     def _sample(self, ref, skipped_box):
         """(sample, cost) of a reference, or None for a bad / too long sample that is skipped."""
