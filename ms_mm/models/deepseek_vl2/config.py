@@ -14,21 +14,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from ms_mm.models import check_int
+
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 PROJECTOR_TYPES = ("downsample_mlp_gelu",)
-
-
-def _positive_int(obj, name, prefix):
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{prefix}.{name}={value!r}: expected a positive integer")
-
-
-def _non_negative_int(obj, name, prefix):
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{prefix}.{name}={value!r}: expected a non-negative integer")
 
 
 @dataclass
@@ -64,7 +54,7 @@ class VisionConfig:
 
     def validate(self, prefix="vision_config"):
         for name in ("image_size", "patch_size", "width", "layers", "heads"):
-            _positive_int(self, name, prefix)
+            check_int(self, name, prefix)
         if self.width % self.heads:
             raise ValueError(f"{prefix}.width={self.width} is not divisible by {prefix}.heads={self.heads}")
         if self.image_size < self.patch_size:
@@ -93,7 +83,7 @@ class ProjectorConfig:
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"{prefix}.projector_type={self.projector_type!r}: supported {PROJECTOR_TYPES}")
         for name in ("input_dim", "n_embed", "depth", "mlp_ratio", "downsample_ratio"):
-            _positive_int(self, name, prefix)
+            check_int(self, name, prefix)
         if self.depth < 2:
             raise ValueError(f"{prefix}.depth={self.depth}: downsample_mlp_gelu needs depth >= 2")
         if self.token_pooling:
@@ -156,8 +146,8 @@ class LanguageConfig:
     def validate(self, prefix="language_config"):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "moe_layer_freq"):
-            _positive_int(self, name, prefix)
-        _non_negative_int(self, "first_k_dense_replace", prefix)
+            check_int(self, name, prefix)
+        check_int(self, "first_k_dense_replace", prefix, minimum=0)
         if self.hidden_act != "silu":
             raise ValueError(f"{prefix}.hidden_act={self.hidden_act!r}: only 'silu' (SwiGLU) is supported")
         if self.rope_scaling is not None:
@@ -167,9 +157,9 @@ class LanguageConfig:
             raise ValueError(f"{prefix}.attention_bias=True is not supported (released models use false)")
         if self.use_mla:
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-                _positive_int(self, name, prefix)
+                check_int(self, name, prefix)
             if self.q_lora_rank is not None:
-                _positive_int(self, "q_lora_rank", prefix)
+                check_int(self, "q_lora_rank", prefix)
             if self.qk_rope_head_dim % 2:
                 raise ValueError(f"{prefix}.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE pairs)")
             if self.num_key_value_heads != self.num_attention_heads:
@@ -188,9 +178,9 @@ class LanguageConfig:
         if self.n_routed_experts is None:
             return
         for name in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"):
-            _positive_int(self, name, prefix)
+            check_int(self, name, prefix)
         if self.n_shared_experts is not None:
-            _non_negative_int(self, "n_shared_experts", prefix)
+            check_int(self, "n_shared_experts", prefix, minimum=0)
         if self.num_experts_per_tok > self.n_routed_experts:
             raise ValueError(f"{prefix}.num_experts_per_tok={self.num_experts_per_tok} exceeds "
                              f"n_routed_experts={self.n_routed_experts}")
@@ -200,8 +190,8 @@ class LanguageConfig:
         if self.topk_method not in TOPK_METHODS:
             raise ValueError(f"{prefix}.topk_method={self.topk_method!r}: expected one of {TOPK_METHODS}")
         if self.topk_method != "greedy":
-            _positive_int(self, "n_group", prefix)
-            _positive_int(self, "topk_group", prefix)
+            check_int(self, "n_group", prefix)
+            check_int(self, "topk_group", prefix)
             if self.n_routed_experts % self.n_group:
                 raise ValueError(f"{prefix}.n_routed_experts={self.n_routed_experts} is not divisible by "
                                  f"n_group={self.n_group}")

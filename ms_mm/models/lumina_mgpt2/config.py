@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
+from ms_mm.models import check_int
+
 __all__ = ["LuminaMGPT2Config", "LuminaTokenConfig", "config_from_hf", "QK_NORM_EPS", "config_from_mindspeed",
            "mindspeed_model_json", "config_from_json", "claims_json"]
 
@@ -44,9 +46,7 @@ class LuminaTokenConfig:
 
     def validate(self) -> "LuminaTokenConfig":
         for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"LuminaTokenConfig.{f.name}: must be a non-negative int, got {v!r}")
+            check_int(self, f.name, "LuminaTokenConfig", minimum=0)
         if self.patch_size % self.downsample:
             raise ValueError(f"LuminaTokenConfig.patch_size: {self.patch_size} is not a multiple of "
                              f"downsample={self.downsample}")
@@ -118,9 +118,7 @@ class LuminaMGPT2Config:
             raise ValueError(f"LuminaMGPT2Config.{name}: {why}")
 
         for name in _INT_FIELDS:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                bad(name, f"must be a positive int, got {v!r}")
+            check_int(self, name, "LuminaMGPT2Config")
         if self.hidden_size % self.num_attention_heads:
             bad("num_attention_heads", f"{self.num_attention_heads} does not divide hidden_size={self.hidden_size}")
         if self.head_dim % 2:

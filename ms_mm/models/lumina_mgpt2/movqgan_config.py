@@ -14,6 +14,8 @@ from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Tuple
 
+from ms_mm.models import check_int
+
 __all__ = ["MoVQGANConfig", "GROUP_NORM_GROUPS", "GROUP_NORM_EPS", "movqgan_parameter_shapes",
            "movqgan_config_from_release", "config_from_hf", "read_hf_config", "CONFIG_FILE"]
 
@@ -64,9 +66,7 @@ class MoVQGANConfig:
 
         for name in ("ch", "num_res_blocks", "resolution", "in_channels", "out_ch", "z_channels", "n_embed",
                      "embed_dim"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                bad(name, f"must be a positive int, got {v!r}")
+            check_int(self, name, "MoVQGANConfig")
         if not self.ch_mult or any(m <= 0 for m in self.ch_mult):
             bad("ch_mult", f"must be a non-empty tuple of positive ints, got {self.ch_mult!r}")
         if self.ch % GROUP_NORM_GROUPS:

@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from ms_mm.models import check_int
+
 
 @dataclass
 class Qwen2_5_VLVisionConfig:
@@ -53,7 +55,7 @@ class Qwen2_5_VLVisionConfig:
     def validate(self, prefix: str = "vision") -> None:
         for name in ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size",
                      "in_channels", "patch_size", "temporal_patch_size", "spatial_merge_size", "window_size"):
-            _positive_int(self, name, prefix)
+            check_int(self, name, prefix)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"{prefix}.hidden_size={self.hidden_size} is not divisible by "
                              f"{prefix}.num_heads={self.num_heads}")
@@ -93,7 +95,7 @@ class Qwen2_5_VLTextConfig:
     def validate(self, prefix: str = "text") -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads"):
-            _positive_int(self, name, prefix)
+            check_int(self, name, prefix)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"{prefix}.hidden_size={self.hidden_size} is not divisible by "
                              f"{prefix}.num_attention_heads={self.num_attention_heads}")
@@ -154,12 +156,6 @@ class Qwen2_5_VLConfig:
         if name not in _PRESETS:
             raise ValueError(f"unknown Qwen2.5-VL preset {name!r}; choose from {sorted(_PRESETS)}")
         return cls.from_dict(copy.deepcopy(_PRESETS[name]))
-
-
-def _positive_int(obj, name, prefix):
-    value = getattr(obj, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{prefix}.{name}={value!r} must be a positive int")
 
 
 def _build(klass, data: dict, prefix: str, **extra):
