@@ -1,30 +1,55 @@
 """`DRY_RUN=1` runs the trainer itself (pretrain_vlm.py) on simulated Ascend ranks: Qwen2.5-VL tiny with
 TP 2 x PP 2 x DP 2 on 8 ranks and the distributed optimizer, the first rank of each pipeline stage, two
-iterations each, with a user's `GLOG_v=3` (the memory figures are log lines that level would hide)."""
+iterations each, with a user's `GLOG_v=3` (the memory figures are log lines that level would hide).
+
+The same compiled layouts then drive the per-rank checkpoint test: every one of the 8 ranks gets its
+blocks of an MM checkpoint (split TP 2 x PP 2 by the converter, and unsplit: re-sliced on load), which
+must equal MindSpore's own cut of the full tensors for that rank (``transform_checkpoint_by_rank`` on
+the strategy files the ranks wrote), optimizer moments included; the ranks' blocks saved by the
+trainer's sharded save give the full tensors back bit-exactly, and load again to the same blocks."""
+import contextlib
+import io
 import json
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 from dryrun_support import fake_cann_root  # noqa: F401  (session fixture: builds the stub CANN tree)
 from ms_mm.training import launch
 
+MOMENTS = ("exp_avg.", "exp_avg_sq.")
 
-def test_dry_run_of_the_trainer_tp2_pp2_dp2(fake_cann_root, tmp_path, monkeypatch, capsys):
-    if fake_cann_root.parent.name != "fake-cann":      # built in a temp dir: point the launcher at it
-        monkeypatch.setenv("MS_MM_CACHE", str(tmp_path / "cache"))
-        (tmp_path / "cache").mkdir()
-        (tmp_path / "cache" / "fake-cann").symlink_to(fake_cann_root.parent)
-    (tmp_path / "model.json").write_text(json.dumps({"model_id": "qwen2_5vl", "preset": "tiny"}))
-    (tmp_path / "data.json").write_text("{}")        # no data here: the family's synthetic batch
-    monkeypatch.chdir(tmp_path)
-    for key, value in {"DRY_RUN": "1", "DRY_RUN_PARALLEL": "2", "GLOG_v": "3"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("DRY_RUN_RANKS", raising=False)
-    rc = launch.main(["--worker_num", "8", "--local_worker_num", "8", "--log_dir", "msrun_log", "--",
-                      "--mm-model", "model.json", "--mm-data", "data.json", "--tensor-model-parallel-size", "2",
-                      "--pipeline-model-parallel-size", "2", "--micro-batch-size", "1", "--global-batch-size", "4",
-                      "--seq-length", "64", "--use-distributed-optimizer", "--save", "save_dir",
-                      "--save-interval", "1", "--train-iters", "100"])
-    out = capsys.readouterr().out
+
+@pytest.fixture(scope="module")
+def tp2_pp2_dp2(fake_cann_root, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("dryrun_trainer")
+    mp = pytest.MonkeyPatch()
+    try:
+        if fake_cann_root.parent.name != "fake-cann":      # built in a temp dir: point the launcher at it
+            mp.setenv("MS_MM_CACHE", str(tmp_path / "cache"))
+            (tmp_path / "cache").mkdir()
+            (tmp_path / "cache" / "fake-cann").symlink_to(fake_cann_root.parent)
+        (tmp_path / "model.json").write_text(json.dumps({"model_id": "qwen2_5vl", "preset": "tiny"}))
+        (tmp_path / "data.json").write_text("{}")        # no data here: the family's synthetic batch
+        mp.chdir(tmp_path)
+        for key, value in {"DRY_RUN": "1", "DRY_RUN_PARALLEL": "2", "GLOG_v": "3"}.items():
+            mp.setenv(key, value)
+        mp.delenv("DRY_RUN_RANKS", raising=False)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            rc = launch.main(["--worker_num", "8", "--local_worker_num", "8", "--log_dir", "msrun_log", "--",
+                              "--mm-model", "model.json", "--mm-data", "data.json", "--tensor-model-parallel-size",
+                              "2", "--pipeline-model-parallel-size", "2", "--micro-batch-size", "1",
+                              "--global-batch-size", "4", "--seq-length", "64", "--use-distributed-optimizer",
+                              "--save", "save_dir", "--save-interval", "1", "--train-iters", "100"])
+    finally:
+        mp.undo()
+    return tmp_path, rc, out.getvalue()
+
+
+def test_dry_run_of_the_trainer_tp2_pp2_dp2(tp2_pp2_dp2):
+    tmp_path, rc, out = tp2_pp2_dp2
     assert rc == 0, out
     lines = [line for line in out.splitlines() if line.startswith("rank ")]
     assert [line.split(":")[0] for line in lines] == ["rank 0 (pipeline stage 0)", "rank 4 (pipeline stage 1)"], out
@@ -50,3 +75,132 @@ def test_dry_run_of_the_trainer_tp2_pp2_dp2(fake_cann_root, tmp_path, monkeypatc
     for name in ("text_decoder.decoder.layers.0.input_layernorm.weight",
                  "text_decoder.decoder.layers.0.self_attention.linear_qkv.weight"):
         assert stage0[name]["opt_shard_group"] and stage0["exp_avg." + name]["opt_shard_group"], name
+
+
+class _Param:
+    """What the trainer's sharded load / save use of a MindSpore Parameter: name, shape, dtype, data."""
+
+    def __init__(self, name, arr):
+        import mindspore as ms
+
+        self.name, self.data, self.dtype = name, np.asarray(arr), ms.float32
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    def asnumpy(self):
+        return self.data
+
+    def set_data(self, tensor, slice_shape=False):
+        self.data = tensor.asnumpy()
+
+
+class _Holder:
+    def __init__(self, params):
+        self.params = params
+
+    def get_parameters(self):
+        return iter(self.params)
+
+
+def test_each_rank_holds_mindspores_cut_and_save_load_is_bit_exact(tp2_pp2_dp2, tmp_path):
+    import mindspore as ms
+    from mindspore.nn.utils import no_init_parameters
+
+    from adapters.qwen2_5_vl import SPEC
+    from ms_mm import registry
+    from convert.framework import make_layout
+    from ms_mm.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+    from ms_mm.parallel import checkpoint as shards
+    from ms_mm.training import checkpointing as ckpt
+    from ms_mm.training import mm_checkpoint as mmc
+
+    root, rc, out = tp2_pp2_dp2
+    assert rc == 0, out
+    work = root / "msrun_log" / "dryrun"
+    stages = {s: shards.layouts_from_json(json.loads((work / f"rank{4 * s}" / "parameter_layouts.json").read_text()))
+              for s in (0, 1)}
+    names = {s: sorted(n for n in lay if not n.startswith(("accu_grads.", "inputs"))) for s, lay in stages.items()}
+    full_shape = {n: stages[s][n].full_shape for s in stages for n in names[s]}
+    rng = np.random.default_rng(0)
+    full = {n: rng.standard_normal(shape).astype(np.float32) for n, shape in sorted(full_shape.items())}
+    model_names = sorted(n for n in full if not n.startswith(MOMENTS))
+    moment_names = sorted(n for n in full if n.startswith(MOMENTS))
+    config = Qwen2_5_VLConfig.preset("tiny")
+    with no_init_parameters():
+        every = {p.name for p in registry.get("qwen2_5_vl").build_model(config, ms.float32).get_parameters()}
+    assert set(model_names) == every and moment_names      # the two stages together hold the whole model
+
+    # MindSpore's own cut of the full tensors for each rank, from the strategy files the stages wrote
+    strategies = tmp_path / "strategies"
+    strategies.mkdir()
+    for s in (0, 1):
+        (strategies / f"strategy_{s}.ckpt").write_bytes((work / f"rank{4 * s}" / "strategy.ckpt").read_bytes())
+    ms.merge_pipeline_strategys(str(strategies), str(tmp_path / "strategy.ckpt"))
+    ms.save_checkpoint([{"name": n, "data": ms.Tensor(a)} for n, a in full.items()], str(tmp_path / "full.ckpt"))
+    expected = {}
+    for rank in range(8):
+        ms.transform_checkpoint_by_rank(rank, {0: str(tmp_path / "full.ckpt")}, str(tmp_path / f"rank{rank}.ckpt"),
+                                        None, str(tmp_path / "strategy.ckpt"))
+        cut = ms.load_checkpoint(str(tmp_path / f"rank{rank}.ckpt"))
+        expected[rank] = {n: cut[n].asnumpy() for n in names[rank // 4]}
+
+    # the converter's layouts: TP 2 x PP 2 (LLM layers split 1 + rest) and unsplit; moments in optim.safetensors
+    n_llm = config.text.num_hidden_layers
+    split = make_layout(SPEC, config, tp_size=2, pp_layers={"llm": [1, n_llm - 1]})
+    model_state = {n: full[n] for n in model_names}
+    sources = [mmc.save_model(tmp_path / "tp2pp2", model_state, split), mmc.save_model(tmp_path / "tp1", model_state)]
+    mmc.write_safetensors(tmp_path / "optim.safetensors", {n: full[n] for n in moment_names})
+    held = {}
+    for rank in range(8):
+        stage, lay = rank // 4, stages[rank // 4]
+        mine = [n for n in names[stage] if n in model_state]
+        for src in sources:
+            got = shards.read_rank_slices(src, lay, rank, names=mine)
+            for n in mine:
+                np.testing.assert_array_equal(got[n], expected[rank][n], err_msg=f"rank {rank} {n} from {src}")
+        moments = shards.read_rank_slices(tmp_path / "optim.safetensors", lay, rank,
+                                          names=[n for n in names[stage] if n.startswith(MOMENTS)])
+        for n, arr in moments.items():
+            np.testing.assert_array_equal(arr, expected[rank][n], err_msg=f"rank {rank} {n}")
+        held[rank] = {**got, **moments}
+    # optimizer parallel really cut the blocks further than TP: rank 0 and rank 1 (dp peers) differ
+    qkv = "text_decoder.decoder.layers.0.self_attention.linear_qkv.weight"
+    assert held[0][qkv].shape[0] * 4 == full[qkv].shape[0] and not np.array_equal(held[0][qkv], held[1][qkv])
+
+    # the trainer's sharded save: every rank its blocks (rank 0 last: it assembles), then load them back
+    # (as in a pipeline run, every rank has the whole model and optimizer; it compiled, holds and writes its stage)
+    save = tmp_path / "save"
+
+    def rank_objects(rank, fill):
+        local = {n: fill(held[rank][n]) if n in held[rank] else np.full((1,), np.nan, np.float32) for n in full}
+        return (_Holder([_Param(n, local[n]) for n in model_names]),
+                _Holder([_Param(n, local[n]) for n in moment_names + ["global_step"]
+                         if n != "global_step"] + [_Param("global_step", np.asarray([5], np.float32))]))
+
+    for rank in (7, 6, 5, 4, 3, 2, 1, 0):
+        model, optim = rank_objects(rank, lambda a: a)
+        ckpt.save_sharded_checkpoint(str(save), 5, model, optim, stages[rank // 4], rank=rank, family="qwen2_5_vl",
+                                     data_state={"per_rank": [{}]}, train_state={"iteration": 5}, save_rng=False,
+                                     pipeline=True)
+    it = mmc.iteration_dir(save, 5)
+    assert mmc.latest_iteration(save) == 5 and not list(save.glob(".shards_*"))
+    saved = mmc.load_model(str(it))
+    assert sorted(saved) == model_names
+    for n in model_names:
+        np.testing.assert_array_equal(saved[n], full[n], err_msg=n)
+    saved_moments = mmc.read_safetensors(it / ckpt.OPTIM_FILE)
+    assert sorted(saved_moments) == sorted(moment_names + ["global_step"]) and saved_moments["global_step"][0] == 5
+    for n in moment_names:
+        np.testing.assert_array_equal(saved_moments[n], full[n], err_msg=n)
+    state = ckpt.LoadedState(weights_dir=it, optim_file=it / ckpt.OPTIM_FILE)
+    for rank in range(8):
+        model, optim = rank_objects(rank, lambda a: 0 * a)
+        n_set = ckpt.load_sharded_weights(state, model, optim, stages[rank // 4], rank, pipeline=True)
+        assert n_set == len(names[rank // 4]) + 1          # + the optimizer's step, replicated
+        for p in list(model.params) + list(optim.params):
+            if p.name in held[rank]:
+                np.testing.assert_array_equal(p.data, held[rank][p.name], err_msg=f"rank {rank} {p.name}")
+            elif p.name != "global_step":               # another stage's: not read, not touched
+                assert p.data.shape == (1,) and np.isnan(p.data).all(), p.name

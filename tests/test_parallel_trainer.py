@@ -100,3 +100,83 @@ def test_recompute_flags_map_to_cell_recompute_of_the_layers():
         apply_recompute(model, "full", "block", None)
     with pytest.raises(ValueError, match="need --recompute-granularity"):
         apply_recompute(model, None, "uniform", 2)
+
+
+def test_fsdp_switches_map_to_the_distributed_optimizer_on_ascend(monkeypatch):
+    # BAGEL's recipe flag: FSDP2's sharding = MindSpore's optimizer parallel, on Ascend with > 1 card
+    args = parse_args(["--mm-model", "m", "--mm-data", "d", "--use-torch-fsdp2"])
+    args.validate(2, "Ascend")
+    assert args.use_distributed_optimizer
+    with pytest.raises(ArgumentError, match="--use-torch-fsdp2 .* needs Ascend with more than one card"):
+        parse_args(["--mm-model", "m", "--mm-data", "d", "--use-torch-fsdp2"]).validate(1, "Ascend")
+    # Lumina's model.json switch, as DRY_RUN=1 plans it for Ascend (on CPU: tests/test_lumina_training.py)
+    lumina = registry.get("lumina")
+    monkeypatch.setenv("DRY_RUN", "1")
+    for fsdp1, sharded in (({}, True), (None, False)):
+        model_json = {"model_id": "lumina", "preset": "tiny", **({"fsdp1": fsdp1} if fsdp1 is not None else {})}
+        args = parse_args(["--mm-model", "m", "--mm-data", "d"])
+        lumina.check_parallel_sizes(lumina.config_from_json(model_json), args)
+        assert args.use_distributed_optimizer is sharded
+    args = parse_args(["--mm-model", "m", "--mm-data", "d", "--tensor-model-parallel-size", "2"])
+    with pytest.raises(ValueError, match="does not combine with model parallelism"):
+        lumina.check_parallel_sizes(lumina.config_from_json({"model_id": "lumina", "preset": "tiny", "fsdp1": {}}), args)
+
+
+def test_a_family_without_a_plan_shards_only_the_optimizer():
+    pc, micro = _check({"model_id": "lumina", "preset": "tiny"}, 4, "--use-distributed-optimizer")
+    assert (pc.dp, pc.tp, micro) == (4, 1, 1)
+    with pytest.raises(ValueError, match="the lumina_mgpt2 family has no tensor / pipeline / expert parallel plan: "
+                                         "tp 2, pp 1"):
+        _check({"model_id": "lumina", "preset": "tiny"}, 4, "--tensor-model-parallel-size", "2")
+
+
+def test_the_weights_ema_is_refused_on_a_sharded_run_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "m.json").write_text(json.dumps(QWEN_TINY))
+    (tmp_path / "d.json").write_text("{}")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MS_WORKER_NUM", raising=False)
+    monkeypatch.setenv("MS_MM_DEVICE_TARGET", "Ascend")
+    args = parse_args(["--mm-model", str(tmp_path / "m.json"), "--mm-data", str(tmp_path / "d.json"),
+                       "--use-distributed-optimizer", "--ema", "0.999"])
+    with pytest.raises(ArgumentError) as e:
+        train(args)
+    assert "the weights' EMA (decay 0.999) is kept by unsharded runs only" in str(e.value)
+    assert "pass --ema 0" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_ranks_whole_data_position_is_gathered():
+    """Per-rank positions with more than integers (a packing buffer, a list of cursors) come back whole,
+    each rank's own: two ranks in threads, the all-gather a rendezvous of their rows."""
+    import threading
+
+    import numpy as np
+
+    from ms_mm.training.trainer import _gather_data_states
+
+    states = [{"rank": 0, "cursor": 3, "buffer": [[1, 2], [3]], "note": "é"},
+              {"rank": 1, "cursor": 7, "buffer": [], "groups": {"t2i": [4, 5]}}]
+    rows, results = {}, {}
+    barrier = threading.Barrier(2)
+
+    def make_all_gather(rank):
+        calls = [0]
+
+        def all_gather(local):
+            key = calls[0]
+            calls[0] += 1
+            rows[(key, rank)] = local
+            barrier.wait()
+            out = np.concatenate([rows[(key, r)] for r in range(2)])
+            barrier.wait()
+            return out
+        return all_gather
+
+    def run(rank):
+        results[rank] = _gather_data_states(states[rank], 2, all_gather=make_all_gather(rank))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results[0] == results[1] == {"per_rank": states}

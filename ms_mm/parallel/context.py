@@ -10,16 +10,22 @@ over ``ep`` of the ``dp`` ranks). ``optimizer_parallel`` turns on MindSpore's op
 (``enable_parallel_optimizer``): the optimizer states (AdamW moments) of every parameter that the
 plan leaves replicated over data-parallel ranks are sharded over them, and each rank updates its
 shard (Megatron's distributed optimizer / ZeRO-1); ``gradient_accumulation_shard`` also shards
-the pipeline's accumulated gradients.
+the pipeline's accumulated gradients. ``strategy_file``: MindSpore also writes its strategy checkpoint
+(every parameter's layout, optimizer moments included) there at compile time.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 from ms_mm.parallel.config import ParallelConfig
 
 
-def parallel_context_kwargs(pc: ParallelConfig, optimizer_parallel: bool = False) -> dict:
+def parallel_context_kwargs(pc: ParallelConfig, optimizer_parallel: bool = False,
+                            strategy_file: Optional[str] = None) -> dict:
     kwargs = dict(parallel_mode="semi_auto_parallel", device_num=pc.world_size, full_batch=True,
                   pipeline_stages=pc.pp)
+    if strategy_file:      # MindSpore's strategy checkpoint of every parameter (its own transform tools read it)
+        kwargs["strategy_ckpt_config"] = {"save_file": str(strategy_file), "only_trainable_params": False}
     if optimizer_parallel and pc.dp > 1:
         kwargs["enable_parallel_optimizer"] = True
         kwargs["parallel_optimizer_config"] = {"gradient_accumulation_shard": pc.pp > 1,
@@ -27,7 +33,8 @@ def parallel_context_kwargs(pc: ParallelConfig, optimizer_parallel: bool = False
     return kwargs
 
 
-def set_parallel_context(pc: ParallelConfig, optimizer_parallel: bool = False) -> None:
+def set_parallel_context(pc: ParallelConfig, optimizer_parallel: bool = False,
+                         strategy_file: Optional[str] = None) -> None:
     import mindspore as ms
     ms.reset_auto_parallel_context()
-    ms.set_auto_parallel_context(**parallel_context_kwargs(pc, optimizer_parallel))
+    ms.set_auto_parallel_context(**parallel_context_kwargs(pc, optimizer_parallel, strategy_file))

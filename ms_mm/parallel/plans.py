@@ -11,10 +11,36 @@ from __future__ import annotations
 from ms_mm import registry
 
 
+class DataParallelPlan:
+    """The plan of a family without one of its own, for data parallel + the distributed optimizer
+    only (tp = pp = ep = cp = 1): no strategies are attached, so MindSpore's semi-auto parallel runs
+    every operator data parallel over the rows of the global batch and shards the optimizer (and the
+    weights it updates) over dp."""
+
+    def __init__(self, family: str):
+        self.family = family
+
+    def check(self, pc, model_config) -> None:
+        from ms_mm.parallel.config import ParallelConfigError
+
+        if (pc.tp, pc.pp, pc.ep, pc.cp) != (1, 1, 1, 1):
+            raise ParallelConfigError(f"the {self.family} family has no tensor / pipeline / expert parallel plan: "
+                                      f"tp {pc.tp}, pp {pc.pp}, ep {pc.ep}, cp {pc.cp} must all be 1 (data parallel "
+                                      f"with the distributed optimizer is what it supports)")
+
+    def check_batch(self, pc, batch_size: int, seq_len: int) -> None:
+        from ms_mm.parallel.sharding import check_batch_rows
+
+        check_batch_rows(pc, batch_size, seq_len)
+
+    def apply(self, model, pc):
+        return model
+
+
 def plan_for_config(model_config):
     family = registry.family_of_config(model_config)
     if family.parallel_plan is None:
-        raise NotImplementedError(f"no parallel plan for the {family.name} family")
+        return DataParallelPlan(family.name)
     return family.parallel_plan()
 
 

@@ -286,6 +286,9 @@ class ParallelTrainStep:
         self.graph_shapes: dict = {}
         self.new_shapes: list = []
         self.last_extra_outputs: list = []
+        # called once with the compiled parameter layouts, before the first step runs (a sharded load
+        # reads each rank's blocks then: the layouts exist only once the step is compiled)
+        self.on_compiled = None
 
     def __call__(self, micro_batches):
         import mindspore as ms
@@ -297,7 +300,12 @@ class ParallelTrainStep:
         signature = tuple(tuple(a.shape[1:]) for a in arrays)
         self.new_shapes = [] if signature in self.graph_shapes else [signature]
         self.graph_shapes[signature] = self.graph_shapes.get(signature, 0) + 1
-        out = self.cell(*[ms.Tensor(a) for a in arrays])
+        tensors = [ms.Tensor(a) for a in arrays]
+        if self.on_compiled is not None:
+            hook, self.on_compiled = self.on_compiled, None
+            self.cell.compile(*tensors)
+            hook(self.parameter_layout_dict)
+        out = self.cell(*tensors)
         if self.dry_run or not isinstance(out, (tuple, list)):   # DryRun: simulated, no values to read
             return float("nan"), float("nan"), True
         loss, norm, finite = out

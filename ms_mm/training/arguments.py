@@ -240,9 +240,8 @@ class TrainArgs:
             raise ArgumentError(
                 f"--use-torch-fsdp2 shards parameters and optimizer state across cards (MindSpore's optimizer "
                 f"parallel); it needs Ascend with more than one card, here {device_target} x {world_size}: remove it")
-        if self.use_torch_fsdp2:
-            raise ArgumentError("--use-torch-fsdp2: the ms-mm trainer does not apply MindSpore's optimizer parallel "
-                                "yet (pure data parallel, replicated optimizer state): remove it")
+        if self.use_torch_fsdp2:        # FSDP2's sharding of weights + optimizer state = MindSpore's optimizer parallel
+            self.use_distributed_optimizer = True
         if self.save_interval is not None and not self.save:
             raise ArgumentError("--save-interval is set but --save (the checkpoint directory) is not")
         if not self.mm_model:

@@ -53,6 +53,9 @@ class LoadedState:
     data_state: Optional[Dict[str, Any]] = None
     train_state: Optional[Dict[str, Any]] = None
     iter_dir: Optional[Path] = None          # the directory the weights came from
+    # deferred=True (a sharded run, which reads its slices once the step is compiled): what to read
+    weights_dir: Optional[Path] = None
+    optim_file: Optional[Path] = None
 
 
 # --- model weights ------------------------------------------------------------------------------
@@ -174,9 +177,11 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, *, family: 
 
 
 def load_checkpoint(load_dir: str, model, optimizer, *, load_optim: bool = True, load_rng: bool = True,
-                    finetune: bool = False, weights_from: Optional[str] = None) -> LoadedState:
+                    finetune: bool = False, weights_from: Optional[str] = None, deferred: bool = False) -> LoadedState:
     """Restore from a converter output (release) or a training save dir (its latest iteration).
-    `weights_from="ema"`: the model weights come from the iteration's `ema/` (when it has one)."""
+    `weights_from="ema"`: the model weights come from the iteration's `ema/` (when it has one).
+    `deferred`: the weights and optimizer moments are not read here; the state names where they are
+    (`weights_dir`, `optim_file`) for `load_sharded_weights` once the sharded step is compiled."""
     root = Path(load_dir)
     if not root.exists():
         raise TrainCheckpointError(f"--load {load_dir}: no such directory")
@@ -190,10 +195,16 @@ def load_checkpoint(load_dir: str, model, optimizer, *, load_optim: bool = True,
     weights_dir = iter_dir
     if weights_from and (iter_dir / weights_from).is_dir():
         weights_dir = iter_dir / weights_from
-    load_model_weights(model, str(weights_dir))
+    if deferred:
+        try:
+            mmc.open_model(weights_dir)            # a readable MM checkpoint: say so now, not after compiling
+        except mmc.CheckpointError as e:
+            raise TrainCheckpointError(f"--load {load_dir}: {e}") from e
+    else:
+        load_model_weights(model, str(weights_dir))
     train_file = iter_dir / TRAIN_STATE_FILE
     if latest == "release" or finetune or not train_file.is_file():
-        return LoadedState(iter_dir=weights_dir)
+        return LoadedState(iter_dir=weights_dir, weights_dir=weights_dir)
     train_state = _read_json(train_file)
     names = {p.name for p in model.get_parameters()}
     optim_file = iter_dir / OPTIM_FILE
@@ -201,7 +212,8 @@ def load_checkpoint(load_dir: str, model, optimizer, *, load_optim: bool = True,
         if not optim_file.is_file():
             raise TrainCheckpointError(f"{optim_file} is missing (saved with --no-save-optim?); "
                                        f"resume with --no-load-optim to start a fresh optimizer")
-        _load_optimizer_state(optimizer, names, optim_file)
+        if not deferred:
+            _load_optimizer_state(optimizer, names, optim_file)
     # --no-load-optim: a fresh optimizer, step 0 included. mindformers' AdamW drives both the bias
     # correction and the LR schedule from that one step, so the schedule restarts with its warm-up
     # (as Megatron, which loads the scheduler only together with the optimizer).
@@ -215,7 +227,101 @@ def load_checkpoint(load_dir: str, model, optimizer, *, load_optim: bool = True,
     return LoadedState(iteration=int(train_state["iteration"]),
                        consumed_samples=int(train_state.get("consumed_samples", 0)), release=False,
                        data_state=_read_json(data_file) if data_file.is_file() else None,
-                       train_state=train_state, iter_dir=iter_dir)
+                       train_state=train_state, iter_dir=iter_dir, weights_dir=weights_dir,
+                       optim_file=optim_file if load_optim else None)
+
+
+# --- sharded runs: every rank reads and writes its own blocks (ms_mm.parallel.checkpoint) -------------
+
+def _layout_of(layouts, name, shape):
+    """The compiled layout of `name`, or whole-tensor on every rank for a parameter the graph left out."""
+    from ms_mm.parallel.checkpoint import ParamLayout
+
+    return layouts.get(name) or ParamLayout(full_shape=tuple(shape), dev_matrix=(), tensor_map=())
+
+
+def sharded_state(model, optimizer, layouts, pipeline: bool = False) -> Dict[str, Any]:
+    """{name: Parameter} of this rank's part of a sharded checkpoint: the model's weights and the
+    optimizer's own state (moments, step), without the pipeline's gradient accumulators. Under pipeline
+    parallel every rank builds the whole model but compiles only its stage: a weight (and its moments,
+    ``<prefix>.<weight>``) without a compiled layout belongs to another stage and is left out."""
+    model_params = {p.name: p for p in model.get_parameters()}
+    out = {n: p for n, p in model_params.items() if n in layouts or not pipeline}
+    for p in optimizer.get_parameters():
+        if p.name in model_params or p.name.startswith("accu_grads."):
+            continue
+        weight = p.name.split(".", 1)[-1]
+        if p.name in layouts or not pipeline or weight not in model_params:
+            out[p.name] = p
+    return out
+
+
+def load_sharded_weights(state: LoadedState, model, optimizer, layouts, rank: int, pipeline: bool = False) -> int:
+    """Set each parameter to this rank's block of the checkpoint `state` names (deferred load): model
+    weights out of its MM dir (any TP / PP / EP split, re-sliced), optimizer moments out of its
+    optim.safetensors. Returns the number of tensors set; a missing or misshapen tensor names itself."""
+    from ms_mm.parallel import checkpoint as shards
+
+    model_names = {p.name for p in model.get_parameters()}
+    params = sharded_state(model, optimizer, layouts, pipeline)
+    sources = [(state.weights_dir, sorted(n for n in params if n in model_names))]
+    if state.optim_file is not None:
+        sources.append((state.optim_file, sorted(n for n in params if n not in model_names)))
+    done = 0
+    for where, names in sources:
+        lays = {n: _layout_of(layouts, n, params[n].shape) for n in names}
+        try:
+            blocks = shards.read_rank_slices(where, lays, rank)
+        except (shards.ShardedCheckpointError, mmc.CheckpointError) as e:
+            raise TrainCheckpointError(f"--load {where}: {e}") from e
+        for name, arr in blocks.items():
+            p = params[name]
+            if tuple(p.shape) not in (tuple(arr.shape), tuple(lays[name].full_shape)):
+                raise TrainCheckpointError(f"--load {where}: {name!r} block {list(arr.shape)} does not fit the "
+                                           f"compiled parameter {list(p.shape)}")
+            p.set_data(ms.Tensor(arr, dtype=p.dtype), slice_shape=True)
+            done += 1
+    return done
+
+
+def save_sharded_checkpoint(save_dir: str, iteration: int, model, optimizer, layouts, *, rank: int, family: str,
+                            data_state, train_state, save_optim: bool = True, save_rng: bool = True,
+                            barrier=None, pipeline: bool = False) -> Optional[Path]:
+    """Every rank writes the blocks it owns into `SAVE/.shards_iter_N/`; after `barrier()` rank 0
+    streams the full tensors out of them into an ordinary iteration dir (one tensor in memory at a
+    time: model in the mp_rank layout, moments in optim.safetensors), commits it as `save_checkpoint`
+    does, and removes the blocks. Returns the iteration dir on rank 0."""
+    import shutil
+
+    from ms_mm.parallel import checkpoint as shards
+
+    model_names = [p.name for p in model.get_parameters()]
+    params = sharded_state(model, optimizer, layouts, pipeline)
+    if not save_optim:
+        params = {n: p for n, p in params.items() if n in set(model_names)}
+    shard_dir = Path(save_dir) / f".shards_{mmc.iteration_dir(save_dir, iteration).name}"
+    lays = {n: _layout_of(layouts, n, p.shape) for n, p in params.items()}
+    shards.write_rank_shard(shard_dir, rank, {n: p.asnumpy() for n, p in params.items()}, lays)
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        if barrier is not None:
+            barrier()
+        return None
+    full = shards.assemble(shard_dir)
+    layout = mmc.ParallelLayout(family=family)
+    with mmc.staged_iteration(save_dir, iteration) as stage:
+        mmc.write_model_files(stage, {n: full[n] for n in model_names}, layout)
+        if save_optim:
+            mmc.write_safetensors(stage / OPTIM_FILE, {n: t for n, t in full.items() if n not in set(model_names)})
+        if save_rng:
+            _write_json(stage / RNG_FILE, rng_state())
+        _write_json(stage / DATA_STATE_FILE, data_state)
+        _write_json(stage / TRAIN_STATE_FILE, train_state)
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    if barrier is not None:
+        barrier()
+    return mmc.iteration_dir(save_dir, iteration)
 
 
 def read_extra_model(iter_dir, name: str) -> Optional[Dict[str, np.ndarray]]:

@@ -23,6 +23,7 @@ from ms_mm.registry import Family
 
 DEVICE_ENV = "MS_MM_DEVICE_TARGET"
 DUMP_PARAMS_ENV = "MS_MM_DUMP_PARAMS_DIR"
+STRATEGY_FILE = "strategy.ckpt"    # a dry-run rank's MindSpore strategy checkpoint, beside its parameter_layouts.json
 
 
 def device_target() -> str:
@@ -103,6 +104,14 @@ def dry_run_rank() -> bool:
     return os.environ.get(DRY_RUN_ENV, "0") not in ("", "0")
 
 
+def planned_device() -> str:
+    """The device a run is planned for: Ascend under ``DRY_RUN=1`` (the launcher checking a script for
+    simulated Ascend ranks, and each simulated rank), else ``device_target()``."""
+    if dry_run_rank() or os.environ.get("DRY_RUN", "0") not in ("", "0"):
+        return "Ascend"
+    return device_target()
+
+
 def refuse_parallel_on_cpu(args: TrainArgs, device: str, world: int) -> None:
     from ms_mm.parallel.training import uses_parallel_path
 
@@ -146,7 +155,8 @@ def setup_runtime(args: TrainArgs, parallel_config=None):
         if parallel_config is not None:
             from ms_mm.parallel import set_parallel_context
 
-            set_parallel_context(parallel_config, optimizer_parallel=args.use_distributed_optimizer)
+            set_parallel_context(parallel_config, optimizer_parallel=args.use_distributed_optimizer,
+                                 strategy_file=STRATEGY_FILE if dry_run_rank() else None)
         else:
             ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                          device_num=world)
@@ -171,22 +181,24 @@ def _to_tensors(batch: dict, names: Sequence[str]):
     return tuple(ms.Tensor(np.asarray(batch[n])) for n in names)
 
 
-def _gather_data_states(state: dict, world: int) -> dict:
-    """{"per_rank": [state of rank 0, rank 1, ...]}: the integer fields are all-gathered."""
+def _gather_data_states(state: dict, world: int, all_gather=None) -> dict:
+    """{"per_rank": [state of rank 0, rank 1, ...]}: every rank's whole position (its json: cursors,
+    packing buffers, skip counts) is all-gathered. ``all_gather(int64 array [1, n]) -> [world, n]``
+    defaults to MindSpore's AllGather over the world."""
     if world == 1:
-        return {"per_rank": [state]}
-    import mindspore as ms
-    from mindspore import ops
+        return {"per_rank": [json.loads(json.dumps(state))]}
+    if all_gather is None:
+        import mindspore as ms
+        from mindspore import ops
 
-    keys = sorted(k for k, v in state.items() if isinstance(v, (int, np.integer)) and not isinstance(v, bool))
-    local = ms.Tensor(np.asarray([[int(state[k]) for k in keys]], dtype=np.int64))
-    rows = ops.AllGather()(local).asnumpy()
-    per_rank = []
-    for r, row in enumerate(rows):
-        per_rank.append({**state, **{k: int(v) for k, v in zip(keys, row)}})
-        if "rank" in state:
-            per_rank[-1]["rank"] = r
-    return {"per_rank": per_rank}
+        def all_gather(rows):
+            return ops.AllGather()(ms.Tensor(rows)).asnumpy()
+    blob = np.frombuffer(json.dumps(state, sort_keys=True).encode(), dtype=np.uint8).astype(np.int64)
+    sizes = all_gather(np.asarray([[blob.size]], dtype=np.int64)).reshape(-1)
+    padded = np.zeros((1, int(sizes.max())), dtype=np.int64)
+    padded[0, :blob.size] = blob
+    rows = all_gather(padded)
+    return {"per_rank": [json.loads(bytes(row[:int(n)].astype(np.uint8)).decode()) for row, n in zip(rows, sizes)]}
 
 
 def _own_data_state(saved: dict, rank: int, world: int, where: str) -> dict:
@@ -320,10 +332,11 @@ def train(args: TrainArgs, stream=None) -> List[float]:
     parallel = parallel_run_config(family, config, args, model_json, world0, args.mm_model,
                                    int(os.environ.get("MS_MM_DRY_RUN_SEQ_LEN", "0") or 0))
     pc, micro_per_step = parallel or (None, None)
-    if pc is not None and args.save and not dry_run:
-        raise ArgumentError(f"--save {args.save}: saving a sharded run (tp {pc.tp}, pp {pc.pp}, ep {pc.ep}, "
-                            f"distributed optimizer {args.use_distributed_optimizer}) needs per-rank checkpoint "
-                            f"slices, which ms-mm does not write yet; drop --save, or train with tp = pp = ep = 1")
+    ema_decay = family.ema_decay if args.ema is None else args.ema
+    if pc is not None and ema_decay:
+        raise ArgumentError(f"the weights' EMA (decay {ema_decay}{', the ' + family.name + ' default' if args.ema is None else ''})"
+                            f" is kept by unsharded runs only; this run is sharded (tp {pc.tp}, pp {pc.pp}, ep {pc.ep}, "
+                            f"distributed optimizer {args.use_distributed_optimizer}): pass --ema 0")
     device, rank, world = setup_runtime(args, pc)
     # the loss lives on the last pipeline stage: its first rank logs
     log_rank = (pc.pp - 1) * (world // pc.pp) if pc is not None and pc.pp > 1 else 0
@@ -394,8 +407,20 @@ def train(args: TrainArgs, stream=None) -> List[float]:
     elif model_only and args.finetune_from_ema:
         weights_from = ckpt.EMA_DIR
     if load:
+        # a sharded run reads its own blocks once the step is compiled (the layouts exist only then)
+        sharded_load = pc is not None and not dry_run
         state = ckpt.load_checkpoint(load, model, optimizer, load_optim=not args.no_load_optim,
-                                     load_rng=not args.no_load_rng, finetune=model_only, weights_from=weights_from)
+                                     load_rng=not args.no_load_rng, finetune=model_only, weights_from=weights_from,
+                                     deferred=sharded_load)
+        if sharded_load:
+            def load_blocks(layout_dict, state=state):
+                from ms_mm.parallel.checkpoint import layouts_from_mindspore
+
+                n = ckpt.load_sharded_weights(state, model, optimizer, layouts_from_mindspore(layout_dict), rank,
+                                              pipeline=pc.pp > 1)
+                log(f"read this rank's blocks of {n} tensor(s) from {state.weights_dir}"
+                    + (f" and {state.optim_file}" if state.optim_file else ""))
+            step_fn.on_compiled = load_blocks
         log(f"loaded {load}: " + ("model weights (release), starting at iteration 0" if state.release
                                    else f"iteration {state.iteration}")
             + (f" (weights from {state.iter_dir})" if weights_from else ""))
@@ -404,7 +429,6 @@ def train(args: TrainArgs, stream=None) -> List[float]:
             if hasattr(loss_scaler, "counter") and "loss_scale_counter" in state.train_state:
                 loss_scaler.counter.set_data(ms.Tensor(state.train_state["loss_scale_counter"], ms.int32))
 
-    ema_decay = family.ema_decay if args.ema is None else args.ema
     ema = None
     if ema_decay:
         from ms_mm.training.ema import WeightEMA
@@ -449,9 +473,11 @@ def train(args: TrainArgs, stream=None) -> List[float]:
     def save():
         nonlocal last_saved
         last_saved = iteration
-        # every rank takes part: data positions differ per rank once bad samples are skipped
-        data_state = _gather_data_states(loader.state_dict(), world)
-        if not is_rank0:
+        # every rank takes part: data positions differ per rank once bad samples are skipped (a sharded
+        # run reads one global stream on every rank: its one position)
+        data_state = (_gather_data_states(loader.state_dict(), world) if pc is None
+                      else {"per_rank": [loader.state_dict()]})
+        if not is_rank0 and pc is None:
             return
         train_state = {"iteration": iteration, "consumed_samples": consumed, "world_size": world,
                        "global_batch_size": args.global_batch_size, "family": family.name,
@@ -461,6 +487,21 @@ def train(args: TrainArgs, stream=None) -> List[float]:
             if hasattr(loss_scaler, "counter"):
                 train_state["loss_scale_counter"] = int(loss_scaler.counter.asnumpy())
         t0 = time.time()
+        if pc is not None:      # sharded: every rank writes its blocks, rank 0 assembles the iteration
+            from mindspore.communication.comm_func import barrier
+
+            from ms_mm.parallel.checkpoint import layouts_from_mindspore
+
+            path = ckpt.save_sharded_checkpoint(args.save, iteration, model, optimizer,
+                                                layouts_from_mindspore(step_fn.parameter_layout_dict), rank=rank,
+                                                family=family.name, data_state=data_state, train_state=train_state,
+                                                save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
+                                                barrier=barrier, pipeline=pc.pp > 1)
+            if rank == 0:
+                write_model_json(args.save, model_json)
+                print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] saved checkpoint {path} (blocks of {world} ranks) "
+                      f"in {time.time() - t0:.1f} s", file=stream, flush=True)
+            return
         path = ckpt.save_checkpoint(args.save, iteration, model, optimizer, family=family.name,
                                     data_state=data_state, train_state=train_state,
                                     save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,

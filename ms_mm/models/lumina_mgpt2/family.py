@@ -3,8 +3,9 @@ mm-parity runners, one folder).
 
 Lumina's record also carries training on extracted features (`dataset_type: "lumina"`, the
 length-grouped loader of processing.py), the CE and z-loss of each step (`step_metrics`), the
-`fsdp1` refusal (`check_parallel_sizes`) and the embedded default (tiny decoder + tiny MoVQGAN +
-bundled tokenizer, features of the bundled demo images)."""
+`fsdp1` switch (`check_parallel_sizes`: the distributed optimizer on Ascend, refused on CPU), a
+synthetic batch for DRY_RUN=1 without features, and the embedded default (tiny decoder + tiny
+MoVQGAN + bundled tokenizer, features of the bundled demo images)."""
 from __future__ import annotations
 
 import json
@@ -43,22 +44,36 @@ def step_metrics(config, outputs, batch) -> Dict[str, Any]:
 
 
 def check_parallel_sizes(config, args) -> None:
-    """`fsdp1` in model.json (MindSpeed-MM's FSDP switch) needs the sharded optimizer, which this
-    trainer does not apply: refused with one line (also for tp / pp > 1, as the guide says)."""
+    """`fsdp1` in model.json (MindSpeed-MM's FSDP switch: weights and optimizer states sharded over the
+    data-parallel cards) maps to the trainer's distributed optimizer, MindSpore's optimizer parallel, on
+    Ascend; on CPU, or with tp / pp > 1 (as the guide says), it is refused with one line."""
     fsdp1 = getattr(config, "fsdp1", None)
     if fsdp1 is None or fsdp1 is False:      # present (even as {}) = on, as MindSpeed-MM reads it
         return
-    from ms_mm.training.trainer import device_target
+    from ms_mm.training.trainer import planned_device
 
-    device = device_target()
+    device = planned_device()
     if device == "CPU":
         raise ValueError("\"fsdp1\": FSDP (the sharded optimizer) needs Ascend devices; on CPU remove \"fsdp1\" "
                          "from model.json (every rank then holds the whole optimizer state)")
     if args.tensor_model_parallel_size > 1 or args.pipeline_model_parallel_size > 1:
         raise ValueError(f"\"fsdp1\" does not combine with model parallelism (tp "
                          f"{args.tensor_model_parallel_size}, pp {args.pipeline_model_parallel_size}): set both to 1")
-    raise ValueError(f"\"fsdp1\" on {device}: the sharded optimizer is not wired into the ms-mm trainer yet; "
-                     f"remove \"fsdp1\" from model.json to train with the replicated optimizer")
+    args.use_distributed_optimizer = True
+
+
+def synthetic_batch(config, batch_size: int, seq_len: int):
+    """DRY_RUN=1 without extracted features: ``batch_size`` sequences of ``seq_len`` token ids (a
+    prompt, then image codes offset into the vocabulary), the image codes supervised."""
+    rng = np.random.default_rng(0)
+    t = config.tokens
+    prompt = max(1, seq_len // 4)
+    ids = rng.integers(t.code_offset, t.code_offset + t.codebook_size, size=(batch_size, seq_len)).astype(np.int64)
+    ids[:, :prompt] = rng.integers(1, min(t.code_offset, config.vocab_size), size=(batch_size, prompt))
+    labels = ids.copy()
+    labels[:, :prompt] = -100
+    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int64), (batch_size, seq_len)).copy()
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
 def embedded_model_json(hf_dir, user_model_json: dict) -> Dict[str, Any]:
@@ -84,7 +99,7 @@ FAMILIES = [
         count_tokens=_llm_tokens,
         # construct: (loss, logits, ce_loss, z_loss)
         metric_outputs=(2, 3), step_metrics=step_metrics,
-        check_parallel_sizes=check_parallel_sizes,
+        check_parallel_sizes=check_parallel_sizes, synthetic_batch=synthetic_batch,
         parity={"lumina_mgpt2": lazy("ms_mm.models.lumina_mgpt2.parity:run_parity")},
         build_tiny=lazy("ms_mm.models.lumina_mgpt2.tiny:build_tiny"),
         embedded_default=EmbeddedDefault(
