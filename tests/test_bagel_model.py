@@ -267,7 +267,10 @@ def test_freeze_und_and_interpolate_pos_config_forms():
     assert config_from_mindspeed(mj).to_dict() == c.to_dict()
     assert apply_flags(BagelConfig.preset("tiny"), {"freeze_und": True}).llm.freeze_und is True
     for path, value, match in ((("llm", "freeze_und"), "yes", r"llm\.freeze_und='yes': expected true or false"),
-                               (("interpolate_pos",), 1, r"bagel\.interpolate_pos=1: expected true or false")):
+                               (("interpolate_pos",), 1, r"bagel\.interpolate_pos=1: expected true or false"),
+                               (("llm", "vocab_size"), 0, r"llm\.vocab_size: must be a positive int, got 0"),
+                               (("vae", "num_res_blocks"), -1, r"vae\.num_res_blocks: must be a non-negative int"),
+                               (("max_latent_size",), True, r"bagel\.max_latent_size: must be a positive int, got True")):
         d = tiny.to_dict()
         node = d
         for p in path[:-1]:

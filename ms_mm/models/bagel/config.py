@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from ms_mm.models import check_int
+
 __all__ = ["Qwen2MoTConfig", "SiglipNaViTConfig", "AutoEncoderConfig", "BagelConfig", "config_from_hf",
            "FLUX_AE_PARAMS"]
 
@@ -25,12 +27,6 @@ FLUX_AE_PARAMS: Dict[str, Any] = dict(resolution=256, in_channels=3, downsample=
                                       scale_factor=0.3611, shift_factor=0.1159)
 
 _ACTS = ("gelu_pytorch_tanh", "gelu")  # tanh-approximate GELU (upstream's choice) and exact erf GELU
-
-
-def _positive_int(obj, name: str, prefix: str) -> None:
-    v = getattr(obj, name)
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise ValueError(f"{prefix}.{name}={v!r}: expected a positive integer")
 
 
 def _positive_float(obj, name: str, prefix: str) -> None:
@@ -65,7 +61,7 @@ class Qwen2MoTConfig:
     def validate(self, prefix: str = "llm") -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            _positive_int(self, name, prefix)
+            check_int(self, name, prefix)
         for name in ("rms_norm_eps", "rope_theta"):
             _positive_float(self, name, prefix)
         if self.hidden_size % self.num_attention_heads:
@@ -120,7 +116,7 @@ class SiglipNaViTConfig:
     def validate(self, prefix: str = "vit") -> None:
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_channels", "image_size", "patch_size"):
-            _positive_int(self, name, prefix)
+            check_int(self, name, prefix)
         _positive_float(self, "layer_norm_eps", prefix)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"{prefix}.hidden_size={self.hidden_size} is not divisible by "
@@ -153,9 +149,8 @@ class AutoEncoderConfig:
 
     def validate(self, prefix: str = "vae") -> None:
         for name in ("resolution", "in_channels", "downsample", "ch", "out_ch", "z_channels", "num_groups"):
-            _positive_int(self, name, prefix)
-        if not isinstance(self.num_res_blocks, int) or self.num_res_blocks < 0:
-            raise ValueError(f"{prefix}.num_res_blocks={self.num_res_blocks!r}: expected an integer >= 0")
+            check_int(self, name, prefix)
+        check_int(self, "num_res_blocks", prefix, minimum=0)
         if not self.ch_mult or not all(isinstance(m, int) and m > 0 for m in self.ch_mult):
             raise ValueError(f"{prefix}.ch_mult={self.ch_mult!r}: expected a non-empty list of positive integers")
         if self.downsample != 2 ** (len(self.ch_mult) - 1):
@@ -213,7 +208,7 @@ class BagelConfig:
             raise ValueError(f"visual_gen={self.visual_gen}, visual_und={self.visual_und}: only the unified "
                              f"model (both True, as BAGEL-7B-MoT) is implemented")
         for name in ("latent_patch_size", "max_latent_size", "vit_max_num_patch_per_side", "timestep_frequency_dim"):
-            _positive_int(self, name, "bagel")
+            check_int(self, name, "bagel")
         if self.timestep_frequency_dim % 2:
             raise ValueError(f"bagel.timestep_frequency_dim={self.timestep_frequency_dim} must be even")
         if self.llm.hidden_size % 4:
