@@ -26,9 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-
-class ParallelConfigError(ValueError):
-    """A parallel size that does not fit the world size, another size, or the model."""
+from ms_mm.parallel.errors import ParallelConfigError  # noqa: F401  (re-exported: its public home)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ class DataParallelPlan:
         self.family = family
 
     def check(self, pc, model_config) -> None:
-        from ms_mm.parallel.config import ParallelConfigError
+        from ms_mm.parallel.errors import ParallelConfigError
 
         if (pc.tp, pc.pp, pc.ep, pc.cp) != (1, 1, 1, 1):
             raise ParallelConfigError(f"the {self.family} family has no tensor / pipeline / expert parallel plan: "

@@ -78,7 +78,7 @@ def rms_norm(norm: nn.Cell, dp: int, rank: int = 3) -> None:
 
 def check_batch_rows(pc, batch_size: int, seq_len: int) -> None:
     """The global batch rows are split by dp (and into micro batches by the pipeline)."""
-    from ms_mm.parallel.config import ParallelConfigError
+    from ms_mm.parallel.errors import ParallelConfigError
 
     if batch_size % pc.dp:
         raise ParallelConfigError(f"dp={pc.dp} does not divide the global batch size {batch_size} "
