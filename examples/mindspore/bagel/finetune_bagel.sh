@@ -86,7 +86,7 @@ GPT_ARGS="
     --finetune-from-ema True \
     --ema 0.9999
 "
-# --use-torch-fsdp2 (MindSpeed-MM's memory switch) maps to MindSpore's optimizer parallel on Ascend with
+# --use-torch-fsdp2 (MindSpeed-MM's memory switch; with --ema 0) maps to MindSpore's optimizer parallel on Ascend with
 # more than one card and is refused elsewhere with one line.
 
 MM_ARGS="
