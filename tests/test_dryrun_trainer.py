@@ -104,57 +104,66 @@ class _Holder:
         return iter(self.params)
 
 
-def test_each_rank_holds_mindspores_cut_and_save_load_is_bit_exact(tp2_pp2_dp2, tmp_path):
+def check_rank_blocks(work, world, pp, family, config, split, tmp_path, dp_peers=(0, 1)):
+    """Every rank's blocks of an MM checkpoint (split by the converter as ``split``, and unsplit) equal
+    MindSpore's cut for that rank; the trainer's sharded save of those blocks gives the full tensors
+    back bit-exactly and loads again to the same blocks. ``work``: the dry run's rank dirs (the first
+    rank of each stage compiled)."""
     import mindspore as ms
     from mindspore.nn.utils import no_init_parameters
 
-    from adapters.qwen2_5_vl import SPEC
     from ms_mm import registry
-    from convert.framework import make_layout
-    from ms_mm.models.qwen2_5_vl.config import Qwen2_5_VLConfig
     from ms_mm.parallel import checkpoint as shards
     from ms_mm.training import checkpointing as ckpt
     from ms_mm.training import mm_checkpoint as mmc
 
-    root, rc, out = tp2_pp2_dp2
-    assert rc == 0, out
-    work = root / "msrun_log" / "dryrun"
-    stages = {s: shards.layouts_from_json(json.loads((work / f"rank{4 * s}" / "parameter_layouts.json").read_text()))
-              for s in (0, 1)}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    size = world // pp
+    stages = {s: shards.layouts_from_json(json.loads((work / f"rank{size * s}" / "parameter_layouts.json")
+                                                     .read_text())) for s in range(pp)}
     names = {s: sorted(n for n in lay if not n.startswith(("accu_grads.", "inputs"))) for s, lay in stages.items()}
     full_shape = {n: stages[s][n].full_shape for s in stages for n in names[s]}
     rng = np.random.default_rng(0)
     full = {n: rng.standard_normal(shape).astype(np.float32) for n, shape in sorted(full_shape.items())}
     model_names = sorted(n for n in full if not n.startswith(MOMENTS))
     moment_names = sorted(n for n in full if n.startswith(MOMENTS))
-    config = Qwen2_5_VLConfig.preset("tiny")
     with no_init_parameters():
-        every = {p.name for p in registry.get("qwen2_5_vl").build_model(config, ms.float32).get_parameters()}
-    assert set(model_names) == every and moment_names      # the two stages together hold the whole model
+        every = {p.name: tuple(p.shape) for p in registry.get(family).build_model(config, ms.float32).get_parameters()}
+    # the stages together hold the whole model; without pipeline stages, a weight the graph never uses
+    # (SigLIP's attention-pool head) has no compiled layout and is whole on every rank
+    unused = sorted(set(every) - set(model_names))
+    assert set(model_names) <= set(every) and moment_names and (pp == 1 or not unused), unused
+    for n in unused:
+        full[n] = rng.standard_normal(every[n]).astype(np.float32)
+        stages[0][n] = shards.ParamLayout(full_shape=every[n], dev_matrix=(), tensor_map=())
+        names[0].append(n)
+    model_names = sorted(every)
 
     # MindSpore's own cut of the full tensors for each rank, from the strategy files the stages wrote
     strategies = tmp_path / "strategies"
     strategies.mkdir()
-    for s in (0, 1):
-        (strategies / f"strategy_{s}.ckpt").write_bytes((work / f"rank{4 * s}" / "strategy.ckpt").read_bytes())
-    ms.merge_pipeline_strategys(str(strategies), str(tmp_path / "strategy.ckpt"))
-    ms.save_checkpoint([{"name": n, "data": ms.Tensor(a)} for n, a in full.items()], str(tmp_path / "full.ckpt"))
+    for s in range(pp):
+        (strategies / f"strategy_{s}.ckpt").write_bytes((work / f"rank{size * s}" / "strategy.ckpt").read_bytes())
+    if pp > 1:
+        ms.merge_pipeline_strategys(str(strategies), str(tmp_path / "strategy.ckpt"))
+    else:
+        (tmp_path / "strategy.ckpt").write_bytes((strategies / "strategy_0.ckpt").read_bytes())
+    ms.save_checkpoint([{"name": n, "data": ms.Tensor(a)} for n, a in full.items() if n not in unused],
+                       str(tmp_path / "full.ckpt"))
     expected = {}
-    for rank in range(8):
+    for rank in range(world):
         ms.transform_checkpoint_by_rank(rank, {0: str(tmp_path / "full.ckpt")}, str(tmp_path / f"rank{rank}.ckpt"),
                                         None, str(tmp_path / "strategy.ckpt"))
         cut = ms.load_checkpoint(str(tmp_path / f"rank{rank}.ckpt"))
-        expected[rank] = {n: cut[n].asnumpy() for n in names[rank // 4]}
+        expected[rank] = {n: full[n] if n in unused else cut[n].asnumpy() for n in names[rank // size]}
 
-    # the converter's layouts: TP 2 x PP 2 (LLM layers split 1 + rest) and unsplit; moments in optim.safetensors
-    n_llm = config.text.num_hidden_layers
-    split = make_layout(SPEC, config, tp_size=2, pp_layers={"llm": [1, n_llm - 1]})
+    # the converter's split and unsplit layouts; moments in optim.safetensors
     model_state = {n: full[n] for n in model_names}
     sources = [mmc.save_model(tmp_path / "tp2pp2", model_state, split), mmc.save_model(tmp_path / "tp1", model_state)]
     mmc.write_safetensors(tmp_path / "optim.safetensors", {n: full[n] for n in moment_names})
     held = {}
-    for rank in range(8):
-        stage, lay = rank // 4, stages[rank // 4]
+    for rank in range(world):
+        stage, lay = rank // size, stages[rank // size]
         mine = [n for n in names[stage] if n in model_state]
         for src in sources:
             got = shards.read_rank_slices(src, lay, rank, names=mine)
@@ -165,9 +174,11 @@ def test_each_rank_holds_mindspores_cut_and_save_load_is_bit_exact(tp2_pp2_dp2, 
         for n, arr in moments.items():
             np.testing.assert_array_equal(arr, expected[rank][n], err_msg=f"rank {rank} {n}")
         held[rank] = {**got, **moments}
-    # optimizer parallel really cut the blocks further than TP: rank 0 and rank 1 (dp peers) differ
-    qkv = "text_decoder.decoder.layers.0.self_attention.linear_qkv.weight"
-    assert held[0][qkv].shape[0] * 4 == full[qkv].shape[0] and not np.array_equal(held[0][qkv], held[1][qkv])
+    # optimizer parallel really cut the blocks further than the model split: dp peers hold other blocks
+    a, b = dp_peers
+    cut_further = [n for n in model_names if n in held[a] and held[a][n].shape == held[b][n].shape
+                   and held[a][n].size * 2 <= full[n].size and not np.array_equal(held[a][n], held[b][n])]
+    assert cut_further, "no weight is split between the dp peers"
 
     # the trainer's sharded save: every rank its blocks (rank 0 last: it assembles), then load them back
     # (as in a pipeline run, every rank has the whole model and optimizer; it compiled, holds and writes its stage)
@@ -179,11 +190,11 @@ def test_each_rank_holds_mindspores_cut_and_save_load_is_bit_exact(tp2_pp2_dp2, 
                 _Holder([_Param(n, local[n]) for n in moment_names + ["global_step"]
                          if n != "global_step"] + [_Param("global_step", np.asarray([5], np.float32))]))
 
-    for rank in (7, 6, 5, 4, 3, 2, 1, 0):
+    for rank in reversed(range(world)):
         model, optim = rank_objects(rank, lambda a: a)
-        ckpt.save_sharded_checkpoint(str(save), 5, model, optim, stages[rank // 4], rank=rank, family="qwen2_5_vl",
+        ckpt.save_sharded_checkpoint(str(save), 5, model, optim, stages[rank // size], rank=rank, family=family,
                                      data_state={"per_rank": [{}]}, train_state={"iteration": 5}, save_rng=False,
-                                     pipeline=True)
+                                     pipeline=pp > 1)
     it = mmc.iteration_dir(save, 5)
     assert mmc.latest_iteration(save) == 5 and not list(save.glob(".shards_*"))
     saved = mmc.load_model(str(it))
@@ -195,12 +206,80 @@ def test_each_rank_holds_mindspores_cut_and_save_load_is_bit_exact(tp2_pp2_dp2, 
     for n in moment_names:
         np.testing.assert_array_equal(saved_moments[n], full[n], err_msg=n)
     state = ckpt.LoadedState(weights_dir=it, optim_file=it / ckpt.OPTIM_FILE)
-    for rank in range(8):
+    for rank in range(world):
         model, optim = rank_objects(rank, lambda a: 0 * a)
-        n_set = ckpt.load_sharded_weights(state, model, optim, stages[rank // 4], rank, pipeline=True)
-        assert n_set == len(names[rank // 4]) + 1          # + the optimizer's step, replicated
+        n_set = ckpt.load_sharded_weights(state, model, optim, stages[rank // size], rank, pipeline=pp > 1)
+        assert n_set == len(names[rank // size]) + 1       # + the optimizer's step, replicated
         for p in list(model.params) + list(optim.params):
             if p.name in held[rank]:
                 np.testing.assert_array_equal(p.data, held[rank][p.name], err_msg=f"rank {rank} {p.name}")
             elif p.name != "global_step":               # another stage's: not read, not touched
                 assert p.data.shape == (1,) and np.isnan(p.data).all(), p.name
+    return held, full
+
+
+def test_each_rank_holds_mindspores_cut_and_save_load_is_bit_exact(tp2_pp2_dp2, tmp_path):
+    from adapters.qwen2_5_vl import SPEC
+    from convert.framework import make_layout
+    from ms_mm.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+
+    root, rc, out = tp2_pp2_dp2
+    assert rc == 0, out
+    config = Qwen2_5_VLConfig.preset("tiny")
+    # the converter's TP 2 x PP 2 with another layer split than the run's (LLM 1 + rest; the run: even)
+    split = make_layout(SPEC, config, tp_size=2, pp_layers={"llm": [1, config.text.num_hidden_layers - 1]})
+    check_rank_blocks(root / "msrun_log" / "dryrun", 8, 2, "qwen2_5_vl", config, split, tmp_path)
+
+
+def _dry_run(root, model_json, world, *flags):
+    """The trainer under DRY_RUN=1 on the first rank of each stage; (rc, printed lines)."""
+    (root / "model.json").write_text(json.dumps(model_json))
+    (root / "data.json").write_text("{}")
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.chdir(root)
+        for key, value in {"DRY_RUN": "1", "DRY_RUN_PARALLEL": "1", "GLOG_v": "3"}.items():
+            mp.setenv(key, value)
+        mp.delenv("DRY_RUN_RANKS", raising=False)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            rc = launch.main(["--worker_num", str(world), "--local_worker_num", str(world), "--log_dir", "msrun_log",
+                              "--", "--mm-model", "model.json", "--mm-data", "data.json", "--micro-batch-size", "1",
+                              "--seq-length", "64", "--train-iters", "10", *flags])
+    finally:
+        mp.undo()
+    return rc, out.getvalue()
+
+
+def _point_at_fake_cann(fake_cann_root, root, monkeypatch):
+    if fake_cann_root.parent.name != "fake-cann":
+        monkeypatch.setenv("MS_MM_CACHE", str(root / "cache"))
+        (root / "cache").mkdir()
+        (root / "cache" / "fake-cann").symlink_to(fake_cann_root.parent)
+
+
+def test_deepseek_tp2_ep2_blocks_are_mindspores_cut(fake_cann_root, tmp_path, monkeypatch):
+    """DeepSeek-VL2 tiny, TP 2 x EP 2 on 8 ranks (dp 4) with the distributed optimizer; the converter's
+    checkpoint split TP 2 x EP 2 (experts dealt out by EP rank, renumbered) is re-sliced to the run's blocks."""
+    from adapters.deepseek_vl2 import SPEC
+    from convert.framework import make_layout
+    from ms_mm.models.deepseek_vl2.config import DeepseekVL2Config
+
+    _point_at_fake_cann(fake_cann_root, tmp_path, monkeypatch)
+    rc, out = _dry_run(tmp_path, {"model_id": "deepseekvl2", "preset": "tiny"}, 8, "--tensor-model-parallel-size", "2",
+                       "--expert-model-parallel-size", "2", "--global-batch-size", "4", "--use-distributed-optimizer")
+    assert rc == 0 and "rank 0 (pipeline stage 0): ok" in out, out
+    config = DeepseekVL2Config.preset("tiny")
+    split = make_layout(SPEC, config, tp_size=2, ep_size=2)
+    check_rank_blocks(tmp_path / "msrun_log" / "dryrun", 8, 1, "deepseek_vl2", config, split, tmp_path / "ck")
+
+
+def test_lumina_fsdp1_compiles_as_the_distributed_optimizer(fake_cann_root, tmp_path, monkeypatch):
+    _point_at_fake_cann(fake_cann_root, tmp_path, monkeypatch)
+    rc, out = _dry_run(tmp_path, {"model_id": "lumina", "preset": "tiny", "fsdp1": {}}, 2, "--global-batch-size", "2")
+    assert rc == 0 and "rank 0 (pipeline stage 0): ok" in out and "distributed optimizer" in out, out
+    work = tmp_path / "msrun_log" / "dryrun" / "rank0"
+    assert "optimizer states sharded over dp" in (work / "train.log").read_text()
+    layouts = json.loads((work / "parameter_layouts.json").read_text())
+    name = "text_decoder.decoder.layers.0.mlp.linear_fc1.weight"
+    assert layouts[name]["opt_shard_group"] and layouts["exp_avg." + name]["opt_shard_group"]
