@@ -101,6 +101,51 @@ def embedded_model_json(hf_dir, user_model_json: dict) -> Dict[str, Any]:
                                 from_pretrained=str(Path(hf_dir) / "ae.safetensors"))
 
 
+def synthetic_batch(config, batch_size: int, seq_len: int) -> Dict[str, Any]:
+    """DRY_RUN=1 without readable data: the global batch's `batch_size` packed samples of `seq_len` tokens,
+    packed into one sequence of `batch_size * seq_len` rows (each sample attends only within itself, as
+    the packer packs them), in `TRAIN_INPUT_NAMES` order plus the loader's host-side keys. Each sample is
+    a ViT image (understanding), a supervised text and a VAE image with the flow-matching loss, the two
+    images taking about a quarter of the sample each, so the ViT, both MoT experts and the VAE all run."""
+    import numpy as np
+
+    from ms_mm.models.bagel.processing import Budgets, DataSettings, Packer, _plan, padded_model_inputs
+
+    if batch_size < 1:
+        raise ValueError(f"synthetic_batch: batch_size {batch_size} must be at least 1")
+    ds, patch = config.latent_downsample, config.vit.patch_size
+    side = max(1, int((seq_len // 4) ** 0.5))
+    lat_side, vit_side = min(side, config.max_latent_size), min(side, config.vit_max_num_patch_per_side)
+    n_text = seq_len - lat_side ** 2 - vit_side ** 2 - 6         # + bos/eos and the images' start/end
+    if n_text < 1:
+        raise ValueError(f"synthetic_batch: seq_len {seq_len} is too short for a ViT image, a text and a VAE image")
+    special = {k: int(getattr(config, k)) for k in ("bos_token_id", "eos_token_id", "start_of_image", "end_of_image")}
+    high = max(1, min(config.llm.vocab_size, *special.values()))
+    rng = np.random.default_rng(0)
+    total = batch_size * seq_len
+    vit_rows, lat_rows = batch_size * vit_side ** 2, batch_size * lat_side ** 2
+    budgets = Budgets(max_num_tokens=total, max_num_vit_tokens=vit_rows, max_num_latent_tokens=lat_rows,
+                      max_num_vae_images=batch_size, vae_image_size=(lat_side * ds, lat_side * ds),
+                      max_num_ce_tokens=total - vit_rows - lat_rows, expected_num_tokens=total,
+                      max_num_tokens_per_sample=seq_len, prefer_buffer_before=total, max_buffer_size=1)
+    settings = DataSettings(groups=[], budgets=budgets, model_path="", text_cond_dropout_prob=0.0,
+                            vit_cond_dropout_prob=0.0, vae_cond_dropout_prob=0.0, vit_patch_size=patch,
+                            max_num_patch_per_side=config.vit_max_num_patch_per_side,
+                            max_latent_size=config.max_latent_size, vae_image_downsample=ds,
+                            interpolate_pos=bool(config.interpolate_pos))
+    packer = Packer(settings, special, rng)
+    plan = [_plan("vit_image"), _plan("text", loss=1), _plan("vae_image", loss=1)]
+    for _ in range(batch_size):
+        sample = {"text_ids_list": [rng.integers(0, high, size=n_text).tolist()],
+                  "images": [rng.uniform(-1, 1, (3, vit_side * patch, vit_side * patch)).astype(np.float32),
+                             rng.uniform(-1, 1, (3, lat_side * ds, lat_side * ds)).astype(np.float32)],
+                  "sequence_plan": plan}
+        packer.add(sample, {k: 0 for k in packer.used})
+    inputs = padded_model_inputs(packer.batch(), config, budgets, rng, ds, posterior_rng=np.random.default_rng(1))
+    inputs["num_samples"] = batch_size
+    return inputs
+
+
 def _demo_data_json(demo_dir, hf_dir):
     from ms_mm.models.bagel.demo import demo_data_config
 
@@ -124,6 +169,7 @@ FAMILY = Family(
     metric_outputs=(1, 2), step_metrics=step_metrics,      # construct: (loss, ce, mse)
     parity={"bagel": lazy("ms_mm.models.bagel.parity:run_parity")},
     build_tiny=lazy("ms_mm.models.bagel.tiny:build_tiny"),
+    synthetic_batch=synthetic_batch,
     extra_flags=EXTRA_FLAGS, apply_flags=apply_flags, ema_decay=0.9999, log_line=log_line,
     embedded_default=EmbeddedDefault(
         name="BAGEL-tiny", write_demo=lazy("ms_mm.models.bagel.demo:make_demo_dataset"), demo_dir="data/demo_bagel",
