@@ -12,8 +12,9 @@ text decoder (tokens split by dp, heads / FFN / vocab split by tp)
     linear_proj         row-parallel
     linear_fc1 / fc2    column / row-parallel
     output_layer        column-parallel on the vocabulary (or the tied logits matmul)
-vision tower and merger (all patches of the batch on every dp rank; heads / FFN split by tp)
-    the same column / row split per block; the patch embedding stays whole.
+vision tower and merger (patch rows split by dp; heads / FFN split by tp)
+    the same column / row split per block; attention split on its query rows (keys whole);
+    the patch embedding's weight whole, its rows split.
 
 Pipeline (pp > 1): vision blocks go to stages by ``vit_pp_layers`` (default: all on stage 0),
 LLM layers by ``llm_pp_layers`` (default: even split); the patch embedding, merger and word
@@ -27,8 +28,9 @@ Ops the plan does not name (element-wise, reshapes, slices inside the model) get
 defaults and the redistributions it derives; the tensor layouts above decide the memory. Known
 costs of the current model layout: ``linear_fc1`` holds [gate; up] as two row blocks, so a
 column split gives some ranks gate rows and others up rows and MindSpore re-gathers before the
-SwiGLU (correct, but extra communication); the vision tower runs on every dp rank for all images
-of the global batch, because its inputs are one patch sequence rather than a batch axis.
+SwiGLU (correct, but extra communication); the vision tower's keys / values are gathered whole on
+every dp rank (its inputs are one patch sequence, not a batch axis), so attention memory for the keys
+is not divided by dp; everything else of the tower is.
 """
 from __future__ import annotations
 
@@ -100,15 +102,17 @@ class Qwen2_5_VLPlan:
             sharding.column_parallel(text.output_layer, dp, tp)
 
         # The vision tower sees all patches of the global batch as one sequence (attention segments
-        # come from masks), so it is not split by dp: each dp rank encodes every image.
+        # come from masks): its patch rows are split by dp (each dp rank embeds, projects and runs
+        # the MLPs of 1/dp of the patches, and computes attention for its own query rows against
+        # all keys), heads / FFN by tp.
         vision = model.image_encoder.encoder
-        vision.patch_embed.proj.matmul.shard(((1, 1), (1, 1)))
+        vision.patch_embed.proj.matmul.shard(((dp, 1), (1, 1)))
         for block in vision.blocks.layers:
-            _shard_block(block, 1, tp, rank=2, mask_batch=1)
+            _shard_block(block, dp, tp, rank=2, vision=True)
         merger = model.image_encoder.projector
-        sharding.rms_norm(merger.layernorm, 1, rank=2)
-        sharding.column_parallel(merger.encoder.linear_fc1, 1, tp)
-        sharding.row_parallel(merger.encoder.linear_fc2, 1, tp)
+        sharding.rms_norm(merger.layernorm, dp, rank=2)
+        sharding.column_parallel(merger.encoder.linear_fc1, dp, tp)
+        sharding.row_parallel(merger.encoder.linear_fc2, dp, tp)
         return model
 
     def stage_of_layers(self, pc: ParallelConfig, config):
@@ -136,13 +140,18 @@ class Qwen2_5_VLPlan:
         return model
 
 
-def _shard_block(block, dp, tp, rank, mask_batch):
-    """One transformer block (vision or text): norms, attention and gated MLP."""
+def _shard_block(block, dp, tp, rank, mask_batch=None, vision=False):
+    """One transformer block (vision or text): norms, attention and gated MLP. Text: rows (tokens of
+    the batch) by dp, attention batch-split; vision: rows (patches) by dp, attention split on the
+    query rows of its one long sequence."""
     sharding.rms_norm(block.input_layernorm, dp, rank)
     sharding.rms_norm(block.pre_mlp_layernorm, dp, rank)
     attn = block.self_attention
     sharding.column_parallel(attn.linear_qkv, dp, tp)
-    sharding.head_parallel_attention(attn.core_attention, dp, tp, mask_batch=mask_batch)
+    if vision:
+        sharding.query_split_attention(attn.core_attention, dp, tp)
+    else:
+        sharding.head_parallel_attention(attn.core_attention, dp, tp, mask_batch=mask_batch)
     sharding.row_parallel(attn.linear_proj, dp, tp)
     sharding.column_parallel(block.mlp.linear_fc1, dp, tp)
     sharding.row_parallel(block.mlp.linear_fc2, dp, tp)
