@@ -200,6 +200,18 @@ def _size(mb: int) -> str:
     return f"{mb} MB" if mb < 10240 else f"{mb / 1024:.1f} GB"
 
 
+def _absolute_paths(value, base: Path):
+    """`value` (a parsed json) with every relative path string that exists under `base` made absolute."""
+    if isinstance(value, dict):
+        return {k: _absolute_paths(v, base) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_absolute_paths(v, base) for v in value]
+    if (isinstance(value, str) and ("/" in value or value.startswith(".")) and not Path(value).is_absolute()
+            and (base / value).exists()):
+        return str((base / value).resolve())
+    return value
+
+
 def trainer_dry_run(train_argv: List[str], model_json: dict, world_size: int, log_dir: str) -> int:
     """`DRY_RUN=1`: the trainer itself on simulated Ascend ranks, one line per rank with its peak memory."""
     from ms_mm.parallel import ParallelConfigError
@@ -233,15 +245,23 @@ def trainer_dry_run(train_argv: List[str], model_json: dict, world_size: int, lo
         return 2
     level = int(os.environ.get("DRY_RUN_LEVEL", "1"))
     rank_argv = list(train_argv)
-    for flag in ("--mm-model", "--mm-data"):      # the ranks run in their own log directories
-        rank_argv = _set_flag(rank_argv, flag, str(Path(_flag_value(train_argv, flag)).resolve()))
+    workdir = Path(log_dir).resolve() / "dryrun"
+    workdir.mkdir(parents=True, exist_ok=True)
+    # the ranks run in their own log directories: a json naming relative paths that exist here (dataset
+    # files, the checkpoint dir a model json reads its config from) is handed over as a copy with them absolute
+    for flag, name in (("--mm-model", "model.json"), ("--mm-data", "data.json")):
+        given = Path(_flag_value(train_argv, flag)).resolve()
+        content = json.loads(given.read_text())
+        absolute = _absolute_paths(content, Path.cwd())
+        if absolute != content:
+            given = workdir / name
+            given.write_text(json.dumps(absolute, indent=2))
+        rank_argv = _set_flag(rank_argv, flag, str(given))
     for flag in ("--save", "--save-interval", "--load", "--tensorboard-dir"):
         rank_argv = _set_flag(rank_argv, flag, "")[:-2]
     rank_argv = _set_flag(rank_argv, "--train-iters", "2")
     rank_argv = _set_flag(rank_argv, "--log-interval", "1")
     rank_argv = _set_flag(rank_argv, "--num-workers", "0")
-    workdir = Path(log_dir).resolve() / "dryrun"
-    workdir.mkdir(parents=True, exist_ok=True)
     stage_size = pc.world_size // pc.pp
 
     def command(rank, rank_dir):
