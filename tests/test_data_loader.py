@@ -296,3 +296,82 @@ def test_process_workers_give_the_same_batches(demo, tmp_path):
     _assert_batches_equal(threads, procs)
     _assert_batches_equal(threads, inline)
     assert e1.where == e2.where == e3.where == f"{path}:3"
+
+
+# ---------------------------------------------------------------- the producer (ms_mm.data.prefetch.Prefetcher)
+class _CountingDataset:
+    """Records 0..n-1 as themselves; counts how many were made."""
+
+    def __init__(self, n, delay=0.0):
+        self.n, self.delay, self.made = n, delay, 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        time.sleep(self.delay)
+        self.made += 1
+        return i
+
+
+def _ints(samples):
+    return {"x": np.asarray(samples)}
+
+
+def _producer_threads():
+    import threading
+    return [t for t in threading.enumerate() if t.name == "ms_mm-data-producer" and t.is_alive()]
+
+
+def test_end_of_data_is_final_and_positions_follow_the_batches():
+    # 7 records, no shuffle, one rank, micro batch 2, drop_last: [0,1] [2,3] [4,5], record 6 dropped
+    loader = MllmDataLoader(_CountingDataset(7), 2, _ints, shuffle=False, num_workers=2, num_epochs=1)
+    got, cursors = [], []
+    for batch in loader:
+        got.append(batch["x"].tolist())
+        cursors.append((loader.state_dict()["cursor"], loader.state_dict()["batches"]))
+    assert got == [[0, 1], [2, 3], [4, 5]]
+    assert cursors == [(2, 1), (4, 2), (6, 3)]   # after the last sample of each batch
+    for _ in range(2):
+        with pytest.raises(StopIteration):
+            next(loader)
+    loader.close()
+    assert not _producer_threads()
+
+
+def test_a_failure_is_raised_after_the_batches_before_it_and_stays():
+    def collate_fails_on_third(samples):
+        if samples[0] == 4:
+            raise RuntimeError("collate broke on batch 3")
+        return _ints(samples)
+
+    loader = MllmDataLoader(_CountingDataset(10), 2, collate_fails_on_third, shuffle=False, num_workers=0)
+    assert [next(loader)["x"].tolist() for _ in range(2)] == [[0, 1], [2, 3]]
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="collate broke on batch 3"):
+            next(loader)
+    state = loader.state_dict()
+    assert state["batches"] == 2 and state["cursor"] == 4
+    assert not _producer_threads()
+    loader.close()
+    with pytest.raises(RuntimeError, match="collate broke on batch 3"):   # close() does not forget it
+        next(loader)
+    loader.load_state_dict({**state, "cursor": 6})   # a new position starts over, past the bad batch
+    assert next(loader)["x"].tolist() == [6, 7]
+    loader.close()
+
+
+def test_close_stops_the_producer_and_pending_work_then_iteration_resumes_in_place():
+    ds = _CountingDataset(200, delay=0.01)
+    loader = MllmDataLoader(ds, 1, _ints, shuffle=False, num_workers=2, prefetch_batches=1)
+    assert next(loader)["x"].tolist() == [0]
+    loader.close()
+    assert not _producer_threads()
+    time.sleep(0.1)                 # samples already running when close() came may still finish
+    made = ds.made
+    time.sleep(0.2)
+    assert ds.made == made < 20     # nothing more is made: the queued futures were cancelled
+    # iterating again restarts from the position after the last batch handed out
+    assert [next(loader)["x"].tolist() for _ in range(3)] == [[1], [2], [3]]
+    loader.close()
+    assert not _producer_threads()

@@ -7,14 +7,16 @@
 - `MllmDataLoader` / `build_dataloader(...)`: an endless stream of micro-batches (epoch after
   epoch; `num_epochs` bounds it). The order is a function of `(seed, epoch)` only: epoch e is
   a seeded permutation of all records, cut to a multiple of `world_size` and dealt out
-  round-robin, rank r taking every world_size-th record from offset r. A producer thread keeps up
-  to `prefetch_batches` batches ready, with `num_workers` workers processing samples (decode,
-  resize, tokenize) in parallel and results re-ordered, so the order never depends on timing.
-  Workers are threads by default (PIL, numpy and the tokenizer spend most of their time outside
-  the GIL, and nothing is forked after MindSpore has started); `worker_type="process"` uses
-  spawned processes instead (the entry script then needs an `if __name__ == "__main__":` guard). `state_dict()` is the position *after the last batch handed out* (epoch, cursor in
-  this rank's shard, bad samples skipped so far): a loader given it with `load_state_dict`
-  yields exactly the batches an uninterrupted run would have yielded next.
+  round-robin, rank r taking every world_size-th record from offset r. A producer thread
+  (`ms_mm.data.prefetch.Prefetcher`) keeps up to `prefetch_batches` batches ready, with
+  `num_workers` workers processing samples (decode, resize, tokenize) in parallel and results
+  re-ordered, so the order never depends on timing. Workers are threads by default (PIL, numpy
+  and the tokenizer spend most of their time outside the GIL, and nothing is forked after
+  MindSpore has started); `worker_type="process"` uses spawned processes instead (the entry
+  script then needs an `if __name__ == "__main__":` guard). `state_dict()` is the position
+  *after the last batch handed out* (epoch, cursor in this rank's shard, bad samples skipped so
+  far): a loader given it with `load_state_dict` yields exactly the batches an uninterrupted run
+  would have yielded next.
 - Bad samples: by default the first one raises its `BadSampleError` (file + line/index + what
   is wrong) at the position it occurs, after every good batch before it was delivered. With
   `skip_bad_samples=True` it is logged, counted (`.skipped`) and the batch is filled from the
@@ -25,8 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
-import threading
 from collections import deque
 import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ms_mm.data.errors import BadSampleError
+from ms_mm.data.prefetch import Closeable, Prefetcher
 
 logger = logging.getLogger(__name__)
 
@@ -148,17 +149,7 @@ def epoch_shard(num_records: int, epoch: int, seed: int, rank: int, world_size: 
     return order[:usable][rank::world_size]
 
 
-class _Failure:
-    """A bad sample travelling down the prefetch queue to be raised at its position."""
-
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-_END = object()
-
-
-class MllmDataLoader:
+class MllmDataLoader(Closeable):
     """Iterator of micro-batches over an indexable dataset; see the module docstring.
 
     `dataset[i]` returns a processor dict or raises `BadSampleError`; `collate_fn(list)` makes
@@ -200,10 +191,7 @@ class MllmDataLoader:
             raise ValueError(f"dataset has {len(dataset)} records: {self.samples_per_epoch} per rank "
                              f"(world_size {world_size}) cannot fill one micro batch of {micro_batch_size} "
                              f"(drop_last); use a smaller micro batch or more data")
-        self._queue: queue.Queue | None = None
-        self._stop: threading.Event | None = None
-        self._thread: threading.Thread | None = None
-        self._failed: BaseException | None = None
+        self._prefetcher: Prefetcher | None = None
         self.padding: dict = {}   # {name: [real, padded]} summed over the batches handed out
 
     # --------------------------------------------------------------- public
@@ -229,7 +217,7 @@ class MllmDataLoader:
     @property
     def prefetched(self) -> int:
         """Batches ready and waiting (0 before iteration starts)."""
-        return self._queue.qsize() if self._queue is not None else 0
+        return self._prefetcher.ready if self._prefetcher is not None else 0
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Dataset indices this rank reads in epoch `epoch`, in reading order: the one hook for a
@@ -264,7 +252,6 @@ class MllmDataLoader:
                            "the position is approximate; save one state per rank", state.get("rank"),
                            self.rank, state.get("skipped"))
         self._stop_producer()
-        self._failed = None
         self._position = {k: int(state[k]) for k in ("epoch", "cursor", "skipped", "batches")}
         self._position["window_done"] = int(state.get("window_done", 0))
 
@@ -272,19 +259,11 @@ class MllmDataLoader:
         return self
 
     def __next__(self) -> dict:
-        if self._failed is not None:
-            raise self._failed
-        if self._thread is None:
+        if self._prefetcher is None:
             self._start()
-        item = self._queue.get()
-        if item is _END:
-            self._queue.put(_END)  # stay exhausted
-            raise StopIteration
-        if isinstance(item, _Failure):
-            self._failed = item.error
-            self._stop_producer()
-            raise item.error
-        batch, position, padding = item
+        # the end of the data, or the producer's error (a bad sample, ...) at its place in the
+        # stream, is raised here and again on every later call (the prefetcher keeps it)
+        batch, position, padding = self._prefetcher.get()
         self._position = position
         for key, (real, padded) in padding.items():
             total = self.padding.setdefault(key, [0, 0])
@@ -294,34 +273,17 @@ class MllmDataLoader:
 
     def close(self) -> None:
         """Stop the background threads and worker pool (iterating again restarts them from the
-        current position)."""
-        self._stop_producer()
+        current position). A loader that ended or failed stays so until `load_state_dict`."""
+        if self._prefetcher is not None and self._prefetcher.alive:
+            self._stop_producer()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
     def _stop_producer(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            try:  # unblock a producer waiting on a full queue
-                while True:
-                    self._queue.get_nowait()
-            except queue.Empty:
-                pass
-            self._thread.join(timeout=30)
-        self._thread = self._queue = self._stop = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+        self._prefetcher = None
 
     # ------------------------------------------------------------- producer
     def _submit(self, index: int) -> Future:
@@ -345,20 +307,9 @@ class MllmDataLoader:
         return self._pool.submit(self.dataset.__getitem__, index)
 
     def _start(self) -> None:
-        self._queue = queue.Queue(maxsize=self.prefetch_batches)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(dict(self._position),),
-                                        name="ms_mm-data-producer", daemon=True)
-        self._thread.start()
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        position = dict(self._position)
+        self._prefetcher = Prefetcher(lambda: self._batches(position), self.prefetch_batches,
+                                      name="ms_mm-data-producer")
 
     def _sample_stream(self, position: dict):
         """Yield `(epoch, cursor_after, index)` from `position` on, forever or num_epochs."""
@@ -370,7 +321,9 @@ class MllmDataLoader:
             yield epoch, len(shard), None  # epoch boundary marker
             epoch, cursor = epoch + 1, 0
 
-    def _produce(self, position: dict) -> None:
+    def _batches(self, position: dict):
+        """Yield `(batch, position_after_it, padding)` from `position` on (runs in the prefetch thread).
+        A bad sample (unless skipped) or any other failure is raised at its place in the sequence."""
         pending = deque()
         try:
             stream = self._sample_stream(position)
@@ -387,7 +340,7 @@ class MllmDataLoader:
             whole_epoch, emitted_in_epoch, skipped_at_epoch_start = position["cursor"] == 0, 0, skipped
 
             def flush(samples, end_epoch, end_cursor, final_partial):
-                """Emit the micro-batches of `samples`; returns (emitted, ok)."""
+                """Yield the micro-batches of `samples`; returns how many."""
                 nonlocal batches, skip_in_window
                 if self.group_by_length:
                     order = sorted(range(len(samples)), key=lambda i: (len(samples[i][self.length_key]), i))
@@ -406,12 +359,11 @@ class MllmDataLoader:
                         pos = (end_epoch, end_cursor, skipped, 0)
                     else:
                         pos = (window_start[0], window_start[1], window_start[2], j + 1)
-                    if not self._emit(chunk, *pos[:3], batches, window_done=pos[3]):
-                        return emitted, False
+                    yield self._batch_item(chunk, *pos[:3], batches, window_done=pos[3])
                 skip_in_window = 0
-                return emitted, True
+                return emitted
 
-            while not self._stop.is_set():
+            while True:
                 while not exhausted and len(pending) < window:
                     nxt = next(stream, None)
                     if nxt is None:
@@ -421,15 +373,11 @@ class MllmDataLoader:
                     fut = self._submit(index) if index is not None else None
                     pending.append((epoch, cursor, index, fut))
                 if not pending:
-                    self._put(_END)
                     return
                 epoch, cursor, index, fut = pending.popleft()
                 if index is None:  # end of an epoch: a partial batch is dropped or emitted
                     if samples:
-                        emitted, ok = flush(samples, epoch + 1, 0, True)
-                        emitted_in_epoch += emitted
-                        if not ok:
-                            return
+                        emitted_in_epoch += yield from flush(samples, epoch + 1, 0, True)
                     if whole_epoch and emitted_in_epoch == 0:
                         raise ValueError(
                             f"epoch {epoch} of this rank's {self.samples_per_epoch} records gave no micro batch of "
@@ -442,25 +390,20 @@ class MllmDataLoader:
                     samples.append(fut.result())
                 except BadSampleError as e:
                     if not self.skip_bad_samples:
-                        self._put(_Failure(e))
-                        return
+                        raise
                     skipped += 1
                     logger.warning("skipping bad sample (%d so far): %s", skipped, e)
                 if len(samples) == group:
-                    emitted, ok = flush(samples, epoch, cursor, False)
-                    emitted_in_epoch += emitted
-                    if not ok:
-                        return
+                    emitted_in_epoch += yield from flush(samples, epoch, cursor, False)
                     samples = []
                     window_start = (epoch, cursor, skipped)
-        except BaseException as e:  # anything unexpected reaches the consumer, not a dead thread
-            self._put(_Failure(e))
-        finally:
-            for *_, fut in pending:  # work prefetched for a stopped stream is not needed
+        finally:  # also on close(): work prefetched for a stopped stream is not needed
+            for *_, fut in pending:
                 if fut is not None:
                     fut.cancel()
 
-    def _emit(self, samples, epoch, cursor, skipped, batches, window_done: int = 0) -> bool:
+    def _batch_item(self, samples, epoch, cursor, skipped, batches, window_done: int = 0):
+        """`(batch, position, padding)` for the micro batch `samples` and the position after it."""
         batch = self.collate_fn(samples)
         padding = {}
         if isinstance(batch, dict) and "attention_mask" in batch:
@@ -472,7 +415,7 @@ class MllmDataLoader:
             padding.update(batch.pop("_padding", {}))
         position = {"epoch": epoch, "cursor": cursor, "skipped": skipped, "batches": batches,
                     "window_done": window_done}
-        return self._put((batch, position, padding))
+        return batch, position, padding
 
 
 _WORKER_DATASET = None

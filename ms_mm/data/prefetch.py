@@ -13,6 +13,9 @@ consumer sees is exactly the iterator's sequence:
   futures), and the thread is joined. Items still queued are dropped, which is what resume needs:
   the loader restarts a new `Prefetcher` from the position of the last item it handed out.
 * `ready` is the number of items waiting (0 means the consumer is about to wait on the producer).
+
+`Closeable` is the small base of everything here that holds threads: a context manager whose exit,
+like its garbage collection, calls `close()`.
 """
 from __future__ import annotations
 
@@ -20,12 +23,31 @@ import queue
 import threading
 from typing import Any, Callable, Iterable, Optional
 
-__all__ = ["Prefetcher"]
+__all__ = ["Closeable", "Prefetcher"]
 
 _ITEM, _END, _ERROR = "item", "end", "error"
 
 
-class Prefetcher:
+class Closeable:
+    """`with obj:` and garbage collection both call `obj.close()` (which must be safe to repeat)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - nothing to report to during interpreter shutdown
+            pass
+
+
+class Prefetcher(Closeable):
     """Run ``make_items()`` in a daemon thread, `depth` items ahead; see the module docstring."""
 
     def __init__(self, make_items: Callable[[], Iterable[Any]], depth: int, name: str = "ms_mm-prefetch",
@@ -80,18 +102,6 @@ class Prefetcher:
             pass
         if thread is not threading.current_thread():
             thread.join(timeout=self._join_timeout)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
 
     # ------------------------------------------------------------------ producer side
     def _put(self, entry) -> bool:
