@@ -21,31 +21,47 @@ from ms_mm.training import launch
 MOMENTS = ("exp_avg.", "exp_avg_sq.")
 
 
+def _dry_run(root, model_json, world, *flags, parallel=1):
+    """The trainer under DRY_RUN=1 (and a user's GLOG_v=3) on the first rank of each stage, 2 iterations;
+    (rc, printed lines). No data here: the family's synthetic batch."""
+    (root / "model.json").write_text(json.dumps(model_json))
+    (root / "data.json").write_text("{}")
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.chdir(root)
+        for key, value in {"DRY_RUN": "1", "DRY_RUN_PARALLEL": str(parallel), "GLOG_v": "3"}.items():
+            mp.setenv(key, value)
+        mp.delenv("DRY_RUN_RANKS", raising=False)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            rc = launch.main(["--worker_num", str(world), "--local_worker_num", str(world), "--log_dir", "msrun_log",
+                              "--", "--mm-model", "model.json", "--mm-data", "data.json", "--micro-batch-size", "1",
+                              "--seq-length", "64", "--train-iters", "100", *flags])
+    finally:
+        mp.undo()
+    return rc, out.getvalue()
+
+
+def _point_at_fake_cann(fake_cann_root, root, monkeypatch):
+    if fake_cann_root.parent.name != "fake-cann":
+        monkeypatch.setenv("MS_MM_CACHE", str(root / "cache"))
+        (root / "cache").mkdir()
+        (root / "cache" / "fake-cann").symlink_to(fake_cann_root.parent)
+
+
 @pytest.fixture(scope="module")
 def tp2_pp2_dp2(fake_cann_root, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("dryrun_trainer")
     mp = pytest.MonkeyPatch()
     try:
-        if fake_cann_root.parent.name != "fake-cann":      # built in a temp dir: point the launcher at it
-            mp.setenv("MS_MM_CACHE", str(tmp_path / "cache"))
-            (tmp_path / "cache").mkdir()
-            (tmp_path / "cache" / "fake-cann").symlink_to(fake_cann_root.parent)
-        (tmp_path / "model.json").write_text(json.dumps({"model_id": "qwen2_5vl", "preset": "tiny"}))
-        (tmp_path / "data.json").write_text("{}")        # no data here: the family's synthetic batch
-        mp.chdir(tmp_path)
-        for key, value in {"DRY_RUN": "1", "DRY_RUN_PARALLEL": "2", "GLOG_v": "3"}.items():
-            mp.setenv(key, value)
-        mp.delenv("DRY_RUN_RANKS", raising=False)
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            rc = launch.main(["--worker_num", "8", "--local_worker_num", "8", "--log_dir", "msrun_log", "--",
-                              "--mm-model", "model.json", "--mm-data", "data.json", "--tensor-model-parallel-size",
-                              "2", "--pipeline-model-parallel-size", "2", "--micro-batch-size", "1",
-                              "--global-batch-size", "4", "--seq-length", "64", "--use-distributed-optimizer",
-                              "--save", "save_dir", "--save-interval", "1", "--train-iters", "100"])
+        _point_at_fake_cann(fake_cann_root, tmp_path, mp)
+        rc, out = _dry_run(tmp_path, {"model_id": "qwen2_5vl", "preset": "tiny"}, 8,
+                           "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                           "--global-batch-size", "4", "--use-distributed-optimizer", "--save", "save_dir",
+                           "--save-interval", "1", parallel=2)
     finally:
         mp.undo()
-    return tmp_path, rc, out.getvalue()
+    return tmp_path, rc, out
 
 
 def test_dry_run_of_the_trainer_tp2_pp2_dp2(tp2_pp2_dp2):
@@ -229,33 +245,6 @@ def test_each_rank_holds_mindspores_cut_and_save_load_is_bit_exact(tp2_pp2_dp2, 
     # the converter's TP 2 x PP 2 with another layer split than the run's (LLM 1 + rest; the run: even)
     split = make_layout(SPEC, config, tp_size=2, pp_layers={"llm": [1, config.text.num_hidden_layers - 1]})
     check_rank_blocks(root / "msrun_log" / "dryrun", 8, 2, "qwen2_5_vl", config, split, tmp_path)
-
-
-def _dry_run(root, model_json, world, *flags):
-    """The trainer under DRY_RUN=1 on the first rank of each stage; (rc, printed lines)."""
-    (root / "model.json").write_text(json.dumps(model_json))
-    (root / "data.json").write_text("{}")
-    mp = pytest.MonkeyPatch()
-    try:
-        mp.chdir(root)
-        for key, value in {"DRY_RUN": "1", "DRY_RUN_PARALLEL": "1", "GLOG_v": "3"}.items():
-            mp.setenv(key, value)
-        mp.delenv("DRY_RUN_RANKS", raising=False)
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            rc = launch.main(["--worker_num", str(world), "--local_worker_num", str(world), "--log_dir", "msrun_log",
-                              "--", "--mm-model", "model.json", "--mm-data", "data.json", "--micro-batch-size", "1",
-                              "--seq-length", "64", "--train-iters", "10", *flags])
-    finally:
-        mp.undo()
-    return rc, out.getvalue()
-
-
-def _point_at_fake_cann(fake_cann_root, root, monkeypatch):
-    if fake_cann_root.parent.name != "fake-cann":
-        monkeypatch.setenv("MS_MM_CACHE", str(root / "cache"))
-        (root / "cache").mkdir()
-        (root / "cache" / "fake-cann").symlink_to(fake_cann_root.parent)
 
 
 def test_deepseek_tp2_ep2_blocks_are_mindspores_cut(fake_cann_root, tmp_path, monkeypatch):

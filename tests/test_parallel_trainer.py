@@ -69,14 +69,18 @@ def test_world_and_global_batch_mismatch_named_before_anything_starts():
         micro_batches_per_step(pc, args)
 
 
-def test_cpu_refuses_the_sharded_path_in_one_line_pointing_to_dry_run(tmp_path, monkeypatch):
+def _launched_args(tmp_path, monkeypatch, world, device, *flags):
+    """TrainArgs of tiny Qwen as if msrun had launched `world` workers on `device`."""
     (tmp_path / "m.json").write_text(json.dumps(QWEN_TINY))
     (tmp_path / "d.json").write_text("{}")
-    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.delenv("MS_WORKER_NUM", raising=False)
-    monkeypatch.setenv("MS_MM_DEVICE_TARGET", "CPU")
-    args = parse_args(["--mm-model", str(tmp_path / "m.json"), "--mm-data", str(tmp_path / "d.json"),
-                       "--tensor-model-parallel-size", "2"])
+    monkeypatch.setenv("MS_MM_DEVICE_TARGET", device)
+    return parse_args(["--mm-model", str(tmp_path / "m.json"), "--mm-data", str(tmp_path / "d.json"), *flags])
+
+
+def test_cpu_refuses_the_sharded_path_in_one_line_pointing_to_dry_run(tmp_path, monkeypatch):
+    args = _launched_args(tmp_path, monkeypatch, 4, "CPU", "--tensor-model-parallel-size", "2")
     with pytest.raises(ArgumentError) as e:
         train(args)
     assert "need MindSpore semi-auto parallel, which the CPU backend refuses" in str(e.value)
@@ -131,13 +135,7 @@ def test_a_family_without_a_plan_shards_only_the_optimizer():
 
 
 def test_the_weights_ema_is_refused_on_a_sharded_run_in_one_line(tmp_path, monkeypatch):
-    (tmp_path / "m.json").write_text(json.dumps(QWEN_TINY))
-    (tmp_path / "d.json").write_text("{}")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.delenv("MS_WORKER_NUM", raising=False)
-    monkeypatch.setenv("MS_MM_DEVICE_TARGET", "Ascend")
-    args = parse_args(["--mm-model", str(tmp_path / "m.json"), "--mm-data", str(tmp_path / "d.json"),
-                       "--use-distributed-optimizer", "--ema", "0.999"])
+    args = _launched_args(tmp_path, monkeypatch, 2, "Ascend", "--use-distributed-optimizer", "--ema", "0.999")
     with pytest.raises(ArgumentError) as e:
         train(args)
     assert "the weights' EMA (decay 0.999) is kept by unsharded runs only" in str(e.value)
