@@ -20,6 +20,23 @@ Cases (each exercises what the shared fixture does not):
   no loss) before the noised target; two latent images of different sizes (padded latent crop);
   VAE with ch_mult [1, 2] and num_res_blocks 1 (nin_shortcut, mid-level channel change);
   timestep_shift 3.0; `ae_config.json` in the flat AutoEncoderParams form.
+* `mha_freeze_und`: `freeze_und=True` (upstream Qwen2MoT detaches the und rows: decoder input, v, normed
+  q / k, attention and MLP outputs, final norm); gradients of und weights (exactly zero upstream; a
+  weight detached before any use has `grad None`, recorded as zeros) and of gen weights / heads. MHA
+  (4 KV heads = 4 heads, head_dim 10), hidden 40 / intermediate 72, 2 layers, rope_theta 5e5; ViT of
+  1 layer, 3 heads; connector_act `gelu` (exact erf); a CE text after a clean latent (its loss reaches
+  the gen weights only without freeze_und) and a noised latent after a ViT image in one sample;
+  VAE ch_mult [1, 1] with num_res_blocks 2, z_channels 8; latent_patch_size 1 (downsample 2).
+* `interp_vae3`: `interpolate_pos=True` (PackedDataset's `get_flattened_position_ids_interpolate` for the
+  ViT and latent position ids): a 7 x 2 ViT grid onto the 6-grid (repeated ids), a 3 x 4 one spread
+  over it, a 3 x 5 latent grid onto max_latent_size 4, a 2 x 2 one spread; MQA (1 KV head of 4), 1 LLM
+  layer, rms_norm_eps 1e-5; VAE ch_mult [1, 2, 2] (three levels, downsample 4); timestep_shift 2.0;
+  text-to-image sample + ViT / clean-latent / CE sample.
+
+Every case also gets `packing.json` + `packing_images.npz` (the samples before packing and the packer
+settings) so tests can run our packer on them. Regenerating `gqa_edit` reproduces its inputs, weights
+and configs bit for bit; its outputs move by float noise (<= 6e-6 here vs. the committed files, from
+the machine / BLAS), so only new cases need writing: `--case NAME`.
 """
 from __future__ import annotations
 
@@ -94,7 +111,101 @@ CASES = {
         vae_images=[(16, 24), (20, 16)],
         seed=4242,
     ),
+    "mha_freeze_und": dict(
+        llm=dict(vocab_size=64, hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=500000.0, max_position_embeddings=256),
+        vit=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=3, image_size=56,
+                 patch_size=14),
+        ae=dict(resolution=32, in_channels=3, downsample=2, ch=32, out_ch=3, ch_mult=[1, 1], num_res_blocks=2,
+                z_channels=8, scale_factor=0.3611, shift_factor=0.1159),
+        bagel=dict(latent_patch_size=1, max_latent_size=8, vit_max_num_patch_per_side=4, connector_act="gelu",
+                   timestep_shift=1.0),
+        freeze_und=True,
+        # sample A: ViT image, CE text, noised latent (attends to the frozen und rows); sample B: caption,
+        # clean latent, CE text attending to the clean latent (gen rows), noised target
+        samples=[[("vit", 0, 0), ("text", 6, 1, 0), ("vae", 0, 1)],
+                 [("text", 5, 0, 1), ("vae", 1, 0), ("text", 4, 1, 0), ("vae", 2, 1)]],
+        vit_images=[(28, 42)],
+        vae_images=[(8, 12), (12, 8), (10, 10)],
+        grads=[
+            # und side: exactly zero upstream under freeze_und
+            "language_model.model.layers.0.self_attn.q_proj.weight",
+            "language_model.model.layers.1.self_attn.o_proj.weight",
+            "language_model.model.layers.1.mlp.down_proj.weight",
+            "language_model.model.layers.1.input_layernorm.weight",
+            "language_model.model.layers.0.self_attn.k_norm.weight",
+            "language_model.model.norm.weight",
+            "language_model.model.embed_tokens.weight",
+            "vit_model.vision_model.embeddings.patch_embedding.weight",
+            "connector.fc1.weight",
+            # after the final norm / gen side
+            "language_model.lm_head.weight",
+            "language_model.model.layers.0.self_attn.q_proj_moe_gen.weight",
+            "language_model.model.layers.1.self_attn.v_proj_moe_gen.weight",
+            "language_model.model.layers.1.self_attn.v_proj_moe_gen.bias",
+            "language_model.model.layers.0.self_attn.o_proj_moe_gen.weight",
+            "language_model.model.layers.1.mlp_moe_gen.gate_proj.weight",
+            "language_model.model.layers.0.input_layernorm_moe_gen.weight",
+            "language_model.model.layers.1.self_attn.k_norm_moe_gen.weight",
+            "language_model.model.norm_moe_gen.weight",
+            "vae2llm.weight",
+            "time_embedder.mlp.2.weight",
+            "llm2vae.weight",
+        ],
+        seed=5151,
+    ),
+    "interp_vae3": dict(
+        llm=dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=1, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256),
+        vit=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=84,
+                 patch_size=14),
+        ae=dict(resolution=32, in_channels=3, downsample=4, ch=32, out_ch=3, ch_mult=[1, 2, 2], num_res_blocks=1,
+                z_channels=4, scale_factor=0.3611, shift_factor=0.1159),
+        bagel=dict(latent_patch_size=2, max_latent_size=4, vit_max_num_patch_per_side=6,
+                   connector_act="gelu_pytorch_tanh", timestep_shift=2.0),
+        interpolate_pos=True,
+        # sample A: text-to-image with a latent grid larger than max_latent_size (interpolated ids repeat);
+        # sample B: two ViT images (7 x 2 patches onto the 6-grid, 3 x 4 spread over it), clean latent, CE text
+        samples=[[("text", 6, 0, 1), ("vae", 0, 1)],
+                 [("vit", 0, 0), ("text", 5, 1, 0), ("vit", 1, 0), ("vae", 1, 0), ("text", 4, 1, 0)]],
+        vit_images=[(98, 28), (42, 56)],
+        vae_images=[(24, 40), (16, 16)],
+        grads=[
+            "language_model.model.layers.0.self_attn.q_proj.weight",
+            "language_model.model.layers.0.self_attn.k_proj_moe_gen.weight",
+            "language_model.model.layers.0.mlp.up_proj.weight",
+            "language_model.model.layers.0.mlp_moe_gen.down_proj.weight",
+            "language_model.model.embed_tokens.weight",
+            "vit_model.vision_model.embeddings.patch_embedding.weight",
+            "vit_model.vision_model.encoder.layers.0.mlp.fc1.weight",
+            "connector.fc1.weight",
+            "vae2llm.weight",
+            "time_embedder.mlp.0.weight",
+            "llm2vae.weight",
+        ],
+        seed=6262,
+    ),
 }
+
+# the layout of `gqa_edit` (cases without `samples`): per sample, items in order -- ("text", n_ids, loss, cfg),
+# ("vit", index into vit_images, loss), ("vae", index into vae_images, loss)
+DEFAULT_SAMPLES = [[("vit", 0, 0), ("text", 5, 0, 0), ("vit", 1, 0), ("text", 7, 1, 0), ("text", 4, 1, 0)],
+                   [("text", 9, 0, 1), ("vae", 0, 0), ("vae", 1, 1)]]
+DEFAULT_GRADS = [
+    "language_model.model.layers.1.self_attn.k_proj.weight",
+    "language_model.model.layers.1.self_attn.k_proj_moe_gen.weight",
+    "language_model.model.layers.2.mlp.gate_proj.weight",
+    "language_model.model.layers.2.mlp_moe_gen.up_proj.weight",
+    "language_model.model.layers.0.self_attn.q_norm_moe_gen.weight",
+    "language_model.model.norm_moe_gen.weight",
+    "language_model.model.embed_tokens.weight",
+    "language_model.lm_head.weight",
+    "vit_model.vision_model.embeddings.patch_embedding.weight",
+    "vit_model.vision_model.encoder.layers.1.self_attn.v_proj.weight",
+    "connector.fc2.weight",
+    "time_embedder.mlp.0.weight",
+    "llm2vae.bias",
+]
 
 
 def _randomize(module, gen, scale_norm=0.1):
@@ -117,21 +228,25 @@ def make_case(name: str, spec: dict, out_root: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from data.data_utils import get_flattened_position_ids_extrapolate
+    from data.data_utils import get_flattened_position_ids_extrapolate, get_flattened_position_ids_interpolate
     from data.dataset_base import PackedDataset
     from modeling.autoencoder import AutoEncoder, AutoEncoderParams
     from modeling.bagel import Bagel, BagelConfig, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
     torch.manual_seed(spec["seed"])
     gen = torch.Generator().manual_seed(spec["seed"])
+    freeze_und = bool(spec.get("freeze_und", False))
+    interpolate_pos = bool(spec.get("interpolate_pos", False))
+    position_ids_fn = (get_flattened_position_ids_interpolate if interpolate_pos
+                       else get_flattened_position_ids_extrapolate)
     llm_config = Qwen2Config(**spec["llm"], qk_norm=True, tie_word_embeddings=False,
-                             layer_module="Qwen2MoTDecoderLayer", freeze_und=False, hidden_act="silu", **SPECIAL)
+                             layer_module="Qwen2MoTDecoderLayer", freeze_und=freeze_und, hidden_act="silu", **SPECIAL)
     vit_config = SiglipVisionConfig(**spec["vit"], num_channels=3, hidden_act="gelu_pytorch_tanh",
                                     layer_norm_eps=1e-6, rope=False)
     ae_params = AutoEncoderParams(**spec["ae"])
     bagel_args = dict(spec["bagel"])
     config = BagelConfig(visual_gen=True, visual_und=True, llm_config=llm_config, vit_config=vit_config,
-                         vae_config=ae_params, interpolate_pos=False, **bagel_args)
+                         vae_config=ae_params, interpolate_pos=interpolate_pos, **bagel_args)
     model = Bagel(Qwen2ForCausalLM(llm_config), SiglipVisionModel(vit_config), config)
     model.vit_model.vision_model.embeddings.convert_conv2d_to_linear(vit_config)
     vae = AutoEncoder(ae_params)
@@ -153,13 +268,25 @@ def make_case(name: str, spec: dict, out_root: Path) -> None:
     def item(kind, loss, cfg=0):
         return {"type": kind, "enable_cfg": cfg, "loss": loss, "special_token_loss": 0, "special_token_label": None}
 
-    texts_a = [text(5), text(7), text(4)]
-    texts_b = [text(9)]
-    sample_a = {"image_tensor_list": list(vit_images), "text_ids_list": [list(t) for t in texts_a],
-                "sequence_plan": [item("vit_image", 0), item("text", 0), item("vit_image", 0), item("text", 1),
-                                  item("text", 1)]}
-    sample_b = {"image_tensor_list": list(vae_images), "text_ids_list": [list(t) for t in texts_b],
-                "sequence_plan": [item("text", 0, cfg=1), item("vae_image", 0), item("vae_image", 1)]}
+    # text ids drawn in sample order, item order (the images above come first)
+    samples, packing_samples = [], []
+    for layout in spec.get("samples", DEFAULT_SAMPLES):
+        sample = {"image_tensor_list": [], "text_ids_list": [], "sequence_plan": []}
+        images = []
+        for entry in layout:
+            if entry[0] == "text":
+                _, n, loss_, cfg = entry
+                sample["text_ids_list"].append(text(n))
+                sample["sequence_plan"].append(item("text", loss_, cfg=cfg))
+            else:
+                kind, index, loss_ = entry
+                source = vit_images if kind == "vit" else vae_images
+                sample["image_tensor_list"].append(source[index])
+                sample["sequence_plan"].append(item(f"{kind}_image", loss_))
+                images.append([kind, index])
+        samples.append(sample)
+        packing_samples.append({"text_ids_list": [list(t) for t in sample["text_ids_list"]],
+                                "sequence_plan": [dict(i) for i in sample["sequence_plan"]], "images": images})
 
     def packer(use_flex):
         data_config = types.SimpleNamespace(text_cond_dropout_prob=0.0, vit_cond_dropout_prob=0.0,
@@ -168,13 +295,13 @@ def make_case(name: str, spec: dict, out_root: Path) -> None:
                                             max_num_patch_per_side=bagel_args["vit_max_num_patch_per_side"],
                                             max_latent_size=bagel_args["max_latent_size"])
         return types.SimpleNamespace(data_config=data_config, use_flex=use_flex, max_num_tokens=0,
-                                     get_flattened_position_ids=get_flattened_position_ids_extrapolate, **SPECIAL)
+                                     get_flattened_position_ids=position_ids_fn, **SPECIAL)
 
     def pack(use_flex):
         np.random.seed(spec["seed"])  # the packer draws the timestep logit with np.random.randn
         self = packer(use_flex)
         status = PackedDataset.set_sequence_status(self)
-        for s in (sample_a, sample_b):
+        for s in samples:
             s = {k: (list(v) if isinstance(v, list) else v) for k, v in s.items()}
             s["text_ids_list"] = [list(t) for t in s["text_ids_list"]]
             status = PackedDataset.pack_sequence(self, s, status)
@@ -225,21 +352,7 @@ def make_case(name: str, spec: dict, out_root: Path) -> None:
         shift = bagel_args["timestep_shift"]
         t_eff = shift * s / (1 + (shift - 1) * s)
 
-    grad_names = [
-        "language_model.model.layers.1.self_attn.k_proj.weight",
-        "language_model.model.layers.1.self_attn.k_proj_moe_gen.weight",
-        "language_model.model.layers.2.mlp.gate_proj.weight",
-        "language_model.model.layers.2.mlp_moe_gen.up_proj.weight",
-        "language_model.model.layers.0.self_attn.q_norm_moe_gen.weight",
-        "language_model.model.norm_moe_gen.weight",
-        "language_model.model.embed_tokens.weight",
-        "language_model.lm_head.weight",
-        "vit_model.vision_model.embeddings.patch_embedding.weight",
-        "vit_model.vision_model.encoder.layers.1.self_attn.v_proj.weight",
-        "connector.fc2.weight",
-        "time_embedder.mlp.0.weight",
-        "llm2vae.bias",
-    ]
+    grad_names = list(spec.get("grads", DEFAULT_GRADS))
     params = dict(model.named_parameters())
 
     case_dir = out_root / name
@@ -262,7 +375,7 @@ def make_case(name: str, spec: dict, out_root: Path) -> None:
     (case_dir / "llm_config.json").write_text(json.dumps(llm_json, indent=2) + "\n")
     (case_dir / "vit_config.json").write_text(json.dumps(vit_json, indent=2) + "\n")
     (case_dir / "ae_config.json").write_text(json.dumps(spec["ae"], indent=2) + "\n")
-    bagel_json = dict(bagel_args, visual_gen=True, visual_und=True, interpolate_pos=False, vit_select_layer=-2,
+    bagel_json = dict(bagel_args, visual_gen=True, visual_und=True, interpolate_pos=interpolate_pos, vit_select_layer=-2,
                       vit_rope=False, special_token_ids=SPECIAL)
     (case_dir / "bagel_config.json").write_text(json.dumps(bagel_json, indent=2) + "\n")
 
@@ -292,9 +405,17 @@ def make_case(name: str, spec: dict, out_root: Path) -> None:
         "last_hidden_state": np_(hidden), "vit_connector_out": np_(hooks["connector"]), "vae_latent": np_(latent),
         "vae_encoder_moments": np_(moments), "vae_decoded": np_(decoded),
     }
-    for g in grad_names:
-        outputs[f"grad.{g}"] = np_(params[g].grad)
+    for g in grad_names:  # no grad at all (freeze_und: detached before any use) is a zero gradient
+        grad = params[g].grad
+        outputs[f"grad.{g}"] = np_(grad if grad is not None else torch.zeros_like(params[g]))
     np.savez(case_dir / "inputs.npz", **inputs)
+    # the samples before packing, for checking our packer (processing.Packer) against upstream's
+    packing = {"settings": {k: getattr(packer(False).data_config, k) for k in
+                            ("vit_patch_size", "max_num_patch_per_side", "max_latent_size", "vae_image_downsample")},
+               "interpolate_pos": interpolate_pos, "special_token_ids": SPECIAL, "samples": packing_samples}
+    (case_dir / "packing.json").write_text(json.dumps(packing, indent=1) + "\n")
+    np.savez(case_dir / "packing_images.npz", **{f"vit_image_{i}": np_(t) for i, t in enumerate(vit_images)},
+             **{f"vae_image_{i}": np_(t) for i, t in enumerate(vae_images)})
     np.savez(case_dir / "outputs.npz", **{k: v.astype(np.float32) for k, v in outputs.items()})
     (case_dir / "README.md").write_text(
         f"# bagel_shapes / {name}\n\nWritten by `scripts/make_bagel_fixtures.py` from the official BAGEL code "

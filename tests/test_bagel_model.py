@@ -15,11 +15,15 @@ from ms_mm.training.mm_checkpoint import SafetensorsFile
 from conftest import FIXTURE_ROOT
 
 FIXTURE = FIXTURE_ROOT / "bagel" / "forward"   # a missing fixture is an error (conftest), never a skip
-# extra cases from the official code (scripts/make_bagel_fixtures.py): GQA, 2 ViT images, edit-style
-# clean + noised latents of different sizes, VAE ch_mult [1, 2] with res blocks, timestep_shift 3
+# extra cases from the official code (scripts/make_bagel_fixtures.py, its docstring lists what each covers):
+# gqa_edit (GQA, 2 ViT images, edit-style clean + noised latents, VAE ch_mult [1, 2] with res blocks,
+# timestep_shift 3), mha_freeze_und (freeze_und on, MHA, 2 wider layers, exact-GELU connector, CE text after a
+# clean latent, latent_patch_size 1, z 8), interp_vae3 (interpolate_pos on, MQA, 1 layer, 3-level VAE,
+# latent / ViT grids larger than the position tables, timestep_shift 2)
 SHAPES = Path(__file__).resolve().parent / "fixtures" / "bagel_shapes"
+SHAPE_DIRS = [d for d in sorted(SHAPES.iterdir()) if (d / "outputs.npz").is_file()]
 CASES = [pytest.param(FIXTURE, id="shared-forward")]
-CASES += [pytest.param(d, id=d.name) for d in sorted(SHAPES.iterdir()) if (d / "outputs.npz").is_file()]
+CASES += [pytest.param(d, id=d.name) for d in SHAPE_DIRS]
 
 # (atol, rtol). README suggests activations 1e-4/1e-4, losses 1e-5, gradients 1e-5 + 1e-3; observed here:
 # LLM / heads / ViT <= 8e-6, VAE <= 2.5e-5, losses <= 1e-6, gradients <= 1.2e-6 -- all but the VAE tighter.
@@ -70,7 +74,72 @@ def test_parity_every_reference_array(case):
         diff = np.abs(got.astype(np.float64) - want)
         if not np.all(diff <= atol + rtol * np.abs(want)):
             failures.append(f"{key}: max|diff| {diff.max():.3g} (atol {atol}, rtol {rtol})")
+        elif key.startswith("grad.") and not np.any(want) and np.any(got):
+            # upstream's exact zeros (freeze_und: the detached und side) must be ours too, not merely small
+            failures.append(f"{key}: reference gradient is exactly zero, ours reaches {np.abs(got).max():.3g}")
     assert not failures, "; ".join(failures)
+
+
+def test_case_flags_reach_the_model():
+    """The cases' flags travel in the files a user has (freeze_und in llm_config.json, interpolate_pos and
+    connector_act in bagel_config.json) through the converter into the config and the built model."""
+    from ms_mm.models.bagel.modeling import Bagel
+
+    frozen, _ = convert.load_hf_as_mm(str(SHAPES / "mha_freeze_und"), "bagel")
+    assert frozen.llm.freeze_und is True and frozen.interpolate_pos is False and frozen.connector_act == "gelu"
+    assert frozen.llm.num_key_value_heads == frozen.llm.num_attention_heads
+    cells = [c for _, c in Bagel(frozen).cells_and_names() if hasattr(c, "freeze_und")]
+    assert len(cells) == 1 + 2 * frozen.llm.num_hidden_layers and all(c.freeze_und for c in cells)
+    interp, _ = convert.load_hf_as_mm(str(SHAPES / "interp_vae3"), "bagel")
+    assert interp.interpolate_pos is True and interp.llm.freeze_und is False
+    assert (interp.vae.ch_mult, interp.vae.downsample, interp.llm.num_key_value_heads) == ([1, 2, 2], 4, 1)
+
+
+@pytest.mark.parametrize("case", [pytest.param(d, id=d.name) for d in SHAPE_DIRS])
+def test_packer_matches_upstream_packing(case):
+    """Our packer (`processing.Packer`), with the data settings the case's config implies (interpolate_pos
+    from bagel_config.json, as `build_bagel_dataloader` takes it), packs the case's samples (packing.json,
+    packing_images.npz) into upstream's `PackedDataset.pack_sequence` + `to_tensor` batch: every index,
+    id, position (interpolated or not), split and ViT patch exactly; the timestep draws are the rng's."""
+    import types
+
+    from ms_mm.models.bagel.processing import Packer
+
+    config = config_from_hf(convert.framework.read_hf_config(case, convert.get_spec("bagel")))
+    packing = json.loads((case / "packing.json").read_text())
+    settings = types.SimpleNamespace(text_cond_dropout_prob=0.0, vit_cond_dropout_prob=0.0, vae_cond_dropout_prob=0.0,
+                                     vit_patch_size=config.vit.patch_size,
+                                     max_num_patch_per_side=config.vit_max_num_patch_per_side,
+                                     max_latent_size=config.max_latent_size,
+                                     vae_image_downsample=config.latent_downsample,
+                                     interpolate_pos=config.interpolate_pos)
+    assert packing["settings"] == {k: getattr(settings, k) for k in packing["settings"]}
+    assert packing["interpolate_pos"] is config.interpolate_pos
+    special = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "start_of_image", "end_of_image")}
+    assert special == packing["special_token_ids"]
+    inputs, _ = _arrays(case)
+    with np.load(case / "packing_images.npz") as f:
+        images = {k: f[k] for k in f.files}
+    packer = Packer(settings, special, np.random.default_rng(0))
+    for sample in packing["samples"]:
+        ours = {"text_ids_list": sample["text_ids_list"], "sequence_plan": sample["sequence_plan"],
+                "images": [images[f"{kind}_image_{i}"] for kind, i in sample["images"]]}
+        packer.add(ours, {k: 0 for k in packer.used})
+    batch = packer.batch()
+    for key in ("sequence_length", "sample_lens", "split_lens", "attn_modes", "packed_text_ids", "packed_text_indexes",
+                "packed_position_ids", "packed_label_ids", "ce_loss_indexes", "packed_vit_tokens",
+                "packed_vit_token_indexes", "packed_vit_position_ids", "vit_token_seqlens",
+                "patchified_vae_latent_shapes", "packed_latent_position_ids", "packed_vae_token_indexes",
+                "mse_loss_indexes"):
+        np.testing.assert_array_equal(batch[key], inputs[key], err_msg=key)
+    np.testing.assert_array_equal(np.isfinite(batch["packed_timesteps"]), np.isfinite(inputs["packed_timesteps"]))
+    assert np.all(inputs["packed_timesteps"][~np.isfinite(inputs["packed_timesteps"])] == -np.inf)
+    padded = inputs["padded_images"]
+    assert len(batch["vae_images"]) == padded.shape[0]
+    for i, img in enumerate(batch["vae_images"]):
+        _, h, w = img.shape
+        np.testing.assert_array_equal(padded[i, :, :h, :w], img)
+        assert not padded[i, :, h:].any() and not padded[i, :, :, w:].any()
 
 
 def test_run_parity_rejects_bad_input_key(fixture_arrays):
