@@ -26,7 +26,7 @@ CASES = [pytest.param(FIXTURE, id="shared-forward")]
 CASES += [pytest.param(d, id=d.name) for d in SHAPE_DIRS]
 
 # (atol, rtol). README suggests activations 1e-4/1e-4, losses 1e-5, gradients 1e-5 + 1e-3; observed here:
-# LLM / heads / ViT <= 8e-6, VAE <= 2.5e-5, losses <= 1e-6, gradients <= 1.2e-6 -- all but the VAE tighter.
+# LLM / heads / ViT <= 8.1e-6, VAE <= 2.5e-5, losses <= 1e-6, gradients <= 1.5e-6 -- all but the VAE tighter.
 TOL_ACTIVATION = (2e-5, 1e-4)
 TOL_VAE = (1e-4, 1e-4)
 TOL_LOSS = (5e-6, 0.0)
