@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ms_mm.models import check_int
 
 __all__ = ["LuminaMGPT2Config", "LuminaTokenConfig", "config_from_hf", "QK_NORM_EPS", "config_from_mindspeed",
-           "mindspeed_model_json", "config_from_json", "claims_json"]
+           "mindspeed_model_json", "config_from_json", "claims_json", "is_nested_mindspeed", "mindspeed_fsdp1"]
 
 QK_NORM_EPS = 1e-5  # ChameleonLayerNorm.forward's literal eps
 
@@ -258,38 +258,101 @@ MINDSPEED_FIELDS = {
 # keys of a model.json that are training switches, not architecture (read by the family record)
 MINDSPEED_SWITCHES = ("model_id", "vocabulary_map_path", "fsdp1", "movqgan_path")
 
+# MindSpeed-MM's own form (examples/lumina/mgpt2/model.json, commit 624876af): mindspeed_mm/models/lumina_model.py
+# builds ChameleonForConditionalGeneration(**model["predictor"]) and reads "z_loss_weight" (1e-5 when absent)
+# and "dtype" beside it; patch_manager.py turns FSDP on when "patch"."use_fsdp1" is truthy.
+# The predictor keys that model's code reads (ChameleonForConditionalGeneration / ChameleonModel arguments):
+NESTED_PREDICTOR_FIELDS = {k: v for k, v in MINDSPEED_FIELDS.items()
+                           if k not in ("z_loss_weight", "model_parallel_size", "mask_image_logits")}
+# token ids it takes and never uses in training: ChameleonConfig's fields of the same name
+NESTED_TOKEN_FIELDS = ("bos_token_id", "eos_token_id")
+# what that code hard-codes whatever the json says: a json asking otherwise is refused, not silently ignored
+NESTED_FIXED = {
+    "model_parallel_size": 1,      # ChameleonAttention: self.model_parallel_size = 1
+    "mask_image_logits": False,    # ChameleonForConditionalGeneration: self.mask_image_logits = False
+    "rope_scaling": None,          # RotaryEmbedding(head_dim, max_position_embeddings, base=rope_theta): no scaling
+    "tie_word_embeddings": False,  # its own lm_head nn.Linear, never tied to embed_tokens
+}
+NESTED_IGNORED = ("initializer_range",)   # taken, unused (weights come from the checkpoint)
+# "dtype" (its autocast dtype) is accepted and left to the trainer's --bf16 / --fp16
+NESTED_TOP_KEYS = ("predictor", "z_loss_weight", "dtype", "patch", "model_id", "movqgan_path")
+NESTED_Z_LOSS_DEFAULT = 1e-5       # lumina_model.py: config.pop("z_loss_weight", 1e-5)
+
+
+def is_nested_mindspeed(d: Dict[str, Any]) -> bool:
+    """MindSpeed-MM's own Lumina model.json: the architecture under "predictor", with its vocabulary map path."""
+    return isinstance(d.get("predictor"), dict) and "vocabulary_map_path" in d["predictor"]
+
+
+def mindspeed_fsdp1(d: Dict[str, Any]):
+    """The FSDP switch of a model.json (None = off): our flat ``fsdp1`` (present = on), or MindSpeed-MM's
+    ``patch.use_fsdp1``, which its patch manager applies only when truthy."""
+    if not is_nested_mindspeed(d):
+        return d.get("fsdp1")
+    patch = d.get("patch") or {}
+    return patch.get("use_fsdp1") or None
+
+
+def _nested_overrides(model_json: Dict[str, Any], where: str) -> Tuple[str, Dict[str, Any]]:
+    """(vocabulary_map_path, {our field: value}) of MindSpeed-MM's nested model.json."""
+    unknown = sorted(set(model_json) - set(NESTED_TOP_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} beside \"predictor\" (known: {sorted(NESTED_TOP_KEYS)})")
+    patch = model_json.get("patch")
+    if patch is not None and (not isinstance(patch, dict) or set(patch) - {"use_fsdp1"}):
+        raise ValueError(f"{where}: patch: only \"use_fsdp1\" is read, got {patch!r}")
+    predictor = model_json["predictor"]
+    known = set(NESTED_PREDICTOR_FIELDS) | set(NESTED_TOKEN_FIELDS) | set(NESTED_FIXED) | set(NESTED_IGNORED)
+    unknown = sorted(set(predictor) - known - {"vocabulary_map_path"})
+    if unknown:
+        raise ValueError(f"{where}: predictor: unknown key(s) {unknown} (known: {sorted(known)})")
+    kw = {dst: predictor[src] for src, dst in NESTED_PREDICTOR_FIELDS.items() if src in predictor}
+    kw.update({k: predictor[k] for k in NESTED_TOKEN_FIELDS if k in predictor})
+    for key, value in NESTED_FIXED.items():
+        if predictor.get(key, value) != value:
+            raise ValueError(f"{where}: predictor.{key} is {predictor[key]!r}, but MindSpeed-MM's Lumina model "
+                             f"always uses {value!r} (it ignores this key); set {value!r} or leave it out")
+        kw[key] = value
+    kw["z_loss_weight"] = model_json.get("z_loss_weight", NESTED_Z_LOSS_DEFAULT)
+    return predictor["vocabulary_map_path"], kw
+
 
 def config_from_mindspeed(model_json: Dict[str, Any], where: str = "model json") -> LuminaMGPT2Config:
-    """MindSpeed-MM's Lumina ``model.json`` -> LuminaMGPT2Config. ``vocabulary_map_path`` (the released
-    checkpoint directory) supplies ``config.json``: the vocabulary map (image-layout ids, IMGIMG
-    tokens) and every field the model.json leaves out; the model.json's own fields win."""
+    """MindSpeed-MM's Lumina ``model.json`` -> LuminaMGPT2Config, in either form: flat (our examples:
+    ChameleonForConditionalGeneration's arguments at the top) or MindSpeed-MM's own, nested under
+    ``"predictor"`` (`is_nested_mindspeed`; read as its code reads it, see ``NESTED_*`` above).
+    ``vocabulary_map_path`` (the released checkpoint directory) supplies ``config.json``: the
+    vocabulary map (image-layout ids, IMGIMG tokens) and every field the model.json leaves out; the
+    model.json's own fields win."""
     import json
     from pathlib import Path
 
-    vpath = model_json.get("vocabulary_map_path")
+    if is_nested_mindspeed(model_json):
+        vpath, overrides = _nested_overrides(model_json, where)
+        vpath_key = "predictor.vocabulary_map_path"
+    else:
+        unknown = sorted(set(model_json) - set(MINDSPEED_FIELDS) - set(MINDSPEED_SWITCHES))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown} (known: {sorted(MINDSPEED_FIELDS)})")
+        vpath = model_json.get("vocabulary_map_path")
+        overrides = {dst: model_json[src] for src, dst in MINDSPEED_FIELDS.items() if src in model_json}
+        vpath_key = "vocabulary_map_path"
     if not vpath:
-        raise ValueError(f"{where}: vocabulary_map_path (the Lumina-mGPT 2.0 checkpoint directory, whose "
+        raise ValueError(f"{where}: {vpath_key} (the Lumina-mGPT 2.0 checkpoint directory, whose "
                          f"config.json holds the vocabulary_map) is required")
     cfg_file = Path(vpath) / "config.json"
     if not cfg_file.is_file():
-        raise ValueError(f"{where}: vocabulary_map_path {vpath}: no config.json there (the Lumina-mGPT 2.0 "
+        raise ValueError(f"{where}: {vpath_key} {vpath}: no config.json there (the Lumina-mGPT 2.0 "
                          f"checkpoint directory with its vocabulary_map)")
     try:
         hf = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    unknown = sorted(set(model_json) - set(MINDSPEED_FIELDS) - set(MINDSPEED_SWITCHES))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown} (known: {sorted(MINDSPEED_FIELDS)})")
-    hf = dict(hf)
-    for src, dst in MINDSPEED_FIELDS.items():
-        if src in model_json:
-            hf[dst] = model_json[src]
-    return config_from_hf(hf)
+    return config_from_hf({**hf, **overrides})
 
 
 def mindspeed_model_json(config: LuminaMGPT2Config, vocabulary_map_path, **switches) -> Dict[str, Any]:
-    """The MindSpeed-MM model.json of `config` (`switches`: fsdp1, movqgan_path ...)."""
+    """The MindSpeed-MM model.json of `config`, flat form (`switches`: fsdp1, movqgan_path ...)."""
     d = config.to_dict()
     out: Dict[str, Any] = {"model_id": "lumina", "vocabulary_map_path": str(vocabulary_map_path)}
     for src, dst in MINDSPEED_FIELDS.items():
@@ -299,20 +362,21 @@ def mindspeed_model_json(config: LuminaMGPT2Config, vocabulary_map_path, **switc
 
 
 def claims_json(d: Dict[str, Any]) -> bool:
-    return d.get("model_type") == "chameleon" or "vocabulary_map_path" in d
+    return d.get("model_type") == "chameleon" or "vocabulary_map_path" in d or is_nested_mindspeed(d)
 
 
 def config_from_json(d: Dict[str, Any]) -> LuminaMGPT2Config:
-    """Any json form: ``{"preset": name}``, an HF config.json, a MindSpeed-MM model.json (has
-    ``vocabulary_map_path``), or our ``to_dict()``. A model.json's ``fsdp1`` switch rides along as
-    the attribute ``config.fsdp1`` (checked by the family's `check_parallel_sizes`)."""
+    """Any json form: ``{"preset": name}``, an HF config.json, a MindSpeed-MM model.json (flat, with
+    ``vocabulary_map_path``, or nested under ``"predictor"``), or our ``to_dict()``. A model.json's
+    FSDP switch (flat ``fsdp1``, nested ``patch.use_fsdp1``: `mindspeed_fsdp1`) rides along as the
+    attribute ``config.fsdp1`` (checked by the family's `check_parallel_sizes`)."""
     if "preset" in d:
         config = LuminaMGPT2Config.preset(d["preset"])
     elif "model_type" in d:
         config = config_from_hf(d)
-    elif "vocabulary_map_path" in d or "num_layers" in d:
+    elif "vocabulary_map_path" in d or "num_layers" in d or is_nested_mindspeed(d):
         config = config_from_mindspeed(d)
     else:
         config = LuminaMGPT2Config.from_dict({k: v for k, v in d.items() if k not in MINDSPEED_SWITCHES})
-    config.fsdp1 = d.get("fsdp1")
+    config.fsdp1 = mindspeed_fsdp1(d)
     return config
