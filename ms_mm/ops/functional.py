@@ -6,11 +6,12 @@ the same rotate-half form, else the portable math. The choice is a compile-time 
 (``constexpr``), so graph mode compiles one branch and callers never see it.
 """
 import numpy as np
+import mindspore as ms
 from mindspore import Tensor, ops
 import mindspore.ops.auto_generate as _gen
 from mindspore.ops import constexpr
 
-from ms_mm.ops.switch import use_fused
+from ms_mm.ops.switch import sharded, use_fused
 
 
 _rope_kernel = _gen.RotaryPositionEmbedding()
@@ -28,10 +29,17 @@ def _fused_rotary() -> bool:
 
 
 def apply_rotary(x, cos, sin):
-    """x * cos + rotate_half(x) * sin. ``cos``/``sin`` broadcast to ``x`` ([B, N, S, D] on Ascend)."""
+    """x * cos + rotate_half(x) * sin. ``cos``/``sin`` broadcast to ``x`` ([B, N, S, D] on Ascend).
+
+    Portable form: rotate_half(x) * sin = [x2, x1] * [-sin1, sin2], so the sign goes on ``sin``
+    ([B, 1, S, D], shared by every head and, once common-subexpression elimination has merged the
+    identical copies, by every layer) instead of a Neg over x, and x is halved by one Split."""
     if _fused_rotary():
         return _rope_kernel(x, ops.cast(cos, x.dtype), ops.cast(sin, x.dtype), 0)
-    return x * cos + rotate_half(x) * sin
+    half = x.shape[-1] // 2
+    sin1, sin2 = ops.split(sin, half, -1)
+    x1, x2 = ops.split(x, half, -1)
+    return x * cos + ops.cat((x2, x1), -1) * ops.cat((-sin1, sin2), -1)
 
 
 def gelu(x, approximate="none"):
@@ -62,3 +70,25 @@ def logsumexp(x):
     m = ops.stop_gradient(x.max(-1, keepdims=True))
     s = ops.pow(_E, x - m).sum(-1)
     return ops.log1p(s - 1.0) + m.squeeze(-1)
+
+
+_softmax_ce = ops.SoftmaxCrossEntropyWithLogits()
+
+
+def cross_entropy_sum(logits, labels, ignore_index=-100):
+    """``(sum of -log softmax(logits)[label] over rows whose label != ignore_index, that row count)``,
+    both fp32, for ``logits [T, V]`` fp32 and integer ``labels [T]``.
+
+    Unsharded it is one fused ``SoftmaxCrossEntropyWithLogits`` kernel (loss and gradient in one pass
+    over [T, V]; ignored rows get an all-zero one-hot row and weight 0), instead of autodiff through
+    max / exp / log / gather, whose backward re-reads [T, V] four times (the max's gradient alone is
+    an Equal + Mul over [T, V]). Under semi-auto parallel (vocab-split logits) it is MindSpore's
+    ``cross_entropy``, which the parallel planner knows. Same numbers up to fp32 rounding."""
+    valid = ops.cast(labels != ignore_index, ms.float32)
+    count = valid.sum()
+    if sharded():
+        return ops.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum"), count
+    # index -1 one-hot encodes to an all-zero row: an ignored row's loss is 0, its weight 0 zeroes its gradient
+    target = ops.where(labels != ignore_index, ops.cast(labels, ms.int32), ops.full_like(ops.cast(labels, ms.int32), -1))
+    one_hot = ops.one_hot(target, logits.shape[-1], ops.ones((), ms.float32), ops.zeros((), ms.float32))
+    return (_softmax_ce(logits, one_hot)[0] * valid).sum(), count

@@ -9,7 +9,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, One, Zero, initializer
 
-from ms_mm.ops.switch import use_fused
+from ms_mm.ops.switch import sharded, use_fused
 import mindspore.ops.auto_generate as _gen
 
 
@@ -44,8 +44,41 @@ class Linear(nn.Cell):
         return self.reshape(y, out_shape)
 
 
+class _RMSNormMath(nn.Cell):
+    """The unsharded portable RMSNorm with a hand-written backward; returns (y, 1/rms fp32).
+
+    Autodiff of the forward spends a Pow and a RealDiv (rsqrt's gradient), a Tile and a RealDiv
+    (the mean's) and two row sums per norm; the closed form needs one row mean and one column sum:
+    dx = inv * (g - xhat * mean(g * xhat)), g = dy * w, xhat = x * inv; dw = sum over rows of dy * xhat.
+    ``inv`` is a second output only so that the backward can read it (the caller drops it)."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = float(eps)
+        self.mean = ops.ReduceMean(keep_dims=True)
+        self.col_sum = ops.ReduceSum(keep_dims=False)
+
+    def construct(self, x, weight):
+        x32 = ops.cast(x, ms.float32)
+        inv = ops.rsqrt(self.mean(ops.square(x32), -1) + self.eps)
+        return ops.cast(x32 * inv, x.dtype) * ops.cast(weight, x.dtype), inv
+
+    def bprop(self, x, weight, out, dout):
+        inv = out[1]
+        dim = x.shape[-1]
+        xhat = ops.cast(x, ms.float32) * inv
+        dy = ops.cast(dout[0], ms.float32)
+        g = dy * ops.cast(weight, ms.float32)
+        dx = inv * (g - xhat * self.mean(g * xhat, -1))
+        dw = self.col_sum(ops.reshape(dy * xhat, (-1, dim)), 0)
+        return ops.cast(dx, x.dtype), ops.cast(dw, weight.dtype)
+
+
 class RMSNorm(nn.Cell):
-    """Root-mean-square norm: statistics in fp32, result cast back to the input dtype, then scaled."""
+    """Root-mean-square norm: statistics in fp32, result cast back to the input dtype, then scaled.
+
+    Unsharded portable runs use ``_RMSNormMath`` (closed-form backward); under semi-auto parallel the
+    primitives below (autodiff), on Ascend the fused kernel."""
 
     def __init__(self, dim, eps=1e-6, param_dtype=ms.float32):
         super().__init__()
@@ -53,6 +86,7 @@ class RMSNorm(nn.Cell):
         self.weight = Parameter(initializer(One(), (dim,), param_dtype), name="weight")
         self.fused = use_fused()
         self.rms_norm = _gen.RmsNorm(epsilon=self.eps)
+        self.math = _RMSNormMath(self.eps)
         self.cast = ops.Cast()
         self.square = ops.Square()
         self.mean = ops.ReduceMean(keep_dims=True)
@@ -63,6 +97,8 @@ class RMSNorm(nn.Cell):
     def construct(self, x):
         if self.fused:
             return self.rms_norm(x, self.cast(self.weight, x.dtype))[0]
+        if not sharded():
+            return self.math(x, self.weight)[0]
         x32 = self.cast(x, ms.float32)
         inv = self.rsqrt(self.add(self.mean(self.square(x32), -1), self.eps))
         normed = self.cast(self.mul(x32, inv), x.dtype)
@@ -110,7 +146,6 @@ class GatedMLP(nn.Cell):
         self.linear_fc2 = Linear(intermediate_size, hidden_size, has_bias=has_bias)
 
     def construct(self, x):
-        gate_up = self.linear_fc1(x)
-        gate = gate_up[..., :self.intermediate_size]
-        up = gate_up[..., self.intermediate_size:]
+        # one Split (its backward one Concat) instead of two StridedSlices and two StridedSliceGrads
+        gate, up = ops.split(self.linear_fc1(x), self.intermediate_size, -1)
         return self.linear_fc2(ops.silu(gate) * up)

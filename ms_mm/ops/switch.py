@@ -8,6 +8,8 @@ compiles only one branch.
 import os
 
 import mindspore as ms
+from mindspore import context
+from mindspore.ops import constexpr
 
 _VALID = ("ascend", "portable")
 _choice = None
@@ -31,6 +33,14 @@ def kernels() -> str:
 def use_fused() -> bool:
     """True when the Ascend fused kernels are in use."""
     return kernels() == "ascend"
+
+
+@constexpr
+def sharded() -> bool:
+    """True while compiling under semi-auto / auto parallel, where the parallel plans' per-primitive
+    strategies apply; a compile-time constant, so graph mode keeps one branch. Ops with a faster
+    unsharded spelling (``CoreAttention``, ``cross_entropy_sum``) use it only when this is False."""
+    return context.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel")
 
 
 def _reset_for_tests(choice=None):

@@ -26,7 +26,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from ms_mm.ops import CoreAttention, Embedding, LayerNorm, Linear, RMSNorm, gelu, rotate_half
+from ms_mm.ops import CoreAttention, Embedding, LayerNorm, Linear, RMSNorm, cross_entropy_sum, gelu, rotate_half
 from ms_mm.ops.moe import GatedMLP, RoutedExperts
 
 from .config import DeepseekVL2Config, LanguageConfig
@@ -75,7 +75,8 @@ class VisionAttention(nn.Cell):
     def construct(self, x):
         n, p, d = x.shape
         qkv = ops.transpose(self.qkv(x).reshape(n, p, 3, self.heads, self.head_dim), (2, 0, 3, 1, 4))
-        out = self.core_attention(qkv[0], qkv[1], qkv[2], None)  # [N, heads, P, hd]
+        q, k, v = ops.unstack(qkv, 0)  # one Unstack: CPU StridedSlice is slow on these slices
+        out = self.core_attention(q, k, v, None)  # [N, heads, P, hd]
         return self.proj(ops.transpose(out, (0, 2, 1, 3)).reshape(n, p, d))
 
 
@@ -228,23 +229,21 @@ class MLAttention(nn.Cell):
         x = x.reshape(shape[:-1] + (self.rope // 2, 2))
         return ops.swapaxes(x, -1, -2).reshape(shape)
 
-    def construct(self, x, position_ids, attention_bias):
+    def construct(self, x, rope, attention_bias):
         b, s, _ = x.shape
-        qkv = self.linear_qkv(x)
-        q = qkv[..., :self.q_out]
+        # Splits instead of slices: one kernel each, and one Concat backward
+        q, latent, k_pe = ops.split(self.linear_qkv(x), (self.q_out, self.kv_lora_rank, self.rope), -1)
         if self.q_lora_rank is not None:
             q = self.linear_qb(self.q_layernorm(q))
-        latent = qkv[..., self.q_out:self.q_out + self.kv_lora_rank]
-        k_pe = qkv[..., self.q_out + self.kv_lora_rank:]
 
         q = ops.transpose(q.reshape(b, s, self.heads, self.q_head_dim), (0, 2, 1, 3))
-        q_nope, q_pe = q[..., :self.nope], q[..., self.nope:]
+        q_nope, q_pe = ops.split(q, (self.nope, self.rope), -1)
         kv = self.linear_kvb(self.k_layernorm(latent)).reshape(b, s, self.heads, self.nope + self.v_dim)
         kv = ops.transpose(kv, (0, 2, 1, 3))
-        k_nope, v = kv[..., :self.nope], kv[..., self.nope:]
+        k_nope, v = ops.split(kv, (self.nope, self.v_dim), -1)
         k_pe = ops.expand_dims(k_pe, 1)  # [B, 1, S, rope]
 
-        cos, sin = _rope_cos_sin(position_ids, self.inv_freq)
+        cos, sin = rope
         q_pe = self._deinterleave(q_pe)
         k_pe = self._deinterleave(k_pe)
         q_pe = q_pe * cos.astype(q.dtype) + rotate_half(q_pe) * sin.astype(q.dtype)
@@ -271,15 +270,16 @@ class MHAttention(nn.Cell):
         self.core_attention = CoreAttention(self.heads, self.kv_heads, head_dim=self.head_dim)
         self.inv_freq = _inv_freq(self.head_dim, cfg.rope_theta)
 
-    def construct(self, x, position_ids, attention_bias):
+    def construct(self, x, rope, attention_bias):
         b, s, _ = x.shape
         d = self.head_dim
-        qkv = self.linear_qkv(x).reshape(b, s, self.kv_heads, (self.rep + 2) * d)
-        q = qkv[..., :self.rep * d].reshape(b, s, self.heads, d)
-        k = qkv[..., self.rep * d:(self.rep + 1) * d]
-        v = qkv[..., (self.rep + 1) * d:]
-        q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))
-        cos, sin = _rope_cos_sin(position_ids, self.inv_freq)
+        qkv = self.linear_qkv(x).reshape(b, s, self.kv_heads, self.rep + 2, d)
+        # one Transpose to [B, Nkv, rep+2, S, d] and one Split, instead of three slices + transposes
+        q, k, v = ops.split(ops.transpose(qkv, (0, 2, 3, 1, 4)), (self.rep, 1, 1), 2)
+        q = q.reshape(b, self.heads, s, d)
+        k = k.reshape(b, self.kv_heads, s, d)
+        v = v.reshape(b, self.kv_heads, s, d)
+        cos, sin = rope
         cos, sin = cos.astype(q.dtype), sin.astype(q.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -393,8 +393,8 @@ class DecoderLayer(nn.Cell):
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp = MoELayer(cfg) if self.is_moe else GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def construct(self, x, position_ids, attention_bias):
-        x = x + self.self_attention(self.input_layernorm(x), position_ids, attention_bias)
+    def construct(self, x, rope, attention_bias):
+        x = x + self.self_attention(self.input_layernorm(x), rope, attention_bias)
         h = self.pre_mlp_layernorm(x)
         if self.is_moe:
             h, topk_idx, topk_weight, aux_loss = self.mlp(h)
@@ -433,8 +433,10 @@ class TextDecoder(nn.Cell):
 
     def construct(self, hidden, position_ids, attention_bias):
         routing, weights, aux = (), (), ()
+        # RoPE tables once per step, not once per layer (every layer has the same rope dim and theta)
+        rope = _rope_cos_sin(position_ids, self.decoder.layers[0].self_attention.inv_freq)
         for layer in self.decoder.layers:
-            hidden, topk_idx, topk_weight, aux_loss = layer(hidden, position_ids, attention_bias)
+            hidden, topk_idx, topk_weight, aux_loss = layer(hidden, rope, attention_bias)
             if layer.is_moe:
                 routing += (topk_idx,)
                 weights += (topk_weight,)
@@ -504,13 +506,9 @@ class DeepseekVL2ForCausalLM(nn.Cell):
 
 
 def causal_lm_loss(logits, labels):
-    """Mean CE of logits[:, t] against labels[:, t+1] over targets != -100 (fp32)."""
-    v = logits.shape[-1]
-    shift_logits = logits[:, :-1].reshape(-1, v)
-    shift_labels = labels[:, 1:].reshape(-1)
-    valid = shift_labels != -100
-    safe = ops.where(valid, shift_labels, ops.zeros_like(shift_labels))
-    lse = ops.logsumexp(shift_logits, -1)
-    picked = ops.gather_elements(shift_logits, 1, ops.expand_dims(safe, -1)).squeeze(-1)
-    w = valid.astype(ms.float32)
-    return ((lse - picked) * w).sum() / ops.maximum(w.sum(), 1.0)
+    """Mean CE of logits[:, t] against labels[:, t+1] over targets != -100 (fp32). The labels are
+    shifted (the last position gets -100), not the logits, so [B, S, V] is never sliced."""
+    b, s, v = logits.shape
+    shift_labels = ops.cat((labels[:, 1:], ops.full_like(labels[:, :1], -100)), 1).reshape(-1)
+    total, count = cross_entropy_sum(logits.reshape(b * s, v), shift_labels)
+    return total / ops.maximum(count, 1.0)

@@ -12,7 +12,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from ms_mm.ops import CoreAttention, Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, gelu
+from ms_mm.ops import CoreAttention, Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, cross_entropy_sum, gelu
 
 # Additive mask value: exp() of it underflows to exactly 0 in fp32, and adding it to a score
 # never overflows (unlike finfo.min + a negative score).
@@ -80,12 +80,13 @@ class VisionAttention(nn.Cell):
         n = x.shape[0]
         qkv = ops.reshape(self.linear_qkv(x), (n, self.num_heads, 3, self.head_dim))
         qkv = ops.expand_dims(ops.transpose(qkv, (2, 1, 0, 3)), 1)  # [3, 1, heads, N, hd]
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = ops.unstack(qkv, 0)  # one Unstack: CPU StridedSlice costs ~1 ms per [1, heads, N, hd] slice
         # upstream rotates the vision q/k in fp32 whatever the compute dtype
         q = ops.cast(apply_rotary(ops.cast(q, ms.float32), cos, sin), x.dtype)
         k = ops.cast(apply_rotary(ops.cast(k, ms.float32), cos, sin), x.dtype)
         out = self.core_attention(q, k, v, mask)  # [1, heads, N, hd]
-        out = ops.reshape(ops.transpose(out[0], (1, 0, 2)), (n, self.num_heads * self.head_dim))
+        out = ops.reshape(ops.transpose(ops.reshape(out, (self.num_heads, n, self.head_dim)), (1, 0, 2)),
+                          (n, self.num_heads * self.head_dim))
         return self.linear_proj(out)
 
 
@@ -197,12 +198,11 @@ class TextAttention(nn.Cell):
     def construct(self, x, cos, sin, mask):
         b, s, _ = x.shape
         qkv = ops.reshape(self.linear_qkv(x), (b, s, self.num_kv_heads, self.group + 2, self.head_dim))
-        q = ops.reshape(qkv[:, :, :, : self.group], (b, s, self.num_heads, self.head_dim))
-        k = qkv[:, :, :, self.group]
-        v = qkv[:, :, :, self.group + 1]
-        q = apply_rotary(ops.transpose(q, (0, 2, 1, 3)), cos, sin)
-        k = apply_rotary(ops.transpose(k, (0, 2, 1, 3)), cos, sin)
-        v = ops.transpose(v, (0, 2, 1, 3))
+        # one Transpose to [B, Nkv, group+2, S, hd] and one Split, instead of three slices + transposes
+        q, k, v = ops.split(ops.transpose(qkv, (0, 2, 3, 1, 4)), (self.group, 1, 1), 2)
+        q = apply_rotary(ops.reshape(q, (b, self.num_heads, s, self.head_dim)), cos, sin)
+        k = apply_rotary(ops.reshape(k, (b, self.num_kv_heads, s, self.head_dim)), cos, sin)
+        v = ops.reshape(v, (b, self.num_kv_heads, s, self.head_dim))
         out = self.core_attention(q, k, v, mask)  # [B, N, S, hd]
         out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, s, self.num_heads * self.head_dim))
         return self.linear_proj(out)
@@ -303,15 +303,15 @@ class Qwen2_5_VLForConditionalGeneration(nn.Cell):
         self.compute_dtype = compute_dtype
         self.image_encoder = ImageEncoder(config.vision, compute_dtype)
         self.text_decoder = TextDecoder(config.text)
-        self.cross_entropy = nn.CrossEntropyLoss(reduction="sum", ignore_index=-100)
 
     def lm_loss(self, logits, labels):
-        """Mean cross-entropy of next-token prediction over labels != -100 (0 when there are none)."""
+        """Mean cross-entropy of next-token prediction over labels != -100 (0 when there are none).
+
+        The labels are shifted (the last position gets -100), not the logits: no [B, S-1, V] slice
+        of the logits and no scatter of its gradient back."""
         b, s, v = logits.shape
-        shift_logits = ops.reshape(logits[:, :-1], (b * (s - 1), v))
-        shift_labels = ops.reshape(labels[:, 1:], (b * (s - 1),))
-        total = self.cross_entropy(shift_logits, shift_labels)
-        count = ops.cast(ops.reduce_sum(ops.cast(shift_labels != -100, ms.float32)), ms.float32)
+        shift_labels = ops.cat((labels[:, 1:], ops.full_like(labels[:, :1], -100)), 1)
+        total, count = cross_entropy_sum(ops.reshape(logits, (b * s, v)), ops.reshape(shift_labels, (b * s,)))
         return total / ops.maximum(count, 1.0)
 
     def construct(self, input_ids, attention_mask, position_ids, labels, pixel_values, image_gather_index,
