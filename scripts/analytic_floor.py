@@ -15,7 +15,10 @@ split of the json's `pipeline_num_layers`). Per rank of stage s (Megatron-style 
 
 The second figure ("fully sharded") is the floor of weights + gradients + moments all sharded over
 dp_opt, as MindSpore's optimizer parallel (and FSDP) store them: 16 / dp_opt bytes per trainable
-parameter (fp32 weight = master, fp32 gradient, 2 fp32 moments), 4 per frozen one (fp32, split by tp).
+parameter (fp32 weight = master, fp32 gradient, 2 fp32 moments), 4 per frozen one (fp32, split by tp);
+a parameter whose first axis does not divide by dp_opt stays whole, as MindSpore's optimizer
+parallel leaves it ("does not satisfy the conditions, thus not apply optimizer shard": Lumina's
+vocabulary of 171385 rows on 8 cards).
 
 Every parameter is counted as split by tp (the few replicated ones -- norms, row-parallel biases, the
 router, the patch embedding -- make the real figure slightly higher). Activations, communication
@@ -85,7 +88,9 @@ def floors(model_json_path: str, world: int, tp: int, pp: int, ep: int = 1, dist
         dp_opt = max(1, (dp // ep if expert else dp) if distributed_optimizer else 1)
         per_param = 2.0 + ((4.0 + 12.0 / dp_opt) if p.requires_grad else 0.0)
         # ms-mm: fp32 parameters are the master copy; the optimizer parallel shards them with the moments
-        per_param_zero = (16.0 / dp_opt) if p.requires_grad else 4.0
+        # (MindSpore shards a parameter over dp only when its first axis divides: else it stays whole)
+        zero_dp = dp_opt if p.shape and p.shape[0] % dp_opt == 0 else 1
+        per_param_zero = (16.0 / zero_dp) if p.requires_grad else 4.0
         row = rows[stages[p.name]]
         row["params"] += n
         row["trainable"] += n if p.requires_grad else 0
