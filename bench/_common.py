@@ -5,6 +5,9 @@ the worker writes `{"times", "losses", "base_rss_mb", "peak_rss_mb", ...}` as JS
 """
 from __future__ import annotations
 
+import collections
+import csv
+import glob
 import json
 import os
 import resource
@@ -145,3 +148,51 @@ def report(title: str, res: Dict[str, Dict], warmup: int, tokens: int, flops: fl
             rate = flops / t / 1e9
             print(f"  {side:8} {rate:7.1f} GFLOP/s = {100.0 * rate / peak_gflops:5.1f} % of the matmul peak")
     return {"time_ratio": t_ms / t_pt, "peak_ratio": peak_ms / peak_pt}
+
+
+PROFILE_ENV = "MS_MM_BENCH_PROFILE"
+
+
+class OpProfile:
+    """With ``MS_MM_BENCH_PROFILE=DIR``, MindSpore's profiler records the ms-mm worker's steps from
+    ``start_step`` on (after the compiling ones) into DIR and the worker prints kernel time per step
+    by op type at the end (the full per-op table is ``DIR/*/FRAMEWORK/cpu_op_detail_info_0.csv``).
+    Profiling slows the steps: a profiled run's timings are not results. Call ``step(i)`` at the top
+    of each step and ``finish()`` after the last."""
+
+    def __init__(self, start_step: int = 2):
+        self.dir = os.environ.get(PROFILE_ENV)
+        self.start_step, self.profiler, self.steps = start_step, None, 0
+
+    def step(self, i: int) -> None:
+        if self.dir and i == self.start_step:
+            import mindspore as ms
+
+            self.profiler = ms.Profiler(output_path=self.dir)
+        if self.profiler is not None:
+            self.steps += 1
+
+    def finish(self, top: int = 20) -> None:
+        if self.profiler is None:
+            return
+        self.profiler.stop()
+        self.profiler.analyse()
+        print_op_shares(self.dir, self.steps, top)
+
+
+def print_op_shares(profile_dir: str, steps: int, top: int = 20) -> None:
+    """Kernel time and count per step by op type, from a MindSpore CPU profile."""
+    files = glob.glob(os.path.join(profile_dir, "*", "FRAMEWORK", "cpu_op_detail_info_0.csv"))
+    if not files:
+        print(f"no cpu_op_detail_info_0.csv under {profile_dir}")
+        return
+    time_of, count_of = collections.Counter(), collections.Counter()
+    with open(files[0]) as f:
+        for row in csv.DictReader(f):
+            time_of[row["op_type"]] += float(row["op_total_time(ms)"]) / steps
+            count_of[row["op_type"]] += int(row["op_occurrences"]) / steps
+    total = sum(time_of.values())
+    print(f"ms-mm kernels per step: {sum(count_of.values()):.0f}, {total:.1f} ms (profiled over {steps} steps, "
+          f"load average {os.getloadavg()[0]:.1f})")
+    for op, ms_ in time_of.most_common(top):
+        print(f"  {op:32}{ms_:9.2f} ms {100.0 * ms_ / total:5.1f} %  x{count_of[op]:.0f}")

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import (attention_flops, linear_flops, ms_matmul_gflops, peak_mb, report, rss_mb,  # noqa: E402
+from bench._common import (OpProfile, attention_flops, linear_flops, ms_matmul_gflops, peak_mb, report, rss_mb,  # noqa: E402
                            run_worker, torch_available, torch_matmul_gflops)
 
 SEQ_LEN = 256
@@ -301,7 +301,9 @@ def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
     step = TrainStep(model, opt)
     base = rss_mb()
     times, cpu, losses, host_t, fwd_bwd, update = [], [], [], [], [], []
-    for _ in range(steps):
+    profile = OpProfile()  # MS_MM_BENCH_PROFILE=DIR: op-type shares of the steps after the first two
+    for i in range(steps):
+        profile.step(i)
         # the pieces of TrainStep.__call__ (one micro batch), each run to completion
         t0, c0 = time.perf_counter(), time.process_time()
         prepared = build_model_inputs(batch, config)
@@ -319,6 +321,7 @@ def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
         host_t.append(t1 - t0)
         fwd_bwd.append(t2 - t1)
         update.append(t3 - t2)
+    profile.finish()
     return {"times": times, "cpu_times": cpu, "losses": losses, "base_rss_mb": base, "peak_rss_mb": peak_mb(),
             "first_ce": ce0, "first_aux": aux0, "host": host_t, "fwd_bwd": fwd_bwd, "update": update,
             "matmul_gflops": ms_matmul_gflops()}

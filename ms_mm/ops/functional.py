@@ -17,10 +17,22 @@ from ms_mm.ops.switch import sharded, use_fused
 _rope_kernel = _gen.RotaryPositionEmbedding()
 
 
+_split_last_in_two = ops.Split(axis=-1, output_num=2)
+
+
+def _halves(x):
+    """The two halves of the last axis: one Split kernel (backward: one Concat) unsharded; slices
+    (StridedSlice, backward a full-size zero tensor per half + AddN) under the parallel planner."""
+    if sharded():
+        half = x.shape[-1] // 2
+        return x[..., :half], x[..., half:]
+    return _split_last_in_two(x)
+
+
 def rotate_half(x):
     """[x1, x2] -> [-x2, x1] along the last axis (halves, not interleaved pairs)."""
-    half = x.shape[-1] // 2
-    return ops.cat((-x[..., half:], x[..., :half]), -1)
+    x1, x2 = _halves(x)
+    return ops.cat((-x2, x1), -1)
 
 
 @constexpr
@@ -33,12 +45,12 @@ def apply_rotary(x, cos, sin):
 
     Portable form: rotate_half(x) * sin = [x2, x1] * [-sin1, sin2], so the sign goes on ``sin``
     ([B, 1, S, D], shared by every head and, once common-subexpression elimination has merged the
-    identical copies, by every layer) instead of a Neg over x, and x is halved by one Split."""
+    identical copies, by every layer) instead of a Neg over x, and x is halved by one ``Split`` kernel
+    (``ops.split`` / slicing become StridedSlices, whose gradients are full-size zero tensors + AddN)."""
     if _fused_rotary():
         return _rope_kernel(x, ops.cast(cos, x.dtype), ops.cast(sin, x.dtype), 0)
-    half = x.shape[-1] // 2
-    sin1, sin2 = ops.split(sin, half, -1)
-    x1, x2 = ops.split(x, half, -1)
+    sin1, sin2 = _halves(sin)
+    x1, x2 = _halves(x)
     return x * cos + ops.cat((x2, x1), -1) * ops.cat((-sin1, sin2), -1)
 
 

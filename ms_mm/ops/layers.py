@@ -144,8 +144,15 @@ class GatedMLP(nn.Cell):
         self.intermediate_size = intermediate_size
         self.linear_fc1 = Linear(hidden_size, 2 * intermediate_size, has_bias=has_bias)
         self.linear_fc2 = Linear(intermediate_size, hidden_size, has_bias=has_bias)
+        self.split = ops.Split(axis=-1, output_num=2)
 
     def construct(self, x):
-        # one Split (its backward one Concat) instead of two StridedSlices and two StridedSliceGrads
-        gate, up = ops.split(self.linear_fc1(x), self.intermediate_size, -1)
+        gate_up = self.linear_fc1(x)
+        if sharded():
+            gate = gate_up[..., :self.intermediate_size]
+            up = gate_up[..., self.intermediate_size:]
+        else:
+            # one Split kernel, whose backward is one Concat; slices (and ops.split) are StridedSlices
+            # whose backward writes a full-size zero tensor per half and adds them (AddN)
+            gate, up = self.split(gate_up)
         return self.linear_fc2(ops.silu(gate) * up)

@@ -231,7 +231,6 @@ class MLAttention(nn.Cell):
 
     def construct(self, x, rope, attention_bias):
         b, s, _ = x.shape
-        # Splits instead of slices: one kernel each, and one Concat backward
         q, latent, k_pe = ops.split(self.linear_qkv(x), (self.q_out, self.kv_lora_rank, self.rope), -1)
         if self.q_lora_rank is not None:
             q = self.linear_qb(self.q_layernorm(q))
@@ -274,11 +273,12 @@ class MHAttention(nn.Cell):
         b, s, _ = x.shape
         d = self.head_dim
         qkv = self.linear_qkv(x).reshape(b, s, self.kv_heads, self.rep + 2, d)
-        # one Transpose to [B, Nkv, rep+2, S, d] and one Split, instead of three slices + transposes
-        q, k, v = ops.split(ops.transpose(qkv, (0, 2, 3, 1, 4)), (self.rep, 1, 1), 2)
+        # one Transpose to [B, Nkv, rep+2, S, d], one Unstack and one Stack (of the q heads), instead
+        # of three StridedSlices + three Transposes (a StridedSlice's backward is a full-size zero tensor)
+        parts = ops.unstack(ops.transpose(qkv, (0, 2, 3, 1, 4)), 2)
+        q = parts[0] if self.rep == 1 else ops.stack(parts[:self.rep], 2)
         q = q.reshape(b, self.heads, s, d)
-        k = k.reshape(b, self.kv_heads, s, d)
-        v = v.reshape(b, self.kv_heads, s, d)
+        k, v = parts[self.rep], parts[self.rep + 1]
         cos, sin = rope
         cos, sin = cos.astype(q.dtype), sin.astype(q.dtype)
         q = q * cos + rotate_half(q) * sin

@@ -198,11 +198,13 @@ class TextAttention(nn.Cell):
     def construct(self, x, cos, sin, mask):
         b, s, _ = x.shape
         qkv = ops.reshape(self.linear_qkv(x), (b, s, self.num_kv_heads, self.group + 2, self.head_dim))
-        # one Transpose to [B, Nkv, group+2, S, hd] and one Split, instead of three slices + transposes
-        q, k, v = ops.split(ops.transpose(qkv, (0, 2, 3, 1, 4)), (self.group, 1, 1), 2)
+        # one Transpose to [B, Nkv, group+2, S, hd], one Unstack and one Stack (of the q heads), instead
+        # of three StridedSlices + three Transposes (a StridedSlice's backward is a full-size zero tensor)
+        parts = ops.unstack(ops.transpose(qkv, (0, 2, 3, 1, 4)), 2)
+        q = parts[0] if self.group == 1 else ops.stack(parts[:self.group], 2)
         q = apply_rotary(ops.reshape(q, (b, self.num_heads, s, self.head_dim)), cos, sin)
-        k = apply_rotary(ops.reshape(k, (b, self.num_kv_heads, s, self.head_dim)), cos, sin)
-        v = ops.reshape(v, (b, self.num_kv_heads, s, self.head_dim))
+        k = apply_rotary(parts[self.group], cos, sin)
+        v = parts[self.group + 1]
         out = self.core_attention(q, k, v, mask)  # [B, N, S, hd]
         out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, s, self.num_heads * self.head_dim))
         return self.linear_proj(out)
