@@ -86,8 +86,8 @@ GPT_ARGS="
     --finetune-from-ema True \
     --ema 0.9999
 "
-# --use-torch-fsdp2 (MindSpeed-MM's memory switch; with --ema 0) maps to MindSpore's optimizer parallel on Ascend with
-# more than one card and is refused elsewhere with one line.
+# --use-torch-fsdp2 (MindSpeed-MM's memory switch) is refused with one line: BAGEL's packed sequences cannot yet be split over
+# data-parallel cards by the sharded path (docs/bagel.md).
 
 MM_ARGS="
     --mm-data $MM_DATA \
