@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ms_mm.data.errors import BadSampleError
-from ms_mm.data.prefetch import Prefetcher
+from ms_mm.data.prefetch import Closeable, Prefetcher
 from ms_mm.models.bagel.inputs import MASK_VALUE, build_model_inputs
 
 logger = logging.getLogger(__name__)
@@ -905,7 +905,7 @@ def load_tokenizer(path: str):
         raise DataConfigError(f"data json: model_path {path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
 
 
-class BagelPackedLoader:
+class BagelPackedLoader(Closeable):
     """Endless iterator of static-shape BAGEL micro batches (one packed sequence each); see the module
     docstring. `state_dict()` is the position after the last batch handed out."""
 
@@ -931,7 +931,6 @@ class BagelPackedLoader:
         self._position = {"batches": 0, "skipped": 0, "buffer": [], "groups": [st.state() for st in self.streams]}
         self._skipped_files = sum(len(st.dropped_files) for st in self.streams)
         self._prefetcher = None
-        self._failed = None
         self.stats = {"real_tokens": 0, "budget_tokens": 0, "batches": 0, "samples": 0}
 
     # --------------------------------------------------------------- public
@@ -960,7 +959,6 @@ class BagelPackedLoader:
                 raise ValueError(f"{st.spec.where}: the data changed since the checkpoint ({g['num_records']} records "
                                  f"then, {len(st.records)} now)")
         self._stop_producer()
-        self._failed = None
         self._position = {"batches": int(state["batches"]), "skipped": int(state.get("skipped", 0)),
                           "buffer": [list(r) for r in state.get("buffer", [])],
                           "groups": [{"epoch": int(g["epoch"]), "cursor": int(g["cursor"]),
@@ -970,16 +968,11 @@ class BagelPackedLoader:
         return self
 
     def __next__(self) -> dict:
-        if self._failed is not None:
-            raise self._failed
         if self._prefetcher is None:
             self._start()
-        try:
-            batch, position = self._prefetcher.get()
-        except Exception as e:  # the producer's error, at its place in the stream
-            self._failed = e
-            self._stop_producer()
-            raise
+        # the end, or the producer's error at its place in the stream, is raised here and again on
+        # every later call (the prefetcher keeps it) until load_state_dict
+        batch, position = self._prefetcher.get()
         self._position = position
         self.stats["real_tokens"] += batch["num_real_tokens"]
         self.stats["budget_tokens"] += batch["token_budget"]
@@ -988,13 +981,10 @@ class BagelPackedLoader:
         return batch
 
     def close(self) -> None:
-        self._stop_producer()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
+        """Stop the producer thread (iterating again restarts it from the current position). A loader
+        that ended or failed stays so until `load_state_dict`."""
+        if self._prefetcher is not None and self._prefetcher.alive:
+            self._stop_producer()
 
     # --------------------------------------------------------------- producer
     def _start(self):
