@@ -12,8 +12,8 @@ rank holds (``region``: one ``(start, stop)`` per dim; uniform splits are always
     assemble(shard_dir) -> {name: LazyTensor of the full tensor}          # for mm_checkpoint writers
 
 Loading reads the block straight out of the MM checkpoint (``mm_checkpoint``'s ``mp_rank_*``
-layout, any TP / PP / EP split: the block is mapped onto the TP pieces of the checkpoint and each
-piece is read through a memory map), so host memory stays at the rank's share whatever split the
+layout, any TP / PP / EP split: ``MMCheckpointReader.get_region`` maps the block onto the TP pieces
+of the checkpoint and reads each piece through a memory map), so host memory stays at the rank's share whatever split the
 checkpoint was written with (re-slicing on load). Saving writes each distinct block once (the lowest
 rank holding it) into ``rank_XXXXX.safetensors`` with its region in the metadata; ``assemble``
 streams full tensors back out of those blocks one tensor at a time, checking that the blocks tile
@@ -146,56 +146,9 @@ def region_shape(region: Region) -> Tuple[int, ...]:
 
 
 # ------------------------------------------------------------------------------------ reading
-def _memmap(f: "mmc.SafetensorsFile", local: str) -> np.ndarray:
-    dtype, shape, begin, _ = f._entry(local)
-    if int(np.prod(shape, dtype=np.int64)) == 0:
-        return np.empty(shape, dtype)
-    return np.memmap(f.path, dtype=dtype, mode="r", offset=f._data_start + begin, shape=shape)
-
-
 def read_file_region(f: "mmc.SafetensorsFile", local: str, region: Region) -> np.ndarray:
     """The block ``region`` of tensor ``local`` of a safetensors file, read through a memory map."""
-    return np.array(_memmap(f, local)[_slices(region)])
-
-
-def _runs(start: int, stop: int, kind: str, full: int, tp: int):
-    """(piece, local_start, length) runs covering [start, stop) of a dim split by TP ``kind``."""
-    runs = []
-    i = start
-    while i < stop:
-        if kind == "col_gated":
-            half, per = full // 2, full // 2 // tp
-            part, j = (0, i) if i < half else (1, i - half)
-            piece, off = j // per, j % per
-            length = min(stop - i, per - off, (half if part == 0 else full) - i)
-            runs.append((piece, part * per + off, length))
-        else:
-            per = full // tp
-            piece, off = i // per, i % per
-            length = min(stop - i, per - off)
-            runs.append((piece, off, length))
-        i += length
-    return runs
-
-
-def read_region(reader: "mmc.MMCheckpointReader", name: str, region: Region) -> np.ndarray:
-    """The block ``region`` of the full tensor ``name`` of an MM checkpoint, whatever TP split it was
-    written with: only the TP pieces overlapping the block are touched, each through a memory map."""
-    files, local = reader._files(name)
-    full = reader.shape(name)
-    if len(region) != len(full) or any(not 0 <= s <= e <= n for (s, e), n in zip(region, full)):
-        raise ShardedCheckpointError(f"{reader.iter_dir}: block {list(region)} outside tensor {name!r} {list(full)}")
-    kind = reader.layout.tp_kind(name)
-    tp = reader.layout.tp_size
-    if kind is None or tp == 1 or (kind == "row" and len(full) < 2):
-        return read_file_region(files[0], local, region)
-    axis = 1 if kind == "row" else 0
-    parts = []
-    for piece, off, length in _runs(region[axis][0], region[axis][1], kind, full[axis], tp):
-        sub = list(region)
-        sub[axis] = (off, off + length)
-        parts.append(read_file_region(files[piece], local, tuple(sub)))
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
+    return np.array(f.memmap(local)[_slices(region)])
 
 
 class RegionSource:
@@ -218,7 +171,10 @@ class RegionSource:
     def read(self, name: str, region: Region) -> np.ndarray:
         if self.file is not None:
             return read_file_region(self.file, name, region)
-        return read_region(self.reader, name, region)
+        try:
+            return self.reader.get_region(name, region)
+        except mmc.CheckpointError as e:
+            raise ShardedCheckpointError(str(e)) from e
 
 
 def read_rank_slices(source, layouts: Mapping[str, ParamLayout], rank: int,

@@ -166,6 +166,13 @@ class SafetensorsFile:
     def lazy(self, name: str) -> "LazyTensor":
         return LazyTensor(self.shape(name), self.dtype(name), lambda: self.get(name))
 
+    def memmap(self, name: str) -> np.ndarray:
+        """Tensor `name` as a read-only memory map: slicing it reads only the pages of the slice."""
+        dtype, shape, begin, _ = self._entry(name)
+        if int(np.prod(shape, dtype=np.int64)) == 0:
+            return np.empty(shape, dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
+
     def _entry(self, name):
         try:
             return self._entries[name]
@@ -783,6 +790,46 @@ class MMCheckpointReader:
 
     def lazy(self, name) -> LazyTensor:
         return LazyTensor(self.shape(name), self.dtype(name), lambda: self.get(name))
+
+    def get_region(self, name, region) -> np.ndarray:
+        """The block `region` ((start, stop) per dim) of the full tensor `name`: only the TP pieces
+        overlapping it are touched, each through a memory map (a sharded run's per-rank read)."""
+        files, local = self._files(name)
+        full = self.shape(name)
+        if len(region) != len(full) or any(not 0 <= s <= e <= n for (s, e), n in zip(region, full)):
+            raise CheckpointError(f"{self.iter_dir}: block {list(region)} outside tensor {name!r} {list(full)}")
+        kind = self.layout.tp_kind(name)
+        tp = self.layout.tp_size
+        if kind is None or tp == 1 or (kind == "row" and len(full) < 2):
+            return np.array(files[0].memmap(local)[tuple(slice(s, e) for s, e in region)])
+        axis = 1 if kind == "row" else 0
+        parts = []
+        for piece, off, length in _tp_runs(region[axis][0], region[axis][1], kind, full[axis], tp):
+            sub = list(region)
+            sub[axis] = (off, off + length)
+            parts.append(np.array(files[piece].memmap(local)[tuple(slice(s, e) for s, e in sub)]))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
+
+
+def _tp_runs(start: int, stop: int, kind: str, full: int, tp: int):
+    """(piece, local_start, length) runs covering [start, stop) of a dim split over tp by `kind`
+    (`col_gated`: the [gate; up] halves split separately, each piece [gate_k; up_k])."""
+    runs = []
+    i = start
+    while i < stop:
+        if kind == "col_gated":
+            half, per = full // 2, full // 2 // tp
+            part, j = (0, i) if i < half else (1, i - half)
+            piece, off = j // per, j % per
+            length = min(stop - i, per - off, (half if part == 0 else full) - i)
+            runs.append((piece, part * per + off, length))
+        else:
+            per = full // tp
+            piece, off = i // per, i % per
+            length = min(stop - i, per - off)
+            runs.append((piece, off, length))
+        i += length
+    return runs
 
 
 def open_model(path, iteration: Union[str, int, None] = None) -> MMCheckpointReader:
