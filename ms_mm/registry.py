@@ -67,7 +67,8 @@ class Family:
     `freeze_groups` (model-json path of a `freeze` switch -> parameter-name prefixes); `count_tokens`
     (LLM tokens of a batch, for --log-tps); `metric_outputs` / `step_metrics(config, outputs, batch)`
     (extra logged numbers from construct's outputs); `check_parallel_sizes(config, train_args)`.
-    Parallel: `parallel_plan()` -> the plan object (`check`, `check_batch`, `apply`);
+    Parallel: `parallel_plan()` -> the plan object (`check`, `check_batch`, `apply`); `sample_axes` and
+    `dp_slice` feed each data-parallel rank its own samples;
     `synthetic_batch(config, batch_size, seq_len)` -> model inputs for the dry run.
     Data: `dataset_types` are the data-json `dataset_param.dataset_type` values the family's
     `build_dataloader` reads (`ms_mm.data.build_dataloader` dispatches on them).
@@ -97,6 +98,12 @@ class Family:
     check_parallel_sizes: Optional[Callable[[Any, Any], None]] = None
     parallel_plan: Optional[Callable[[], Any]] = None
     synthetic_batch: Optional[Callable[[Any, int, int], Dict[str, Any]]] = None
+    # per-rank data on the sharded path: `sample_axes` {input name: axis its samples lie along} (0 when not
+    # named); `dp_slice(inputs, dp_rank, dp, config)` turns a data-parallel rank's own inputs into its slice
+    # of the global batch (indices into concatenated tensors made global). None: the family has no
+    # per-rank form and its sharded runs are refused.
+    sample_axes: Mapping[str, int] = field(default_factory=dict)
+    dp_slice: Optional[Callable[[Dict[str, Any], int, int, Any], Dict[str, Any]]] = None
     parity: Mapping[str, Callable[..., Dict[str, Any]]] = field(default_factory=dict)
     build_tiny: Optional[Callable[..., Any]] = None
     tiny_flags: Mapping[str, Tuple[str, Any, str]] = field(default_factory=dict)

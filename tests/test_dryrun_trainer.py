@@ -75,8 +75,13 @@ def test_dry_run_of_the_trainer_tp2_pp2_dp2(tp2_pp2_dp2):
     work = tmp_path / "msrun_log" / "dryrun"
     log0 = (work / "rank0" / "train.log").read_text()
     assert "sharding plan of qwen2_5_vl applied: semi-auto parallel, dp 2 x tp 2 x pp 2 (ep 1), 2 micro batch(es) " \
-           "of 2 rows per step, optimizer states sharded over dp" in log0
-    assert "iteration        2/       2" in log0 and "synthetic batches of 2 samples x 64 tokens" in log0
+           "of 2 rows per step, 1 read by each dp rank, optimizer states sharded over dp" in log0
+    # per-rank data: each rank prepares its own micro batch of 1 sample (the graph's global batch is 2 rows)
+    assert "iteration        2/       2" in log0 and "synthetic batches of 1 samples x 64 tokens" in log0
+    assert "input_ids [1, 64]" in log0 and "position_ids [3, 1, 64]" in log0
+    # MindSpore's own reading of the dataset strategy: the global micro batch is the dp ranks' slices together
+    assert "slice of the global micro batch, whose shapes are input_ids [2, 64], attention_mask [2, 64], " \
+           "position_ids [3, 2, 64], labels [2, 64], pixel_values [128, 1176]" in log0
     # MindSpore's compiled layouts: stage 0 holds the vision tower and LLM layer 0, stage 1 the rest;
     # tp splits inside each stage; the distributed optimizer gives parameters and AdamW moments an optimizer-shard group
     # (empty without --use-distributed-optimizer)

@@ -105,6 +105,14 @@ class ParallelConfig:
                 raise ParallelConfigError(
                     f"{name}={layers} has {len(layers)} stage(s) but pp={self.pp}")
 
+    def dp_rank(self, rank: int) -> int:
+        """The data-parallel rank of global ``rank``: which slice of the global batch it holds. A pipeline
+        stage holds ``world_size / pp`` consecutive ranks laid out as a [dp, tp * cp] device matrix
+        (row-major: the model-parallel peers of a dp rank are neighbours), the layout the data-parallel
+        dataset strategy (``ms_mm.parallel.context.dataset_strategy``) declares."""
+        per_stage = self.world_size // self.pp
+        return (rank % per_stage) // (per_stage // self.dp)
+
     def _positive(self, name):
         value = getattr(self, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

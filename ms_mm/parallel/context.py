@@ -4,7 +4,9 @@
     set_parallel_context(pc, optimizer_parallel=True)     # --use-distributed-optimizer
 
 Semi-auto parallel with ``full_batch=True``: every rank is fed the same global batch and the
-plan's strategies cut it (rows by dp). ``pipeline_stages`` is set from ``pc.pp``. The device
+plan's strategies cut it (rows by dp). The trainer instead feeds each data-parallel rank its own
+samples: ``set_dataset_strategy(pc, axes)`` (before the first compile) switches to
+``full_batch=False`` with a dataset strategy that declares each input's sample axis split over dp. ``pipeline_stages`` is set from ``pc.pp``. The device
 matrix MindSpore derives is TP x PP x DP (expert parallel lives inside DP: the plans split experts
 over ``ep`` of the ``dp`` ranks). ``optimizer_parallel`` turns on MindSpore's optimizer parallel
 (``enable_parallel_optimizer``): the optimizer states (AdamW moments) of every parameter that the
@@ -38,3 +40,24 @@ def set_parallel_context(pc: ParallelConfig, optimizer_parallel: bool = False,
     import mindspore as ms
     ms.reset_auto_parallel_context()
     ms.set_auto_parallel_context(**parallel_context_kwargs(pc, optimizer_parallel, strategy_file))
+
+
+def dataset_strategy(pc: ParallelConfig, axes):
+    """MindSpore's dataset strategy for inputs fed per data-parallel rank: ``axes`` holds, per input,
+    (its ndim, the axis its samples lie along); that axis is split over dp, every other axis whole.
+
+    Given as ``Layout``s over a [dp, world / pp / dp] device matrix of each pipeline stage, so which
+    ranks share a slice is explicit: the model-parallel peers of a dp rank (``ParallelConfig.dp_rank``)
+    are its row of the matrix and are fed the same samples."""
+    from mindspore.parallel import Layout
+
+    per_stage = pc.world_size // pc.pp
+    layout = Layout((pc.dp, per_stage // pc.dp), ("dp", "mp"))
+    return tuple(layout(*["dp" if i == axis else "None" for i in range(ndim)]) for ndim, axis in axes)
+
+
+def set_dataset_strategy(pc: ParallelConfig, axes) -> None:
+    """Per-rank data (``full_batch=False``) with ``dataset_strategy(pc, axes)``; the rest of the context stays."""
+    import mindspore as ms
+
+    ms.set_auto_parallel_context(full_batch=False, dataset_strategy=dataset_strategy(pc, axes))

@@ -9,8 +9,11 @@
 
 ``ms_mm.training.trainer`` takes this path when tp / pp / ep > 1 or ``--use-distributed-optimizer``
 is given on more than one rank, under MindSpore semi-auto parallel (Ascend, or DryRun's simulated
-Ascend ranks; the CPU backend refuses it). Every rank is fed the same global micro batches
-(``full_batch=True``): the plan's strategies cut the rows by dp. The ``GBS / (MBS x DP)`` micro
+Ascend ranks; the CPU backend refuses it). Each data-parallel rank is fed its own samples
+(``sample_axes`` given: ``full_batch=False`` with a dataset strategy splitting each input's sample axis
+over dp; the model-parallel peers of a dp rank are fed the same ones); without ``sample_axes`` every rank
+is fed the whole global micro batches (``full_batch=True``) and the plan's strategies cut the rows by
+dp. Either way the plan's strategies describe the global batch. The ``GBS / (MBS x DP)`` micro
 batches of a step are stacked on a leading axis and run in one graph: under pipeline parallel by
 ``StackedPipelineCell`` (MindSpore's pipeline schedule), otherwise by a loop over them whose mean
 loss is differentiated (gradient accumulation inside the graph). The step then unscales the loss
@@ -265,15 +268,19 @@ def _build_cells():
 
 class ParallelTrainStep:
     """The sharded train step with ``training.TrainStep``'s call: ``step(micro_batches) -> (mean loss,
-    grad norm, finite)``, where ``micro_batches`` are the step's ``GBS / (MBS x DP)`` global micro
-    batches (tuples of numpy arrays or Tensors in the model's input order, ``MBS x DP`` rows each).
+    grad norm, finite)``, where ``micro_batches`` are the step's ``GBS / (MBS x DP)`` micro batches
+    (tuples of numpy arrays or Tensors in the model's input order): this data-parallel rank's own
+    ``MBS`` samples when ``sample_axes`` (per input, the axis its samples lie along) is given, else the
+    global ``MBS x DP`` rows. Per-rank inputs must have the same shapes on every rank (``check_shapes``,
+    called with each new shape signature, may compare them across ranks).
 
     Under pipeline parallel the loss and norm are those the rank's stage sees (the last stage holds
     the loss). ``dry_run``: DryRun's simulated ranks, whose outputs hold no values (nan is reported).
     """
 
     def __init__(self, model, optimizer, pc: ParallelConfig, micro_batches: int, clip_grad: float = 0.0,
-                 loss_scaler=None, input_names: Sequence[str] = (), dry_run: bool = False):
+                 loss_scaler=None, input_names: Sequence[str] = (), dry_run: bool = False,
+                 sample_axes: Optional[Sequence[int]] = None, check_shapes=None):
         LossOnly, SumOver, Stacked, StepCell = _build_cells()
         net = LossOnly(model, loss_scaler)
         pipeline = pc.pp > 1
@@ -282,6 +289,9 @@ class ParallelTrainStep:
         self.cell.set_train()
         self.micro_batches = micro_batches
         self.dry_run = dry_run
+        self.pc = pc
+        self.sample_axes = None if sample_axes is None else tuple(sample_axes)
+        self.check_shapes = check_shapes
         self.input_names = tuple(input_names)
         self.graph_shapes: dict = {}
         self.new_shapes: list = []
@@ -299,6 +309,15 @@ class ParallelTrainStep:
                                       for mb in micro_batches], self.input_names)
         signature = tuple(tuple(a.shape[1:]) for a in arrays)
         self.new_shapes = [] if signature in self.graph_shapes else [signature]
+        if self.sample_axes is not None and not self.graph_shapes:
+            from ms_mm.parallel.context import set_dataset_strategy
+
+            if len(self.sample_axes) != len(arrays):
+                raise ValueError(f"sample_axes names {len(self.sample_axes)} inputs, the batch has {len(arrays)}")
+            # stacked [micro batches, ...]: each input's sample axis moves one to the right
+            set_dataset_strategy(self.pc, [(a.ndim, axis + 1) for a, axis in zip(arrays, self.sample_axes)])
+        if self.new_shapes and self.check_shapes is not None:
+            self.check_shapes(signature)
         self.graph_shapes[signature] = self.graph_shapes.get(signature, 0) + 1
         tensors = [ms.Tensor(a) for a in arrays]
         if self.on_compiled is not None:
@@ -310,6 +329,16 @@ class ParallelTrainStep:
             return float("nan"), float("nan"), True
         loss, norm, finite = out
         return float(loss.asnumpy()), float(norm.asnumpy()), bool(finite.asnumpy())
+
+    def global_shapes(self, signature):
+        """The shapes of the global batch the compiled graph sees for a micro batch of ``signature`` (this
+        rank's shapes), by MindSpore's own rule for the dataset strategy in effect."""
+        if self.sample_axes is None:
+            return signature
+        from mindspore.parallel._utils import _to_full_shapes
+
+        full = _to_full_shapes([(self.micro_batches,) + tuple(sh) for sh in signature], self.pc.world_size)
+        return tuple(tuple(int(d) for d in sh[1:]) for sh in full)
 
     @property
     def parameter_layout_dict(self):

@@ -201,6 +201,35 @@ def _gather_data_states(state: dict, world: int, all_gather=None) -> dict:
     return {"per_rank": [json.loads(bytes(row[:int(n)].astype(np.uint8)).decode()) for row, n in zip(rows, sizes)]}
 
 
+def per_rank_data(family: Family) -> bool:
+    """On the sharded path, does each data-parallel rank read only its own samples (the family has a
+    per-rank form of its inputs, ``Family.dp_slice``)?"""
+    return family.dp_slice is not None
+
+
+def _per_dp_rank(gathered: dict, pc) -> dict:
+    """Of every rank's data position (``_gather_data_states``), one per data-parallel rank: that of its
+    first rank on pipeline stage 0 (its model-parallel peers read the same samples)."""
+    per_rank = gathered["per_rank"]
+    firsts = {}
+    for r in range(pc.world_size // pc.pp):
+        firsts.setdefault(pc.dp_rank(r), r)
+    return {"per_rank": [per_rank[firsts[d]] for d in range(pc.dp)]}
+
+
+def _check_same_shapes(signature, names: Sequence[str], world: int, all_gather=None) -> None:
+    """Per-rank data: every rank's micro batches must have the shapes the others have (one compiled graph
+    across the ranks); a rank whose samples pad to other shapes is named with the inputs that differ."""
+    mine = [list(shape) for shape in signature]
+    ranks = _gather_data_states({"shapes": mine}, world, all_gather)["per_rank"]
+    for r, other in enumerate(ranks):
+        if other["shapes"] != ranks[0]["shapes"]:
+            diff = [f"{n} {a} vs {b}" for n, a, b in zip(names, ranks[0]["shapes"], other["shapes"]) if a != b]
+            raise ValueError(f"rank {r}'s micro batches have other shapes than rank 0's ({'; '.join(diff)}): the "
+                             f"sharded step compiles one graph for every rank; pad every sample to one shape "
+                             f"(fixed sequence length and image size)")
+
+
 def _own_data_state(saved: dict, rank: int, world: int, where: str) -> dict:
     if "per_rank" not in saved:
         return saved
@@ -379,6 +408,8 @@ def train(args: TrainArgs, stream=None) -> List[float]:
         parallelize(model, pc)
         log(f"sharding plan of {family.name} applied: semi-auto parallel, dp {pc.dp} x tp {pc.tp} x pp {pc.pp}"
             f" (ep {pc.ep}), {micro_per_step} micro batch(es) of {args.micro_batch_size * pc.dp} rows per step"
+            + (f", {args.micro_batch_size} read by each dp rank" if per_rank_data(family) else
+               ", every rank reading all of them")
             + (", optimizer states sharded over dp (--use-distributed-optimizer)"
                if args.use_distributed_optimizer and pc.dp > 1 else ""))
     trainable = apply_freeze(model, model_json, family, log)
@@ -390,8 +421,13 @@ def train(args: TrainArgs, stream=None) -> List[float]:
     if pc is not None:
         from ms_mm.parallel.training import ParallelTrainStep
 
+        per_rank = per_rank_data(family)
         step_fn = ParallelTrainStep(model, optimizer, pc, micro_per_step, clip_grad=args.clip_grad,
-                                    loss_scaler=loss_scaler, input_names=family.input_names, dry_run=dry_run)
+                                    loss_scaler=loss_scaler, input_names=family.input_names, dry_run=dry_run,
+                                    sample_axes=([family.sample_axes.get(n, 0) for n in family.input_names]
+                                                 if per_rank else None),
+                                    check_shapes=(None if dry_run or not per_rank or pc.dp == 1 else
+                                                  lambda sig: _check_same_shapes(sig, family.input_names, world)))
     else:
         step_fn = TrainStep(model, optimizer, accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad,
                             loss_scaler=loss_scaler, data_parallel=world > 1,
@@ -440,9 +476,14 @@ def train(args: TrainArgs, stream=None) -> List[float]:
         log(f"EMA of the weights: decay {ema_decay}, saved as {ckpt.EMA_DIR}/ in each checkpoint"
             + (" (restored)" if saved_ema is not None else ""))
 
-    # sharded path (full_batch): every rank reads the same global micro batches, the plan cuts the rows by dp
-    load_mbs, load_rank, load_world = ((args.micro_batch_size * pc.dp, 0, 1) if pc is not None
-                                       else (args.micro_batch_size, rank, world))
+    # sharded path: each data-parallel rank reads its own samples, its model-parallel peers the same ones
+    # (per_rank_data); a family without a per-rank form has every rank read the global micro batches
+    if pc is None:
+        load_mbs, load_rank, load_world = args.micro_batch_size, rank, world
+    elif per_rank_data(family):
+        load_mbs, load_rank, load_world = args.micro_batch_size, pc.dp_rank(rank), pc.dp
+    else:
+        load_mbs, load_rank, load_world = args.micro_batch_size * pc.dp, 0, 1
     try:
         loader = family.build_dataloader(data_json, config, load_mbs, args.seed, load_rank, load_world,
                                          args.num_workers, args.skip_bad_samples,
@@ -474,9 +515,13 @@ def train(args: TrainArgs, stream=None) -> List[float]:
         nonlocal last_saved
         last_saved = iteration
         # every rank takes part: data positions differ per rank once bad samples are skipped (a sharded
-        # run reads one global stream on every rank: its one position)
-        data_state = (_gather_data_states(loader.state_dict(), world) if pc is None
-                      else {"per_rank": [loader.state_dict()]})
+        # run keeps one position per data-parallel rank)
+        if pc is None:
+            data_state = _gather_data_states(loader.state_dict(), world)
+        elif load_world > 1:
+            data_state = _per_dp_rank(_gather_data_states(loader.state_dict(), world), pc)
+        else:
+            data_state = {"per_rank": [loader.state_dict()]}
         if not is_rank0 and pc is None:
             return
         train_state = {"iteration": iteration, "consumed_samples": consumed, "world_size": world,
@@ -521,6 +566,8 @@ def train(args: TrainArgs, stream=None) -> List[float]:
                     raise RuntimeError(f"the data loader ran out of samples at iteration {iteration}") from None
                 if family.count_tokens is not None:
                     tokens += family.count_tokens(batch)
+                if pc is not None and load_world > 1:   # this dp rank's samples as its slice of the global batch
+                    batch = family.dp_slice(batch, load_rank, load_world, config)
                 micro.append(_to_tensors(batch, family.input_names))
                 batches.append(batch)
             loss, grad_norm, finite = step_fn(micro)
@@ -528,6 +575,9 @@ def train(args: TrainArgs, stream=None) -> List[float]:
                 log(f"compiled the train-step graph for input shapes "
                     f"{', '.join(f'{n} {list(sh)}' for n, sh in zip(family.input_names, shapes))} "
                     f"({len(step_fn.graph_shapes)} graph(s) so far; {_padding_note(loader)})")
+                if pc is not None and load_world > 1:
+                    log(f"  this rank's slice of the global micro batch, whose shapes are "
+                        f"{', '.join(f'{n} {list(sh)}' for n, sh in zip(family.input_names, step_fn.global_shapes(shapes)))}")
             if ema is not None:
                 ema.update()
             metrics = _step_metrics(family, config, step_fn, batches) if pc is None else {}

@@ -96,6 +96,7 @@ FAMILY = Family(
     presets={name: (lambda p=preset: DeepseekVL2Config.preset(p)) for name, preset in PRESET_NAMES.items()},
     build_model=lazy("ms_mm.models.deepseek_vl2.modeling:DeepseekVL2ForCausalLM"), input_names=MODEL_INPUT_NAMES,
     build_dataloader=_build_dataloader,
+    dp_slice=lazy("ms_mm.models.deepseek_vl2.inputs:as_dp_slice"),
     freeze_groups={
         "image_encoder.vision_encoder": ("image_encoder.encoder.",),
         "image_encoder.vision_projector": ("image_encoder.projector.", "image_newline", "view_seperator"),

@@ -183,3 +183,26 @@ def build_model_inputs(batch: Dict[str, np.ndarray], config: DeepseekVL2Config, 
     if tile_buckets is not None:
         out["_padding"] = {"tiles": (real_tiles, total_tiles)}
     return out
+
+
+# every input holds the batch's samples (or tiles) along axis 0; fed per data-parallel rank, the global
+# batch is the ranks' inputs concatenated along it (``as_dp_slice``)
+SAMPLE_AXES: dict = {}
+
+
+def as_dp_slice(inputs: dict, dp_rank: int, dp: int, config: DeepseekVL2Config) -> dict:
+    """One data-parallel rank's inputs (built from its own samples) as its slice of the global batch.
+
+    The compiled graph sees the ``dp`` ranks' inputs concatenated (tiles too, every rank's of the same
+    count), so ``image_token_index`` must point into the global gather table [tile tokens of every rank's
+    tiles; newline; separator]: a tile token of rank k moves past the ``k`` ranks before it, the newline
+    and separator rows to the end of the global table."""
+    if dp == 1:
+        return inputs
+    hw = config.tokens_per_tile_side ** 2
+    tile_tokens = int(np.shape(inputs["pixel_values"])[0]) * hw
+    index = np.asarray(inputs["image_token_index"])
+    glob = np.where(index < tile_tokens, index + dp_rank * tile_tokens, index + (dp - 1) * tile_tokens)
+    # positions that are no image token keep their (unread) 0, as the combined batch's would
+    glob = np.where(np.asarray(inputs["images_seq_mask"], bool), glob, index)
+    return dict(inputs, image_token_index=glob.astype(index.dtype))

@@ -86,6 +86,11 @@ def embedded_model_json(hf_dir, user_model_json: dict) -> Dict[str, Any]:
                                 movqgan_path=str(EMBEDDED_MOVQGAN_DIR.resolve()))
 
 
+def _dp_slice(inputs, dp_rank, dp, config):
+    """Tokens, labels and positions per sample, no index into other rows: a rank's inputs are its slice."""
+    return inputs
+
+
 FAMILIES = [
     Family(
         name="lumina_mgpt2", title="Lumina-mGPT 2.0", model_ids=("lumina_mgpt2", "lumina"),
@@ -96,6 +101,7 @@ FAMILIES = [
                  "lumina-mgpt2-7b": lambda: LuminaMGPT2Config.preset("7B")},
         build_model=lazy("ms_mm.models.lumina_mgpt2.modeling:LuminaMGPT2ForCausalLM"), input_names=MODEL_INPUT_NAMES,
         build_dataloader=_build_dataloader,
+        dp_slice=_dp_slice,
         count_tokens=_llm_tokens,
         # construct: (loss, logits, ce_loss, z_loss)
         metric_outputs=(2, 3), step_metrics=step_metrics,

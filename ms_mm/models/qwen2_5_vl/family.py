@@ -10,7 +10,7 @@ import numpy as np
 
 from ms_mm.models.qwen2_5_vl.config import Qwen2_5_VLConfig, claims_json, config_from_hf, config_from_json, \
     mindspeed_model_json
-from ms_mm.models.qwen2_5_vl.inputs import MODEL_INPUT_NAMES
+from ms_mm.models.qwen2_5_vl.inputs import MODEL_INPUT_NAMES, SAMPLE_AXES
 from ms_mm.registry import EmbeddedDefault, Family, lazy, lazy_object
 
 # the callables below are imported when first called (`lazy`): this module stays light
@@ -25,6 +25,12 @@ def _build_dataloader(data_cfg, config, micro_batch_size, seed, rank, world_size
 
     return build_dataloader(data_cfg, config, micro_batch_size, seed, rank, world_size,
                             num_workers if num_workers else None, skip_bad_samples, **kwargs)
+
+
+def _dp_slice(inputs, dp_rank, dp, config):
+    from ms_mm.models.qwen2_5_vl.inputs import as_dp_slice
+
+    return as_dp_slice(inputs, dp_rank, dp)
 
 
 def _llm_tokens(batch) -> int:
@@ -49,6 +55,7 @@ FAMILY = Family(
     presets={name: (lambda name=name: Qwen2_5_VLConfig.preset(name)) for name in ("tiny", "3b", "7b", "32b", "72b")},
     build_model=lazy("ms_mm.models.qwen2_5_vl.modeling:Qwen2_5_VLForConditionalGeneration"),
     input_names=MODEL_INPUT_NAMES,
+    sample_axes=SAMPLE_AXES, dp_slice=_dp_slice,
     build_dataloader=_build_dataloader,
     freeze_groups={
         "image_encoder.vision_encoder": ("image_encoder.encoder.",),

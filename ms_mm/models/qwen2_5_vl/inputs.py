@@ -232,3 +232,33 @@ def build_model_inputs(batch: dict, config, patch_buckets=None) -> dict:
     if padding is not None:
         out["_padding"] = padding
     return out
+
+
+# the axis along which each input holds the batch's samples (rows, patches, ...): fed per data-parallel rank,
+# the global batch is the ranks' inputs concatenated along it (``as_dp_slice``)
+SAMPLE_AXES = {"position_ids": 1}
+
+
+def as_dp_slice(inputs: dict, dp_rank: int, dp: int) -> dict:
+    """One data-parallel rank's inputs (built from its own samples) as its slice of the global batch.
+
+    Under per-rank data the compiled graph sees the ``dp`` ranks' inputs concatenated along their sample
+    axes (every rank's of the same shapes), so the indices into them must be global: ``image_gather_index``
+    points into [tokens of every rank; image embeddings of every rank], the window permutation and the
+    merge order into every rank's patches, and the attention segment ids must not meet another rank's.
+    Everything else (tokens, M-RoPE ids, labels, pixels, rotary ids) is already per sample."""
+    if dp == 1:
+        return inputs
+    bsz, seq = np.shape(inputs["input_ids"])
+    tokens = bsz * seq
+    n_patches = int(np.shape(inputs["pixel_values"])[0])
+    n_embeds = int(np.shape(inputs["vision_reverse_index"])[0])
+    out = dict(inputs)
+    gather = np.asarray(inputs["image_gather_index"])
+    out["image_gather_index"] = np.where(gather < tokens, gather + dp_rank * tokens,
+                                         dp * tokens + dp_rank * n_embeds + (gather - tokens)).astype(gather.dtype)
+    for name, offset in (("vision_window_index", n_patches), ("vision_reverse_index", n_embeds),
+                         ("vision_window_seg", n_patches), ("vision_frame_seg", n_patches)):
+        arr = np.asarray(inputs[name])
+        out[name] = (arr + dp_rank * offset).astype(arr.dtype)   # segment ids < patches: disjoint per rank
+    return out
