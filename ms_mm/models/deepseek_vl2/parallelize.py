@@ -18,7 +18,8 @@ language model (tokens split by dp; heads / FFN / vocab split by tp)
                           expert FFN width by tp. MindSpore derives the token exchange into the
                           expert axis and the reduction of the weighted combine over it.
     output_layer          column-parallel on the vocabulary
-vision tower (SigLIP) and projector (all tiles of the batch on every dp rank; heads / FFN by tp)
+vision tower (SigLIP) and projector (tiles split by dp: each dp rank encodes its own samples' tiles;
+heads / FFN by tp)
     qkv / fc1 column-parallel, proj / fc2 row-parallel, heads split by tp; projector first Linear
     column-parallel, last row-parallel.
 
@@ -150,20 +151,21 @@ class DeepseekVL2Plan:
         if not text.tie:
             sharding.column_parallel(text.output_layer, dp, tp)
 
-        # every dp rank encodes all tiles of the global batch (their count varies per batch)
+        # each dp rank encodes its own tiles: the trainer feeds every dp rank its own samples with the
+        # same tile count (``Family.dp_slice``), so the global tile axis is dp slices, split by dp here
         vision = model.image_encoder.encoder
         for block in vision.blocks:
             attn = block.attn
-            sharding.column_parallel(attn.qkv, 1, tp)
-            sharding.head_parallel_attention(attn.core_attention, 1, tp, mask_batch=1, has_mask=False)
-            sharding.row_parallel(attn.proj, 1, tp)
-            sharding.column_parallel(block.mlp.fc1, 1, tp)
-            sharding.row_parallel(block.mlp.fc2, 1, tp)
+            sharding.column_parallel(attn.qkv, dp, tp)
+            sharding.head_parallel_attention(attn.core_attention, dp, tp, mask_batch=1, has_mask=False)
+            sharding.row_parallel(attn.proj, dp, tp)
+            sharding.column_parallel(block.mlp.fc1, dp, tp)
+            sharding.row_parallel(block.mlp.fc2, dp, tp)
         linears = [cell for cell in model.image_encoder.projector.layers if hasattr(cell, "matmul")]
-        sharding.column_parallel(linears[0], 1, tp)
+        sharding.column_parallel(linears[0], dp, tp)
         for middle in linears[1:-1]:
-            sharding.replicated_linear(middle, 1)
-        sharding.row_parallel(linears[-1], 1, tp)
+            sharding.replicated_linear(middle, dp)
+        sharding.row_parallel(linears[-1], dp, tp)
         return model
 
 
