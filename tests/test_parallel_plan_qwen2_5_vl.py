@@ -42,16 +42,18 @@ def test_text_layers_get_megatron_splits(tiny_tp4_config):
 
 def test_vision_patch_rows_split_by_dp_heads_by_tp(tiny_tp4_config):
     """world 8, tp 4: dp 2. The vision tower's one patch sequence is split by dp on its rows
-    (linears, norms, the patch embedding) and, in attention, on the query rows (keys / values whole)."""
+    (linears, norms, the patch embedding); attention runs on a batch of dp patch groups (each dp rank's
+    own images, no keys from other ranks), heads by tp."""
     model = parallelize(Qwen2_5_VLForConditionalGeneration(tiny_tp4_config), ParallelConfig(world_size=8, tp=4))
     block = model.image_encoder.encoder.blocks.layers[0]
+    assert model.image_encoder.encoder.groups == 2 and block.self_attention.groups == 2
     assert _strategy(block.self_attention.linear_qkv.matmul) == ((2, 1), (4, 1))
     assert _strategy(block.self_attention.linear_proj.matmul) == ((2, 4), (1, 4))
     assert _strategy(block.self_attention.linear_proj.bias_add) == ((2, 1), (1,))
     attn = block.self_attention.core_attention
-    assert _strategy(attn.bmm_qk) == ((1, 4, 2, 1), (1, 4, 1, 1))
-    assert _strategy(attn.add) == ((1, 4, 2, 1), (1, 1, 2, 1))
-    assert _strategy(attn.bmm_pv) == ((1, 4, 2, 1), (1, 4, 1, 1))
+    assert _strategy(attn.bmm_qk) == ((2, 4, 1, 1), (2, 4, 1, 1))
+    assert _strategy(attn.add) == ((2, 4, 1, 1), (2, 1, 1, 1))
+    assert _strategy(attn.bmm_pv) == ((2, 4, 1, 1), (2, 4, 1, 1))
     merger = model.image_encoder.projector.encoder
     assert _strategy(merger.linear_fc1.matmul) == ((2, 1), (4, 1))
     assert _strategy(merger.linear_fc2.matmul) == ((2, 4), (1, 4))

@@ -99,6 +99,11 @@ def test_qwen_rank_slices_concatenate_to_the_global_batch():
     (loss_a, logits_a), (loss_b, logits_b) = run(got), run(want)
     np.testing.assert_allclose(loss_a.asnumpy(), loss_b.asnumpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(logits_a.asnumpy(), logits_b.asnumpy(), rtol=1e-5, atol=1e-5)
+    # the parallel plan's vision attention groups (one per dp rank's patches) change nothing either
+    model.image_encoder.encoder.set_groups(dp)
+    loss_g, logits_g = run(got)
+    np.testing.assert_allclose(loss_g.asnumpy(), loss_b.asnumpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(logits_g.asnumpy(), logits_b.asnumpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_qwen_rank_slice_keeps_a_padding_image_apart():

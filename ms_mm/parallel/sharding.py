@@ -60,23 +60,6 @@ def head_parallel_attention(attn: nn.Cell, dp: int, tp: int, mask_batch: int = N
         _set(attn.flash_attention, (heads, heads, heads) + (((mask_batch, 1, 1, 1),) if has_mask else ()))
 
 
-def query_split_attention(attn: nn.Cell, dp: int, tp: int, has_mask: bool = True) -> None:
-    """``ms_mm.ops.CoreAttention`` over one long sequence (batch axis 1, e.g. all patches of a batch's
-    images): heads split by tp and the *query rows* by dp; keys and values stay whole on every rank
-    (MindSpore gathers them), each rank computes the scores and outputs of its own rows."""
-    q = (1, tp, dp, 1)
-    kv = (1, tp, 1, 1)
-    _set(attn.bmm_qk, (q, kv))
-    _set(attn.mul, (q, ()))
-    _set(attn.add, (q, (1, 1, dp, 1)))
-    _set(attn.softmax, (q,))
-    _set(attn.bmm_pv, (q, kv))
-    if getattr(attn, "tile", None) is not None and getattr(attn, "n_rep", 1) > 1:
-        _set(attn.tile, ((1, tp, 1, 1, 1),))
-    if getattr(attn, "flash_attention", None) is not None:
-        _set(attn.flash_attention, (q, kv, kv) + (((1, 1, dp, 1),) if has_mask else ()))
-
-
 def vocab_parallel_embedding(embedding: nn.Cell, dp: int, tp: int) -> None:
     """Gather from weight [vocab, dim] split on vocab by tp (each rank looks up its own rows)."""
     _set(embedding.gather, ((tp, 1), (dp, 1)))

@@ -25,11 +25,13 @@ def _rotary_inv_freq(dim, theta):
     return (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
 
 
-def _segment_mask(segments):
-    """[N] segment ids -> additive [1, 1, N, N] mask allowing attention only inside a segment."""
-    same = ops.equal(ops.expand_dims(segments, 1), ops.expand_dims(segments, 0))
+def _segment_mask(segments, groups=1):
+    """[N] segment ids -> additive [groups, 1, N/groups, N/groups] mask allowing attention only inside a
+    segment (within each of ``groups`` equal runs of the patches, which no segment crosses)."""
+    segments = ops.reshape(segments, (groups, -1))
+    same = ops.equal(ops.expand_dims(segments, 2), ops.expand_dims(segments, 1))
     zeros = ops.zeros(same.shape, ms.float32)
-    return ops.expand_dims(ops.expand_dims(ops.select(same, zeros, zeros + MASK_VALUE), 0), 0)
+    return ops.expand_dims(ops.select(same, zeros, zeros + MASK_VALUE), 1)
 
 
 # ----------------------------------------------------------------------------------------- vision
@@ -65,7 +67,9 @@ class PatchEmbed(nn.Cell):
 class VisionAttention(nn.Cell):
     """Bidirectional attention over all patches with a segment mask (window or per-frame) and 2-D RoPE.
 
-    ``linear_qkv`` rows are per head [q_h; k_h; v_h] (Megatron layout).
+    ``linear_qkv`` rows are per head [q_h; k_h; v_h] (Megatron layout). ``groups``: the patches are that
+    many equal runs that attend only within themselves (each data-parallel rank's own images, set by the
+    parallel plan); attention then runs as a batch of ``groups`` sequences.
     """
 
     def __init__(self, vc):
@@ -75,18 +79,19 @@ class VisionAttention(nn.Cell):
         self.linear_qkv = Linear(vc.hidden_size, 3 * vc.hidden_size, has_bias=True)
         self.linear_proj = Linear(vc.hidden_size, vc.hidden_size, has_bias=True)
         self.core_attention = CoreAttention(vc.num_heads, vc.num_heads, head_dim=vc.head_dim)
+        self.groups = 1
 
     def construct(self, x, cos, sin, mask):
         n = x.shape[0]
-        qkv = ops.reshape(self.linear_qkv(x), (n, self.num_heads, 3, self.head_dim))
-        qkv = ops.expand_dims(ops.transpose(qkv, (2, 1, 0, 3)), 1)  # [3, 1, heads, N, hd]
+        g = self.groups
+        qkv = ops.reshape(self.linear_qkv(x), (g, n // g, self.num_heads, 3, self.head_dim))
+        qkv = ops.transpose(qkv, (3, 0, 2, 1, 4))  # [3, groups, heads, N/groups, hd]
         q, k, v = ops.unstack(qkv, 0)  # one Unstack: CPU StridedSlice costs ~1 ms per [1, heads, N, hd] slice
         # upstream rotates the vision q/k in fp32 whatever the compute dtype
         q = ops.cast(apply_rotary(ops.cast(q, ms.float32), cos, sin), x.dtype)
         k = ops.cast(apply_rotary(ops.cast(k, ms.float32), cos, sin), x.dtype)
-        out = self.core_attention(q, k, v, mask)  # [1, heads, N, hd]
-        out = ops.reshape(ops.transpose(ops.reshape(out, (self.num_heads, n, self.head_dim)), (1, 0, 2)),
-                          (n, self.num_heads * self.head_dim))
+        out = self.core_attention(q, k, v, mask)  # [groups, heads, N/groups, hd]
+        out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (n, self.num_heads * self.head_dim))
         return self.linear_proj(out)
 
 
@@ -120,18 +125,27 @@ class VisionEncoder(nn.Cell):
         self.blocks = VisionBlocks(vc)
         # the 2-D rotary gives head_dim/4 frequencies to h and head_dim/4 to w
         self.inv_freq = Tensor(_rotary_inv_freq(vc.head_dim // 2, vc.rope_theta))
+        self.groups = 1
+
+    def set_groups(self, groups: int) -> None:
+        """Attention as ``groups`` independent equal runs of the patches (``VisionAttention.groups``): each
+        data-parallel rank's own images, when every rank is fed its own samples with the same patch count."""
+        self.groups = int(groups)
+        for block in self.blocks.layers:
+            block.self_attention.groups = self.groups
 
     def construct(self, pixel_values, pos_ids, window_index, window_seg, frame_seg):
         x = ops.gather(self.patch_embed(pixel_values), window_index, 0)
         pos = ops.cast(pos_ids, ms.float32)
         freqs_h = ops.expand_dims(pos[:, 0], 1) * self.inv_freq
         freqs_w = ops.expand_dims(pos[:, 1], 1) * self.inv_freq
-        # [1, 1, N, head_dim]: the [B, N, S, D] layout the attention (and the fused RoPE kernel) uses
-        emb = ops.reshape(ops.cat((freqs_h, freqs_w, freqs_h, freqs_w), -1), (1, 1, pos.shape[0], -1))
+        # [groups, 1, N/groups, head_dim]: the [B, N, S, D] layout the attention (and the fused RoPE kernel) uses
+        g = self.groups
+        emb = ops.reshape(ops.cat((freqs_h, freqs_w, freqs_h, freqs_w), -1), (g, 1, pos.shape[0] // g, -1))
         cos = ops.cos(emb)
         sin = ops.sin(emb)
-        window_mask = _segment_mask(window_seg)
-        full_mask = _segment_mask(frame_seg)
+        window_mask = _segment_mask(window_seg, g)
+        full_mask = _segment_mask(frame_seg, g)
         for i in range(self.depth):
             mask = full_mask if self.full_attention[i] else window_mask
             x = self.blocks.layers[i](x, cos, sin, mask)

@@ -13,7 +13,7 @@ text decoder (tokens split by dp, heads / FFN / vocab split by tp)
     linear_fc1 / fc2    column / row-parallel
     output_layer        column-parallel on the vocabulary (or the tied logits matmul)
 vision tower and merger (patch rows split by dp; heads / FFN split by tp)
-    the same column / row split per block; attention split on its query rows (keys whole);
+    the same column / row split per block; attention over dp groups of patches (each rank's own);
     the patch embedding's weight whole, its rows split.
 
 Pipeline (pp > 1): vision blocks go to stages by ``vit_pp_layers`` (default: all on stage 0),
@@ -28,9 +28,9 @@ Ops the plan does not name (element-wise, reshapes, slices inside the model) get
 defaults and the redistributions it derives; the tensor layouts above decide the memory. Known
 costs of the current model layout: ``linear_fc1`` holds [gate; up] as two row blocks, so a
 column split gives some ranks gate rows and others up rows and MindSpore re-gathers before the
-SwiGLU (correct, but extra communication); the vision tower's keys / values are gathered whole on
-every dp rank (its inputs are one patch sequence, not a batch axis), so attention memory for the keys
-is not divided by dp; everything else of the tower is.
+SwiGLU (correct, but extra communication). The vision tower's attention groups assume each dp
+slice of the patches holds whole images (the trainer's per-rank data, or equal samples), which the
+trainer's ``dp_slice`` inputs guarantee.
 """
 from __future__ import annotations
 
@@ -102,10 +102,12 @@ class Qwen2_5_VLPlan:
             sharding.column_parallel(text.output_layer, dp, tp)
 
         # The vision tower sees all patches of the global batch as one sequence (attention segments
-        # come from masks): its patch rows are split by dp (each dp rank embeds, projects and runs
-        # the MLPs of 1/dp of the patches, and computes attention for its own query rows against
-        # all keys), heads / FFN by tp.
+        # come from masks). Each dp rank is fed its own samples with the same patch count (the trainer's
+        # per-rank data), so the sequence is dp equal runs that never attend across: the patch rows are
+        # split by dp and attention runs as a batch of dp groups (each rank attends within its own
+        # images, no keys gathered from other ranks); heads / FFN by tp.
         vision = model.image_encoder.encoder
+        vision.set_groups(dp)
         vision.patch_embed.proj.matmul.shard(((dp, 1), (1, 1)))
         for block in vision.blocks.layers:
             _shard_block(block, dp, tp, rank=2, vision=True)
@@ -142,16 +144,14 @@ class Qwen2_5_VLPlan:
 
 def _shard_block(block, dp, tp, rank, mask_batch=None, vision=False):
     """One transformer block (vision or text): norms, attention and gated MLP. Text: rows (tokens of
-    the batch) by dp, attention batch-split; vision: rows (patches) by dp, attention split on the
-    query rows of its one long sequence."""
+    the batch) by dp, attention batch-split; vision: rows (patches) by dp, attention split on its
+    batch of dp patch groups."""
     sharding.rms_norm(block.input_layernorm, dp, rank)
     sharding.rms_norm(block.pre_mlp_layernorm, dp, rank)
     attn = block.self_attention
     sharding.column_parallel(attn.linear_qkv, dp, tp)
-    if vision:
-        sharding.query_split_attention(attn.core_attention, dp, tp)
-    else:
-        sharding.head_parallel_attention(attn.core_attention, dp, tp, mask_batch=mask_batch)
+    # vision: its attention batch is the dp groups of patches (``VisionEncoder.set_groups``), one mask each
+    sharding.head_parallel_attention(attn.core_attention, dp, tp, mask_batch=dp if vision else mask_batch)
     sharding.row_parallel(attn.linear_proj, dp, tp)
     sharding.column_parallel(block.mlp.linear_fc1, dp, tp)
     sharding.row_parallel(block.mlp.linear_fc2, dp, tp)
