@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from dryrun_support import fake_cann_root  # noqa: F401  (session fixture: builds the stub CANN tree)
+from ms_mm.parallel.config import ParallelConfig
 from ms_mm.training import launch
 
 MOMENTS = ("exp_avg.", "exp_avg_sq.")
@@ -125,11 +126,12 @@ class _Holder:
         return iter(self.params)
 
 
-def check_rank_blocks(work, world, pp, family, config, split, tmp_path, dp_peers=(0, 1)):
+def check_rank_blocks(work, world, pp, family, config, split, tmp_path, run_pc, dp_peers=(0, 1)):
     """Every rank's blocks of an MM checkpoint (split by the converter as ``split``, and unsplit) equal
-    MindSpore's cut for that rank; the trainer's sharded save of those blocks gives the full tensors
-    back bit-exactly and loads again to the same blocks. ``work``: the dry run's rank dirs (the first
-    rank of each stage compiled)."""
+    MindSpore's cut for that rank; the trainer's sharded save of those blocks (in the converter's layout
+    of the run's sizes ``run_pc``) gives the full tensors back bit-exactly, through ``mm-convert resplit``
+    too, and loads again to the same blocks. ``work``: the dry run's rank dirs (the first rank of each
+    stage compiled)."""
     import mindspore as ms
     from mindspore.nn.utils import no_init_parameters
 
@@ -211,17 +213,29 @@ def check_rank_blocks(work, world, pp, family, config, split, tmp_path, dp_peers
                 _Holder([_Param(n, local[n]) for n in moment_names + ["global_step"]
                          if n != "global_step"] + [_Param("global_step", np.asarray([5], np.float32))]))
 
+    run_layout = ckpt.run_checkpoint_layout(registry.get(family), config, run_pc)
     for rank in reversed(range(world)):
         model, optim = rank_objects(rank, lambda a: a)
         ckpt.save_sharded_checkpoint(str(save), 5, model, optim, stages[rank // size], rank=rank, family=family,
                                      data_state={"per_rank": [{}]}, train_state={"iteration": 5}, save_rng=False,
-                                     pipeline=pp > 1)
+                                     pipeline=pp > 1, layout=run_layout)
     it = mmc.iteration_dir(save, 5)
     assert mmc.latest_iteration(save) == 5 and not list(save.glob(".shards_*"))
+    # saved in the converter's mp_rank layout of the run's TP / PP / EP
+    written = json.loads((it / "parallel_layout.json").read_text())
+    assert (written["tp_size"], written.get("ep_size", 1)) == (run_pc.tp, run_pc.ep), written
+    assert len(list(it.glob("mp_rank_*"))) == run_pc.tp * run_pc.pp * run_pc.ep
     saved = mmc.load_model(str(it))
     assert sorted(saved) == model_names
     for n in model_names:
         np.testing.assert_array_equal(saved[n], full[n], err_msg=n)
+    # mm-convert resplit takes the run's output like a converted checkpoint
+    from convert.framework import resplit
+
+    resplit(str(save), str(tmp_path / "resplit"), tp_size=1)
+    again = mmc.load_model(str(tmp_path / "resplit"))
+    for n in model_names:
+        np.testing.assert_array_equal(again[n], full[n], err_msg=f"resplit {n}")
     saved_moments = mmc.read_safetensors(it / ckpt.OPTIM_FILE)
     assert sorted(saved_moments) == sorted(moment_names + ["global_step"]) and saved_moments["global_step"][0] == 5
     for n in moment_names:
@@ -249,7 +263,8 @@ def test_each_rank_holds_mindspores_cut_and_save_load_is_bit_exact(tp2_pp2_dp2, 
     config = Qwen2_5_VLConfig.preset("tiny")
     # the converter's TP 2 x PP 2 with another layer split than the run's (LLM 1 + rest; the run: even)
     split = make_layout(SPEC, config, tp_size=2, pp_layers={"llm": [1, config.text.num_hidden_layers - 1]})
-    check_rank_blocks(root / "msrun_log" / "dryrun", 8, 2, "qwen2_5_vl", config, split, tmp_path)
+    check_rank_blocks(root / "msrun_log" / "dryrun", 8, 2, "qwen2_5_vl", config, split, tmp_path,
+                      ParallelConfig(world_size=8, tp=2, pp=2))
 
 
 def test_deepseek_tp2_ep2_blocks_are_mindspores_cut(fake_cann_root, tmp_path, monkeypatch):
@@ -265,7 +280,8 @@ def test_deepseek_tp2_ep2_blocks_are_mindspores_cut(fake_cann_root, tmp_path, mo
     assert rc == 0 and "rank 0 (pipeline stage 0): ok" in out, out
     config = DeepseekVL2Config.preset("tiny")
     split = make_layout(SPEC, config, tp_size=2, ep_size=2)
-    check_rank_blocks(tmp_path / "msrun_log" / "dryrun", 8, 1, "deepseek_vl2", config, split, tmp_path / "ck")
+    check_rank_blocks(tmp_path / "msrun_log" / "dryrun", 8, 1, "deepseek_vl2", config, split, tmp_path / "ck",
+                      ParallelConfig(world_size=8, tp=2, ep=2))
 
 
 def test_lumina_fsdp1_compiles_as_the_distributed_optimizer(fake_cann_root, tmp_path, monkeypatch):

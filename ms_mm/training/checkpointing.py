@@ -286,11 +286,13 @@ def load_sharded_weights(state: LoadedState, model, optimizer, layouts, rank: in
 
 def save_sharded_checkpoint(save_dir: str, iteration: int, model, optimizer, layouts, *, rank: int, family: str,
                             data_state, train_state, save_optim: bool = True, save_rng: bool = True,
-                            barrier=None, pipeline: bool = False) -> Optional[Path]:
+                            barrier=None, pipeline: bool = False,
+                            layout: Optional["mmc.ParallelLayout"] = None) -> Optional[Path]:
     """Every rank writes the blocks it owns into `SAVE/.shards_iter_N/`; after `barrier()` rank 0
     streams the full tensors out of them into an ordinary iteration dir (one tensor in memory at a
-    time: model in the mp_rank layout, moments in optim.safetensors), commits it as `save_checkpoint`
-    does, and removes the blocks. Returns the iteration dir on rank 0."""
+    time: model in the mp_rank layout `layout` - the run's TP / PP / EP split, `run_checkpoint_layout` -
+    or unsplit when None, moments in optim.safetensors), commits it as `save_checkpoint` does, and
+    removes the blocks. Returns the iteration dir on rank 0."""
     import shutil
 
     from ms_mm.parallel import checkpoint as shards
@@ -309,7 +311,7 @@ def save_sharded_checkpoint(save_dir: str, iteration: int, model, optimizer, lay
             barrier()
         return None
     full = shards.assemble(shard_dir)
-    layout = mmc.ParallelLayout(family=family)
+    layout = layout or mmc.ParallelLayout(family=family)
     with mmc.staged_iteration(save_dir, iteration) as stage:
         mmc.write_model_files(stage, {n: full[n] for n in model_names}, layout)
         if save_optim:
@@ -322,6 +324,21 @@ def save_sharded_checkpoint(save_dir: str, iteration: int, model, optimizer, lay
     if barrier is not None:
         barrier()
     return mmc.iteration_dir(save_dir, iteration)
+
+
+def run_checkpoint_layout(family, config, pc) -> "mmc.ParallelLayout":
+    """The converter's mp_rank layout (``mm-convert``'s TP / PP / EP split) of a sharded run's sizes: what its
+    checkpoints are saved in, so ``mm_to_hf`` and ``resplit`` read them as they read a converted model.
+    Pipeline stages get the run's layer lists (``pc.stage_layers``: the vision tower on stage 0 unless given)."""
+    from convert.framework import make_layout
+
+    spec = family.spec()
+    pp_layers = {}
+    if pc.pp > 1:
+        counts = spec.layer_counts(config)
+        for key, (count_key, _) in spec.pp_modules.items():
+            pp_layers[key] = pc.stage_layers(f"{key}_pp_layers", counts[count_key], default_all_first=key == "vit")
+    return make_layout(spec, config, tp_size=pc.tp, pp_layers=pp_layers, ep_size=pc.ep)
 
 
 def read_extra_model(iter_dir, name: str) -> Optional[Dict[str, np.ndarray]]:

@@ -541,7 +541,8 @@ def train(args: TrainArgs, stream=None) -> List[float]:
                                                 layouts_from_mindspore(step_fn.parameter_layout_dict), rank=rank,
                                                 family=family.name, data_state=data_state, train_state=train_state,
                                                 save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
-                                                barrier=barrier, pipeline=pc.pp > 1)
+                                                barrier=barrier, pipeline=pc.pp > 1,
+                                                layout=ckpt.run_checkpoint_layout(family, config, pc))
             if rank == 0:
                 write_model_json(args.save, model_json)
                 print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] saved checkpoint {path} (blocks of {world} ranks) "
