@@ -75,6 +75,21 @@ CASES = {
         "grads": ["visual.blocks.0.attn.qkv.bias", "visual.blocks.2.mlp.gate_proj.weight",
                   "visual.merger.mlp.2.weight", "model.layers.2.self_attn.v_proj.weight", "lm_head.weight"],
     },
+    # every window and every frame of one size (2 x 4 merged units, 2-unit windows, a grid_t = 2 image):
+    # ms-mm then attends per window / frame as a batch instead of over all patches with a mask.
+    "uniform_windows_frames": {
+        "seed": 2004,
+        "text": {"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "rope_theta": 10000.0, "rope_scaling": {"mrope_section": [1, 1, 2]}},
+        "vision": {"depth": 3, "hidden_size": 16, "num_heads": 2, "intermediate_size": 32, "patch_size": 8,
+                   "temporal_patch_size": 2, "spatial_merge_size": 2, "window_size": 32,
+                   "fullatt_block_indexes": [2]},
+        "tie_word_embeddings": False,
+        "samples": [[("text", 4), ("image", (1, 4, 8)), ("text", 5)],
+                    [("text", 3), ("image", (2, 4, 8)), ("text", 4)]],
+        "grads": ["visual.blocks.0.attn.qkv.weight", "visual.blocks.2.attn.proj.bias",
+                  "visual.patch_embed.proj.weight", "model.layers.1.self_attn.q_proj.weight"],
+    },
     # MQA (one KV head), right padding, a text-only sample next to one with an image, the real
     # models' 112 px window (4 merged units) and two full-attention blocks in a deeper vision tower.
     "mqa_rightpad_textonly": {

@@ -14,7 +14,7 @@ from convert.parity import main
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = REPO / "tests" / "fixtures" / "qwen2_5_vl_shapes"
-CASES = ("gqa3_tied_batch2", "mha_patch8_windows", "mqa_rightpad_textonly")
+CASES = ("gqa3_tied_batch2", "mha_patch8_windows", "mqa_rightpad_textonly", "uniform_windows_frames")
 
 
 @pytest.fixture
@@ -51,6 +51,24 @@ def test_shapes_case_matches_reference(case, tmp_path, restore_mode, capsys):
             np.testing.assert_allclose(got[key], want, atol=1e-5, rtol=0, err_msg=key)
         else:
             np.testing.assert_allclose(got[key], want, atol=1e-4, rtol=1e-4, err_msg=key)
+
+
+def test_uniform_case_takes_the_per_window_path():
+    """uniform_windows_frames is the case whose windows and frames are all of one size: its inputs carry the
+    [segments, size] form (attention per window / frame as a batch); partial windows keep the masked [N] form."""
+    import json
+
+    from adapters.qwen2_5_vl import config_from_hf
+    from ms_mm.models.qwen2_5_vl import build_model_inputs
+
+    def segs(case):
+        root = SHAPES / case
+        config = config_from_hf(json.loads((root / "hf" / "config.json").read_text()))
+        built = build_model_inputs(dict(np.load(root / "inputs.npz")), config)
+        return built["vision_window_seg"].shape, built["vision_frame_seg"].shape
+
+    assert segs("uniform_windows_frames") == ((6, 16), (3, 32))
+    assert segs("mha_patch8_windows") == ((120,), (120,))
 
 
 def _bad_run(tmp_path, capsys, inputs=None, extra=(), family="qwen2_5_vl", hf_dir=None):

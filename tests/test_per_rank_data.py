@@ -56,7 +56,7 @@ def _concat(slices, names, axes):
 
 
 def _same_partition(a, b):
-    a, b = np.asarray(a), np.asarray(b)
+    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
     return np.array_equal(a[:, None] == a[None, :], b[:, None] == b[None, :])
 
 
@@ -119,7 +119,7 @@ def test_qwen_rank_slice_keeps_a_padding_image_apart():
     slices = [as_dp_slice(build_model_inputs(_qwen_samples(config, [(1, 4, 8)], 16, k), config, buckets), k, 2)
               for k in range(2)]
     for name in ("vision_window_seg", "vision_frame_seg", "vision_window_index", "vision_reverse_index"):
-        a, b = (set(s[name].tolist()) for s in slices)
+        a, b = (set(s[name].reshape(-1).tolist()) for s in slices)
         assert not a & b, name
     assert sorted(np.concatenate([s["vision_window_index"] for s in slices]).tolist()) == list(range(128))
 

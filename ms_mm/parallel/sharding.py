@@ -56,8 +56,12 @@ def head_parallel_attention(attn: nn.Cell, dp: int, tp: int, mask_batch: int = N
     if getattr(attn, "tile", None) is not None and getattr(attn, "n_rep", 1) > 1:
         _set(attn.tile, ((dp, tp, 1, 1, 1),))
     if getattr(attn, "flash_attention", None) is not None:
-        # q, k, v, then the boolean mask (the None inputs take no strategy)
+        # q, k, v, then the boolean mask (the None inputs take no strategy); the mask is made (additive
+        # mask < 0, as uint8) in the layout the kernel takes, so no uint8 tensor is redistributed (its
+        # AllGather's backward, a ReduceScatter, takes no uint8 on Ascend)
         _set(attn.flash_attention, (heads, heads, heads) + (((mask_batch, 1, 1, 1),) if has_mask else ()))
+        if has_mask and getattr(attn, "less", None) is not None:
+            _set(attn.less, ((mask_batch, 1, 1, 1), ()))
 
 
 def vocab_parallel_embedding(embedding: nn.Cell, dp: int, tp: int) -> None:

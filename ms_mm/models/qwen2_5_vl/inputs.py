@@ -25,8 +25,10 @@ MODEL_INPUT_NAMES = (
     "vision_pos_ids",        # [N, 2] int32: (h, w) rotary ids, already in window order
     "vision_window_index",   # [N] int32: patch permutation raster-merge order -> window order
     "vision_reverse_index",  # [N / merge_unit] int32: merged tokens back to raster-merge order
-    "vision_window_seg",     # [N] int32: window id of each (window-ordered) patch
-    "vision_frame_seg",      # [N] int32: image-frame id of each (window-ordered) patch
+    "vision_window_seg",     # [N] int32: window id of each (window-ordered) patch; [windows, N/windows]
+                             #   when every window has the same size (attention then runs per window)
+    "vision_frame_seg",      # [N] int32: image-frame id of each (window-ordered) patch; [frames, N/frames]
+                             #   likewise
 )
 
 # the image encoder's own inputs, in its construct order
@@ -138,6 +140,15 @@ def vision_layout(image_grid_thw, config):
     }
 
 
+def _uniform_segments(segments: np.ndarray) -> np.ndarray:
+    """[N] consecutive segment ids -> [G, N/G] when all G segments have one size (the model then attends
+    per segment, a batch of G sequences, instead of over all N patches with a mask); else unchanged."""
+    sizes = np.bincount(segments)
+    if sizes.size > 1 and np.all(sizes == sizes[0]):
+        return segments.reshape(sizes.size, sizes[0])
+    return segments
+
+
 def build_model_inputs(batch: dict, config, patch_buckets=None) -> dict:
     """Processor batch (numpy) -> the model's inputs, keyed and ordered by ``MODEL_INPUT_NAMES``.
 
@@ -226,8 +237,8 @@ def build_model_inputs(batch: dict, config, patch_buckets=None) -> dict:
         "vision_pos_ids": layout["pos_ids"].astype(i32),
         "vision_window_index": layout["window_index"].astype(i32),
         "vision_reverse_index": layout["reverse_index"].astype(i32),
-        "vision_window_seg": layout["window_seg"].astype(i32),
-        "vision_frame_seg": layout["frame_seg"].astype(i32),
+        "vision_window_seg": _uniform_segments(layout["window_seg"]).astype(i32),
+        "vision_frame_seg": _uniform_segments(layout["frame_seg"]).astype(i32),
     }
     if padding is not None:
         out["_padding"] = padding

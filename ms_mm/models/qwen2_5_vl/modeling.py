@@ -28,10 +28,11 @@ def _rotary_inv_freq(dim, theta):
 def _segment_mask(segments, groups=1):
     """[N] segment ids -> additive [groups, 1, N/groups, N/groups] mask allowing attention only inside a
     segment (within each of ``groups`` equal runs of the patches, which no segment crosses)."""
-    segments = ops.reshape(segments, (groups, -1))
-    same = ops.equal(ops.expand_dims(segments, 2), ops.expand_dims(segments, 1))
-    zeros = ops.zeros(same.shape, ms.float32)
-    return ops.expand_dims(ops.select(same, zeros, zeros + MASK_VALUE), 1)
+    # float arithmetic only (ids < 2^24 are exact): a boolean mask would be redistributed by semi-auto
+    # parallel as uint8, which Ascend's collectives refuse
+    seg = ops.cast(ops.reshape(segments, (groups, -1)), ms.float32)
+    apart = ops.minimum(ops.abs(ops.expand_dims(seg, 2) - ops.expand_dims(seg, 1)), 1.0)   # 0 or 1
+    return ops.expand_dims(apart * MASK_VALUE, 1)
 
 
 # ----------------------------------------------------------------------------------------- vision
@@ -67,9 +68,10 @@ class PatchEmbed(nn.Cell):
 class VisionAttention(nn.Cell):
     """Bidirectional attention over all patches with a segment mask (window or per-frame) and 2-D RoPE.
 
-    ``linear_qkv`` rows are per head [q_h; k_h; v_h] (Megatron layout). ``groups``: the patches are that
-    many equal runs that attend only within themselves (each data-parallel rank's own images, set by the
-    parallel plan); attention then runs as a batch of ``groups`` sequences.
+    ``linear_qkv`` rows are per head [q_h; k_h; v_h] (Megatron layout). The patches are ``G`` equal runs
+    that attend only within themselves (``cos`` / ``sin`` are [G, 1, N/G, hd], the mask [G, 1, N/G, N/G]):
+    one window or frame each when they are all of one size, each data-parallel rank's own images under
+    the parallel plan, or G = 1; attention runs as a batch of G sequences.
     """
 
     def __init__(self, vc):
@@ -79,11 +81,10 @@ class VisionAttention(nn.Cell):
         self.linear_qkv = Linear(vc.hidden_size, 3 * vc.hidden_size, has_bias=True)
         self.linear_proj = Linear(vc.hidden_size, vc.hidden_size, has_bias=True)
         self.core_attention = CoreAttention(vc.num_heads, vc.num_heads, head_dim=vc.head_dim)
-        self.groups = 1
 
     def construct(self, x, cos, sin, mask):
         n = x.shape[0]
-        g = self.groups
+        g = cos.shape[0]   # attention groups: [groups, 1, N/groups, hd] rotary tables
         qkv = ops.reshape(self.linear_qkv(x), (g, n // g, self.num_heads, 3, self.head_dim))
         qkv = ops.transpose(qkv, (3, 0, 2, 1, 4))  # [3, groups, heads, N/groups, hd]
         q, k, v = ops.unstack(qkv, 0)  # one Unstack: CPU StridedSlice costs ~1 ms per [1, heads, N, hd] slice
@@ -128,26 +129,32 @@ class VisionEncoder(nn.Cell):
         self.groups = 1
 
     def set_groups(self, groups: int) -> None:
-        """Attention as ``groups`` independent equal runs of the patches (``VisionAttention.groups``): each
-        data-parallel rank's own images, when every rank is fed its own samples with the same patch count."""
+        """Attention as ``groups`` independent equal runs of the patches: each data-parallel rank's own
+        images, when every rank is fed its own samples with the same patch count (the parallel plan)."""
         self.groups = int(groups)
-        for block in self.blocks.layers:
-            block.self_attention.groups = self.groups
+
+    def _rotary(self, freqs, groups):
+        # [groups, 1, N/groups, head_dim]: the [B, N, S, D] layout the attention (and the fused RoPE kernel) uses
+        emb = ops.reshape(freqs, (groups, 1, freqs.shape[0] // groups, -1))
+        return ops.cos(emb), ops.sin(emb)
+
+    def _attention_groups(self, segments):
+        """[G, N/G] segment ids (every segment G equal runs: ``inputs.build_model_inputs`` gives that form
+        when the windows / frames are all of one size) -> G, attention runs per segment, a batch of G
+        sequences of N/G patches; [N] ids -> the plan's groups, with a mask inside each."""
+        return segments.shape[0] if len(segments.shape) == 2 else self.groups
 
     def construct(self, pixel_values, pos_ids, window_index, window_seg, frame_seg):
         x = ops.gather(self.patch_embed(pixel_values), window_index, 0)
         pos = ops.cast(pos_ids, ms.float32)
         freqs_h = ops.expand_dims(pos[:, 0], 1) * self.inv_freq
         freqs_w = ops.expand_dims(pos[:, 1], 1) * self.inv_freq
-        # [groups, 1, N/groups, head_dim]: the [B, N, S, D] layout the attention (and the fused RoPE kernel) uses
-        g = self.groups
-        emb = ops.reshape(ops.cat((freqs_h, freqs_w, freqs_h, freqs_w), -1), (g, 1, pos.shape[0] // g, -1))
-        cos = ops.cos(emb)
-        sin = ops.sin(emb)
-        window_mask = _segment_mask(window_seg, g)
-        full_mask = _segment_mask(frame_seg, g)
+        freqs = ops.cat((freqs_h, freqs_w, freqs_h, freqs_w), -1)
+        g_window, g_full = self._attention_groups(window_seg), self._attention_groups(frame_seg)
+        window = self._rotary(freqs, g_window) + (_segment_mask(ops.reshape(window_seg, (-1,)), g_window),)
+        full = self._rotary(freqs, g_full) + (_segment_mask(ops.reshape(frame_seg, (-1,)), g_full),)
         for i in range(self.depth):
-            mask = full_mask if self.full_attention[i] else window_mask
+            cos, sin, mask = full if self.full_attention[i] else window
             x = self.blocks.layers[i](x, cos, sin, mask)
         return x
 
