@@ -292,6 +292,7 @@ class ParallelTrainStep:
         self.pc = pc
         self.sample_axes = None if sample_axes is None else tuple(sample_axes)
         self.check_shapes = check_shapes
+        self._strategy_ndims = None
         self.input_names = tuple(input_names)
         self.graph_shapes: dict = {}
         self.new_shapes: list = []
@@ -309,13 +310,17 @@ class ParallelTrainStep:
                                       for mb in micro_batches], self.input_names)
         signature = tuple(tuple(a.shape[1:]) for a in arrays)
         self.new_shapes = [] if signature in self.graph_shapes else [signature]
-        if self.sample_axes is not None and not self.graph_shapes:
+        ndims = tuple(a.ndim for a in arrays)
+        if self.sample_axes is not None and ndims != self._strategy_ndims:
+            # before the first compile, and again when an input's rank changes (Qwen2.5-VL's segment ids
+            # are [N] or [segments, size]): the dataset strategy names each input's axes
             from ms_mm.parallel.context import set_dataset_strategy
 
             if len(self.sample_axes) != len(arrays):
                 raise ValueError(f"sample_axes names {len(self.sample_axes)} inputs, the batch has {len(arrays)}")
             # stacked [micro batches, ...]: each input's sample axis moves one to the right
-            set_dataset_strategy(self.pc, [(a.ndim, axis + 1) for a, axis in zip(arrays, self.sample_axes)])
+            set_dataset_strategy(self.pc, [(n, axis + 1) for n, axis in zip(ndims, self.sample_axes)])
+            self._strategy_ndims = ndims
         if self.new_shapes and self.check_shapes is not None:
             self.check_shapes(signature)
         self.graph_shapes[signature] = self.graph_shapes.get(signature, 0) + 1

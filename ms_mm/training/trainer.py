@@ -586,7 +586,8 @@ def train(args: TrainArgs, stream=None) -> List[float]:
             consumed += args.global_batch_size
             losses.append(loss)
             logger.step(iteration=iteration, consumed_samples=consumed, loss=loss, lr=lr, grad_norm=grad_norm,
-                        finite=finite, step_time=time.time() - t0, tokens=tokens * args.data_parallel_size,
+                        finite=finite, step_time=time.time() - t0,
+                        tokens=tokens * (load_world if pc is not None else args.data_parallel_size),
                         loss_scale=float(loss_scaler.scale_value.asnumpy()) if loss_scaler is not None else None,
                         skipped_samples=getattr(loader, "skipped", 0), metrics=metrics)
             if args.save and args.save_interval and iteration % args.save_interval == 0:
