@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
-from convert.spec import Concat, FamilySpec, GroupedRows, Rule
+from convert.spec import Concat, FamilySpec, GroupedRows, PadRows, Rule
 from ms_mm.training.mm_checkpoint import MEGATRON_TP_RULES
 from ms_mm.models.lumina_mgpt2.config import LuminaMGPT2Config, config_from_hf
 
@@ -41,12 +41,14 @@ def _as_config(config) -> LuminaMGPT2Config:
 def _rules(config) -> List[Rule]:
     c = _as_config(config)
     H, I, V, d = c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim
+    Vp = c.padded_vocab_size   # the MM embedding / output rows: padded (zeros), HF's are not
     nq, nkv, mp = c.num_attention_heads, c.num_key_value_heads, c.model_parallel_size
     qkv = GroupedRows(groups=nkv, rows=((nq // nkv) * d, d, d))
     L = "text_decoder.decoder.layers.{i}."
     hl = "model.layers.{i}."
     rules = [
-        Rule("text_decoder.embedding.word_embeddings.weight", ("model.embed_tokens.weight",), hf_shapes=((V, H),)),
+        Rule("text_decoder.embedding.word_embeddings.weight", ("model.embed_tokens.weight",), PadRows(V, Vp),
+             hf_shapes=((V, H),)),
         Rule(L + "input_layernorm.weight", (hl + "input_layernorm.weight",), over="llm", hf_shapes=((H,),)),
         Rule(L + "self_attention.linear_qkv.weight", tuple(hl + f"self_attn.{p}_proj.weight" for p in "qkv"),
              qkv, "llm", ((nq * d, H), (nkv * d, H), (nkv * d, H))),
@@ -76,7 +78,8 @@ def _rules(config) -> List[Rule]:
         rules.append(Rule(L + "mlp.linear_fc2.bias", (hl + "mlp.down_proj.bias",), over="llm", hf_shapes=((H,),)))
     rules.append(Rule("text_decoder.decoder.final_layernorm.weight", ("model.norm.weight",), hf_shapes=((H,),)))
     if not c.tie_word_embeddings:
-        rules.append(Rule("text_decoder.output_layer.weight", ("lm_head.weight",), hf_shapes=((V, H),)))
+        rules.append(Rule("text_decoder.output_layer.weight", ("lm_head.weight",), PadRows(V, Vp),
+                          hf_shapes=((V, H),)))
     return rules
 
 
@@ -88,7 +91,7 @@ def _tp_checks(config) -> List[Tuple[str, int]]:
     c = _as_config(config)
     return [("key/value heads (num_key_value_heads)", c.num_key_value_heads),
             ("attention heads (num_attention_heads)", c.num_attention_heads),
-            ("vocabulary (vocab_size)", c.vocab_size),
+            ("vocabulary rows (vocab_size padded to make_vocab_size_divisible_by)", c.padded_vocab_size),
             ("MLP width (intermediate_size)", c.intermediate_size)]
 
 

@@ -27,7 +27,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Rule", "Layout", "IDENTITY", "Concat", "GroupedRows", "FamilySpec", "SpecError", "expand_rules"]
+__all__ = ["Rule", "Layout", "IDENTITY", "Concat", "GroupedRows", "PadRows", "FamilySpec", "SpecError",
+           "expand_rules"]
 
 
 class SpecError(ValueError):
@@ -70,6 +71,33 @@ class _Identity(Layout):
 
 
 IDENTITY = _Identity()
+
+
+@dataclass(frozen=True)
+class PadRows(Layout):
+    """One HF tensor of ``rows`` rows ⇄ the MM tensor of ``padded`` rows: zero rows appended (a padded
+    vocabulary: Megatron's --make-vocab-size-divisible-by), dropped again on the way back."""
+    rows: int
+    padded: int
+
+    def to_mm(self, parts):
+        (x,) = parts
+        if x.shape[0] != self.rows:
+            raise SpecError(f"PadRows: expected {self.rows} rows, got {x.shape[0]}")
+        if self.padded == self.rows:
+            return x
+        return np.concatenate([x, np.zeros((self.padded - self.rows,) + x.shape[1:], x.dtype)], 0)
+
+    def to_hf(self, full):
+        if full.shape[0] != self.padded:
+            raise SpecError(f"PadRows: expected {self.padded} rows, got {full.shape[0]}")
+        return [full[:self.rows]]
+
+    def mm_shape(self, part_shapes):
+        return (self.padded,) + tuple(part_shapes[0][1:])
+
+    def hf_shapes(self, mm_shape):
+        return [(self.rows,) + tuple(mm_shape[1:])]
 
 
 @dataclass(frozen=True)

@@ -186,3 +186,49 @@ def test_decoder_variants_parity(name):
         if key.startswith("grad"):
             _close(out[key], ref[key], 1e-6, 1e-4, key)
     assert not out["grad.model.embed_tokens.weight"][1].any()  # padding_idx row
+
+
+def test_padded_vocabulary(tmp_path):
+    """vocab 320 padded to 384 rows (make_vocab_size_divisible_by 128, as Megatron): zero rows in the MM
+    checkpoint, dropped on the way back (HF round trip bit-exact); their logits are the fp32 minimum with
+    no gradient, and loss and real logits equal those of the unpadded model (divisible_by 1)."""
+    import mindspore as ms
+
+    from ms_mm.models.lumina_mgpt2.modeling import LuminaMGPT2ForCausalLM
+    from ms_mm.training.mm_checkpoint import load_model
+    from ms_mm.training.weights import load_state_dict
+
+    d = SHAPES / "lm_gqa8x2_mp2_masked"
+    hf = d / "hf"
+    config = config_from_hf(json.loads((hf / "config.json").read_text()))
+    assert (config.vocab_size, config.padded_vocab_size) == (320, 384)
+    mm = hf_to_mm(hf, tmp_path / "mm", "lumina_mgpt2", 2).parent
+    state = load_model(str(mm))
+    ref = read_safetensors(hf / "model.safetensors")
+    for mm_name, hf_name in (("text_decoder.embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+                             ("text_decoder.output_layer.weight", "lm_head.weight")):
+        assert state[mm_name].shape == (384, config.hidden_size)
+        np.testing.assert_array_equal(state[mm_name][:320], ref[hf_name])
+        assert not state[mm_name][320:].any()
+    back = mm_to_hf(mm, hf, tmp_path / "back", "LuminaConverter", 2)
+    got = read_safetensors(back / "model.safetensors")
+    assert all(got[k].dtype == ref[k].dtype and got[k].tobytes() == ref[k].tobytes() for k in ref)
+
+    inputs = dict(np.load(d / "inputs.npz"))
+    feed = build_model_inputs({"input_ids": inputs["input_ids"], "labels": inputs["labels"]}, config)
+    args = [ms.Tensor(feed[k]) for k in ("input_ids", "labels", "position_ids")]
+    net = load_state_dict(LuminaMGPT2ForCausalLM(config), state)
+    weights = net.trainable_params()
+    (loss, logits, _, _), grads = ms.jit(ms.value_and_grad(net, None, weights, has_aux=True))(*args)
+    logits = logits.asnumpy()
+    assert logits.shape[-1] == 384 and (logits[..., 320:] == np.finfo(np.float32).min).all()
+    g = {p.name: x.asnumpy() for p, x in zip(weights, grads)}
+    assert not g["text_decoder.output_layer.weight"][320:].any()
+    assert not g["text_decoder.embedding.word_embeddings.weight"][320:].any()
+
+    plain = LuminaMGPT2Config.from_dict({**config.to_dict(), "make_vocab_size_divisible_by": 1})
+    unpadded = {k: (v[:320] if v.shape[:1] == (384,) else v) for k, v in state.items()}
+    loss1, logits1 = (t.asnumpy() for t in load_state_dict(LuminaMGPT2ForCausalLM(plain), unpadded)(*args)[:2])
+    assert logits1.shape[-1] == 320
+    np.testing.assert_allclose(logits[..., :320], logits1, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(loss.asnumpy(), loss1, atol=1e-6, rtol=1e-6)

@@ -72,7 +72,8 @@ class LuminaTokenConfig:
 
 
 _INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "num_key_value_heads", "max_position_embeddings", "model_parallel_size")
+               "num_key_value_heads", "max_position_embeddings", "model_parallel_size",
+               "make_vocab_size_divisible_by")
 
 
 @dataclass
@@ -103,11 +104,21 @@ class LuminaMGPT2Config:
     bos_token_id: int = 0
     eos_token_id: int = 2
     tokens: LuminaTokenConfig = field(default_factory=LuminaTokenConfig)
+    # Megatron's --make-vocab-size-divisible-by: the embedding and output rows are padded up to a multiple
+    # of it (the padded logits are masked out), so the optimizer parallel of `fsdp1` can shard them over dp
+    # (171385 rows divide by no card count). 1: no padding.
+    make_vocab_size_divisible_by: int = 128
 
     def __post_init__(self):
         if isinstance(self.tokens, dict):
             self.tokens = LuminaTokenConfig(**self.tokens)
         self.masked_image_token_ids = tuple(int(i) for i in self.masked_image_token_ids)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the output layer: vocab_size rounded up to make_vocab_size_divisible_by."""
+        m = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // m) * m
 
     @property
     def head_dim(self) -> int:

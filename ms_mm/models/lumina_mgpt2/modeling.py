@@ -155,7 +155,7 @@ class LuminaDecoderLayer(nn.Cell):
 class _Embedding(nn.Cell):
     def __init__(self, c: LuminaMGPT2Config):
         super().__init__()
-        self.word_embeddings = Embedding(c.vocab_size, c.hidden_size, weight_init=0.02)
+        self.word_embeddings = Embedding(c.padded_vocab_size, c.hidden_size, weight_init=0.02)
 
 
 class _Blocks(nn.Cell):
@@ -189,12 +189,16 @@ class LuminaDecoder(nn.Cell):
         self.embedding = _Embedding(c)
         self.decoder = _Blocks(c)
         if not self.tie:
-            self.output_layer = Linear(c.hidden_size, c.vocab_size, has_bias=False)
+            self.output_layer = Linear(c.hidden_size, c.padded_vocab_size, has_bias=False)
         self.matmul = ops.MatMul(transpose_b=True)
-        self.mask_logits = bool(c.mask_image_logits and c.masked_image_token_ids)
-        if self.mask_logits:
-            m = np.zeros(c.vocab_size, np.bool_)
+        # logits forced to the fp32 minimum (out of softmax, CE and z-loss, no gradient): the padded
+        # vocabulary rows, and the IMGIMG ids when mask_image_logits
+        m = np.zeros(c.padded_vocab_size, np.bool_)
+        m[c.vocab_size:] = True
+        if c.mask_image_logits:
             m[list(c.masked_image_token_ids)] = True
+        self.mask_logits = bool(m.any())
+        if self.mask_logits:
             self.logit_mask = Tensor(m)
 
     def embed(self, input_ids):

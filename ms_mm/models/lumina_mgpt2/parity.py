@@ -104,6 +104,7 @@ def run_parity(hf_dir, inputs: Dict[str, np.ndarray], grad_names: List[str]) -> 
 
         result = ms.jit(forward)(*args)
     loss, logits, ce, z = (r.asnumpy() for r in result)
+    logits = logits[..., :config.vocab_size]     # the padded vocabulary's rows are ours, not upstream's
     out.update({"logits": logits, "c_loss": np.float32(ce).reshape(()), "z_loss": np.float32(z).reshape(()),
                 "z_loss_weight": np.float32(config.z_loss_weight).reshape(()), "loss": np.float32(loss).reshape(())})
     return out
