@@ -199,7 +199,10 @@ class LuminaDecoder(nn.Cell):
             m[list(c.masked_image_token_ids)] = True
         self.mask_logits = bool(m.any())
         if self.mask_logits:
-            self.logit_mask = Tensor(m)
+            # added, not selected: x + fp32 min rounds to the fp32 minimum for any logit, and a broadcast
+            # Add shards under semi-auto parallel where a broadcast Select does not; softmax gives those
+            # columns probability 0, so no gradient reaches their rows either
+            self.logit_bias = Tensor(np.where(m, _FP32_MIN, 0.0).astype(np.float32))
 
     def embed(self, input_ids):
         x = self.embedding.word_embeddings(input_ids)
@@ -242,7 +245,7 @@ class LuminaDecoder(nn.Cell):
             logits = self.output_layer(h)
         logits = logits.astype(ms.float32)
         if self.mask_logits:
-            logits = ops.where(self.logit_mask, ops.full_like(logits, _FP32_MIN), logits)
+            logits = logits + self.logit_bias
         return logits
 
 
