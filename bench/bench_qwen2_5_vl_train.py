@@ -65,10 +65,13 @@ LR, BETAS, EPS, WD = 1e-4, (0.9, 0.999), 1e-8, 0.0
 
 
 def use_shape(name: str) -> None:
-    """`bench` (the default above) or `big`: LLM 8 layers, hidden 512, 1024 tokens per sample."""
+    """`bench` (the default above) or `big`: LLM 8 layers, hidden 512 (16 heads, 4 KV heads), 1024 tokens
+    per sample."""
     global SEQ_LEN
     if name == "big":
+        # 16 heads keep head_dim 32, which the bench's mrope_section [4, 6, 6] (sum = head_dim / 2) needs
         HF_CONFIG["text_config"].update(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                                        num_attention_heads=16, num_key_value_heads=4,
                                         layer_types=["full_attention"] * 8)
         HF_CONFIG["vision_config"]["out_hidden_size"] = 512
         SEQ_LEN = 1024
