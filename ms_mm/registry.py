@@ -100,8 +100,8 @@ class Family:
     synthetic_batch: Optional[Callable[[Any, int, int], Dict[str, Any]]] = None
     # per-rank data on the sharded path: `sample_axes` {input name: axis its samples lie along} (0 when not
     # named); `dp_slice(inputs, dp_rank, dp, config)` turns a data-parallel rank's own inputs into its slice
-    # of the global batch (indices into concatenated tensors made global). None: the family has no
-    # per-rank form and its sharded runs are refused.
+    # of the global batch (indices into concatenated tensors made global). None: on the sharded path every
+    # rank reads the whole global micro batch and the plan cuts its rows (no per-rank form).
     sample_axes: Mapping[str, int] = field(default_factory=dict)
     dp_slice: Optional[Callable[[Dict[str, Any], int, int, Any], Dict[str, Any]]] = None
     parity: Mapping[str, Callable[..., Dict[str, Any]]] = field(default_factory=dict)
