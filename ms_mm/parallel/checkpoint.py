@@ -146,11 +146,6 @@ def region_shape(region: Region) -> Tuple[int, ...]:
 
 
 # ------------------------------------------------------------------------------------ reading
-def read_file_region(f: "mmc.SafetensorsFile", local: str, region: Region) -> np.ndarray:
-    """The block ``region`` of tensor ``local`` of a safetensors file, read through a memory map."""
-    return np.array(f.memmap(local)[_slices(region)])
-
-
 class RegionSource:
     """Blocks of full tensors from an MM checkpoint dir (``mp_rank_*``) or a flat safetensors file
     (the optimizer moments, ``optim.safetensors``)."""
@@ -170,7 +165,7 @@ class RegionSource:
 
     def read(self, name: str, region: Region) -> np.ndarray:
         if self.file is not None:
-            return read_file_region(self.file, name, region)
+            return self.file.read_region(name, region)
         try:
             return self.reader.get_region(name, region)
         except mmc.CheckpointError as e:
@@ -265,6 +260,6 @@ def _assembler(name, full, parts):
     def load():
         arr = np.empty(full, dtype=parts[0][0].dtype(name))
         for f, region in parts:
-            arr[_slices(region)] = read_file_region(f, name, tuple((0, e - s) for s, e in region))
+            arr[_slices(region)] = f.read_region(name, tuple((0, e - s) for s, e in region))
         return arr
     return load

@@ -173,6 +173,10 @@ class SafetensorsFile:
             return np.empty(shape, dtype)
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
 
+    def read_region(self, name: str, region) -> np.ndarray:
+        """The block `region` ((start, stop) per dim) of tensor `name`, read through its memory map."""
+        return np.array(self.memmap(name)[tuple(slice(s, e) for s, e in region)])
+
     def _entry(self, name):
         try:
             return self._entries[name]
@@ -801,13 +805,13 @@ class MMCheckpointReader:
         kind = self.layout.tp_kind(name)
         tp = self.layout.tp_size
         if kind is None or tp == 1 or (kind == "row" and len(full) < 2):
-            return np.array(files[0].memmap(local)[tuple(slice(s, e) for s, e in region)])
+            return files[0].read_region(local, region)
         axis = 1 if kind == "row" else 0
         parts = []
         for piece, off, length in _tp_runs(region[axis][0], region[axis][1], kind, full[axis], tp):
             sub = list(region)
             sub[axis] = (off, off + length)
-            parts.append(np.array(files[piece].memmap(local)[tuple(slice(s, e) for s, e in sub)]))
+            parts.append(files[piece].read_region(local, sub))
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
 

@@ -185,13 +185,9 @@ def build_model_inputs(batch: Dict[str, np.ndarray], config: DeepseekVL2Config, 
     return out
 
 
-# every input holds the batch's samples (or tiles) along axis 0; fed per data-parallel rank, the global
-# batch is the ranks' inputs concatenated along it (``as_dp_slice``)
-SAMPLE_AXES: dict = {}
-
-
 def as_dp_slice(inputs: dict, dp_rank: int, dp: int, config: DeepseekVL2Config) -> dict:
     """One data-parallel rank's inputs (built from its own samples) as its slice of the global batch.
+    Every input holds the samples (or tiles) along axis 0, the family's default sample axis.
 
     The compiled graph sees the ``dp`` ranks' inputs concatenated (tiles too, every rank's of the same
     count), so ``image_token_index`` must point into the global gather table [tile tokens of every rank's
