@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from convert.spec import Concat, FamilySpec, GroupedRows, Layout, Rule, SpecError
+from convert.spec import Concat, FamilySpec, GroupedRows, Layout, Rule, SpecError, StackExperts
 from ms_mm.models.deepseek_vl2.config import DeepseekVL2Config, config_from_hf
 
 __all__ = ["config_from_hf", "SPEC", "RowStack"]
@@ -147,9 +147,13 @@ def _language_rules(c: DeepseekVL2Config) -> List[Rule]:
         if t.topk_method == "noaux_tc":
             rules.append(Rule(L + "mlp.router.expert_bias", (lb + "mlp.gate.e_score_correction_bias",),
                               hf_shapes=((E,),)))
-        for e in range(E):
-            rules += _mlp_rules(L + f"mlp.experts.local_experts.{e}.", lb + f"mlp.experts.{e}.", h,
-                                t.moe_intermediate_size)
+        # the routed experts stacked: [E, 2I, H] ([gate_e; up_e] per expert) and [E, H, I]
+        mi, X, xb = t.moe_intermediate_size, L + "mlp.experts.", lb + "mlp.experts."
+        rules += [Rule(X + "linear_fc1.weight",
+                       tuple(xb + f"{e}.{p}_proj.weight" for e in range(E) for p in ("gate", "up")),
+                       StackExperts(E, 2), hf_shapes=((mi, h),) * (2 * E)),
+                  Rule(X + "linear_fc2.weight", tuple(xb + f"{e}.down_proj.weight" for e in range(E)),
+                       StackExperts(E, 1), hf_shapes=((h, mi),) * E)]
         if t.n_shared_experts:
             rules += _mlp_rules(L + "mlp.shared_experts.", lb + "mlp.shared_experts.", h,
                                 t.moe_intermediate_size * t.n_shared_experts)

@@ -16,9 +16,10 @@ e.g. the DeepSeek-VL2 guide:
         --cfg.parallel_config.vit_pp_layers [[27,0]] --cfg.parallel_config.ep_size 8 \
         --cfg.parallel_config.tp_size 1 --cfg.trust_remote_code True
 
-ep_size: routed experts are dealt out in contiguous blocks, expert i to EP rank i // (E / ep_size),
-renumbered from 0 on each rank (rank dirs mp_rank_TT[_PPP][_EEE], as MindSpeed-MM); ep_size must
-divide the number of routed experts E. Non-expert tensors are repeated on every EP rank.
+ep_size: the routed experts, stacked ([E, 2I, H] / [E, H, I]), are cut on the expert axis into
+contiguous blocks of whole experts, experts [r*E/ep_size, (r+1)*E/ep_size) to EP rank r (rank dirs
+mp_rank_TT[_PPP][_EEE], as MindSpeed-MM); ep_size must divide the number of routed experts E.
+Non-expert tensors are repeated on every EP rank.
 
 trust_remote_code (default False, as in MindSpeed-MM): checkpoints whose config.json names a
 custom-code model type that transformers cannot load by itself (DeepSeek-VL2: "deepseek_vl_v2")

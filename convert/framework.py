@@ -235,14 +235,17 @@ def make_layout(spec: FamilySpec, config, tp_size: int = 1,
                             pp_stages=spec.pp_stages or ParallelLayout().pp_stages,
                             tied=[list(t) for t in spec.tied_copies(config)], ep_size=ep_size)
     if ep_size > 1:  # checked on the config, before anything is read or written
-        experts = {i for i in (layout.expert_index(r.mm) for r in _rules_for(spec, config)) if i is not None}
+        experts = [r for r in _rules_for(spec, config) if layout.is_expert(r.mm)]
         if not experts:
             raise ConversionError(f"ep_size {ep_size} given but the model has no expert tensors (no "
                                   f"{spec.family} tensor name matches {layout.expert_pattern})")
-        if len(experts) % ep_size:
-            raise ConversionError(f"ep_size {ep_size} does not divide the number of routed experts {len(experts)}"
-                                  f" (each EP rank must hold the same number of experts)")
-        layout.num_experts = len(experts)
+        counts = {r.layout.mm_shape(r.hf_shapes)[0] for r in experts if r.hf_shapes}
+        if len(counts) == 1:
+            n = counts.pop()
+            if n % ep_size:
+                raise ConversionError(f"ep_size {ep_size} does not divide the number of routed experts {n}"
+                                      f" (each EP rank must hold the same number of experts)")
+            layout.num_experts = n
     return layout
 
 
@@ -255,8 +258,8 @@ def hf_to_mm(hf_dir, mm_dir, family: Union[str, FamilySpec], tp_size: int = 1,
              ep_size: int = 1, trust_remote_code: bool = False) -> Path:
     """Convert an HF weight dir into `mm_dir/<iteration>/...` (+ latest_checkpointed_iteration.txt).
 
-    `ep_size` > 1 deals the routed experts out to EP ranks (expert i → rank i // (E / ep_size),
-    renumbered from 0 there). `trust_remote_code=False` (the default, as in MindSpeed-MM) refuses
+    `ep_size` > 1 deals the routed experts out to EP ranks: the stacked expert tensors [E, ...] are cut on
+    dim 0, experts [r·E/ep, (r+1)·E/ep) to EP rank r. `trust_remote_code=False` (the default, as in MindSpeed-MM) refuses
     custom-code model types (`check_trust_remote_code`); nothing from the checkpoint is ever executed.
     """
     spec = get_spec(family)

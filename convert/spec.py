@@ -13,6 +13,9 @@ framework (`convert/framework.py`) owns every loop, file and error; a spec is da
     - `GroupedRows(groups, rows)`: Megatron's fused qkv. The HF parts (q, k, v — or one fused
       tensor split into len(rows) equal parts when `fused_hf`) are cut into `groups` row blocks
       and interleaved per group: [q_g; k_g; v_g] for g in groups, `rows[j]` rows of part j each.
+    - `StackExperts(experts, parts)`: routed experts stacked on a new dim 0 ([E, ...], the MM
+      layout that expert parallel cuts on dim 0); the HF parts are listed expert by expert, each
+      expert's `parts` concatenated on dim 0 first (e.g. [gate_e; up_e] → [E, 2I, H]).
 * `FamilySpec` ties it together: converter name (CLI), `config_from_hf`, `rules(config)`,
   `layer_counts(config)`, HF name aliases accepted on input, the TP divisibility checks and the
   pipeline modules (`pp_modules`: layout key → counted layers and a human name).
@@ -27,8 +30,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Rule", "Layout", "IDENTITY", "Concat", "GroupedRows", "PadRows", "FamilySpec", "SpecError",
-           "expand_rules"]
+__all__ = ["Rule", "Layout", "IDENTITY", "Concat", "GroupedRows", "PadRows", "StackExperts", "FamilySpec",
+           "SpecError", "expand_rules"]
 
 
 class SpecError(ValueError):
@@ -125,6 +128,44 @@ class Concat(Layout):
 
     def hf_shapes(self, mm_shape):
         return [(mm_shape[0] // self.n,) + tuple(mm_shape[1:])] * self.n
+
+
+@dataclass(frozen=True)
+class StackExperts(Layout):
+    """`experts` x `parts` HF tensors (expert-major: e0's parts, then e1's, ...) ⇄ one MM tensor
+    [experts, parts * rows, ...]: each expert's parts concatenated on dim 0, the experts stacked on a
+    new dim 0."""
+    experts: int
+    parts: int = 1
+
+    @property
+    def n_parts(self):
+        return self.experts * self.parts
+
+    def to_mm(self, parts):
+        # filled in place: peak = the parts + the stacked tensor
+        shape = self.mm_shape([np.shape(x) for x in parts])
+        out = np.empty(shape, dtype=parts[0].dtype)
+        rows = shape[1] // self.parts
+        for i, x in enumerate(parts):
+            e, j = divmod(i, self.parts)
+            out[e, j * rows:(j + 1) * rows] = x
+        return out
+
+    def to_hf(self, full):
+        if full.shape[0] != self.experts or full.shape[1] % self.parts:
+            raise SpecError(f"shape {list(full.shape)}: expected {self.experts} experts on dim 0 and dim 1 "
+                            f"divisible into {self.parts} parts")
+        return [piece for e in range(self.experts) for piece in np.split(full[e], self.parts, axis=0)]
+
+    def mm_shape(self, part_shapes):
+        if len({tuple(s) for s in part_shapes}) != 1:
+            raise SpecError(f"expert parts must have equal shapes, got {sorted({tuple(s) for s in part_shapes})}")
+        s = tuple(part_shapes[0])
+        return (self.experts, s[0] * self.parts) + s[1:]
+
+    def hf_shapes(self, mm_shape):
+        return [(mm_shape[1] // self.parts,) + tuple(mm_shape[2:])] * self.n_parts
 
 
 @dataclass(frozen=True)

@@ -60,10 +60,10 @@ def _setup_deepseek_vl2(d, env):
     (d / "data.json").write_text(json.dumps(demo_data_config(d / "data", processor_dir=d / "hf", max_length=128)))
 
 
-# family -> (setup, parameter-name parts whose tensors may stay put: routed experts that no token of
-# the 3 steps chose get no gradient; SigLIP's attention-pool head is unused, as upstream ignore_head)
+# family -> (setup, parameter-name parts whose tensors may stay put: SigLIP's attention-pool head is
+# unused, as upstream ignore_head)
 FAMILIES = {"qwen2_5_vl": (_setup_qwen2_5_vl, ()),
-            "deepseek_vl2": (_setup_deepseek_vl2, (".local_experts.", ".attn_pool."))}
+            "deepseek_vl2": (_setup_deepseek_vl2, (".attn_pool.",))}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

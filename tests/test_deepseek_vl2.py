@@ -170,10 +170,10 @@ def test_routed_experts_portable_dispatch():
     got = experts(ms.Tensor(x), ms.Tensor(idx), ms.Tensor(w)).asnumpy()
 
     def swiglu(e, v):
-        fc1 = state[f"local_experts.{e}.linear_fc1.weight"]
+        fc1 = state["linear_fc1.weight"][e]
         h = fc1 @ v
         gate, up = h[:inter], h[inter:]
-        return state[f"local_experts.{e}.linear_fc2.weight"] @ (gate / (1 + np.exp(-gate)) * up)
+        return state["linear_fc2.weight"][e] @ (gate / (1 + np.exp(-gate)) * up)
 
     want = np.stack([sum(w[t, j] * swiglu(idx[t, j], x[t]) for j in range(k)) for t in range(tokens)])
     _close(got, want, 1e-5, 1e-5, "routed experts")

@@ -269,7 +269,8 @@ def test_each_rank_holds_mindspores_cut_and_save_load_is_bit_exact(tp2_pp2_dp2, 
 
 def test_deepseek_tp2_ep2_blocks_are_mindspores_cut(fake_cann_root, tmp_path, monkeypatch):
     """DeepSeek-VL2 tiny, TP 2 x EP 2 on 8 ranks (dp 4) with the distributed optimizer; the converter's
-    checkpoint split TP 2 x EP 2 (experts dealt out by EP rank, renumbered) is re-sliced to the run's blocks."""
+    checkpoint split TP 2 x EP 2 (the stacked experts cut on the expert axis, whole experts per EP rank) is
+    re-sliced to the run's blocks."""
     from adapters.deepseek_vl2 import SPEC
     from convert.framework import make_layout
     from ms_mm.models.deepseek_vl2.config import DeepseekVL2Config

@@ -168,24 +168,46 @@ def test_bad_inputs_are_named(tmp_path):
 
 
 def test_expert_parallel_split_and_merge(tmp_path):
+    """Stacked experts [E, 2I, H] / [E, H, I]: EP cuts dim 0 into whole experts, TP the last two dims
+    (fc1 gate/up-wise on dim 1, fc2 on dim 2); merge and any block read give the full tensor back."""
     state = small_state()
     rng = np.random.default_rng(5)
     for i in (2, 3):
-        for e in range(4):
-            state[f"{L}{i}.mlp.experts.local_experts.{e}.linear_fc1.weight"] = rng.standard_normal((8, 4)).astype(np.float32)
+        state[f"{L}{i}.mlp.experts.linear_fc1.weight"] = rng.standard_normal((4, 8, 6)).astype(np.float32)
+        state[f"{L}{i}.mlp.experts.linear_fc2.weight"] = rng.standard_normal((4, 6, 4)).astype(np.float32)
     layout = ParallelLayout(tp_size=2, ep_size=2, pp_layers={"vit": [3, 0], "llm": [2, 2]})
     d = save_model(tmp_path / "ck", state, layout)
     s = read_safetensors(d / "mp_rank_01_001_001" / "model.safetensors")
-    # EP rank 1 holds experts 2, 3 renumbered 0, 1 (stage-local layer 1 = global 3), TP rank 1's gate/up rows
-    w = state[f"{L}3.mlp.experts.local_experts.3.linear_fc1.weight"]
-    np.testing.assert_array_equal(s[f"{L}1.mlp.experts.local_experts.1.linear_fc1.weight"], np.r_[w[2:4], w[6:8]])
-    assert not any("local_experts.2" in k for k in s)
+    # EP rank 1 holds experts 2, 3 whole (stage-local layer 1 = global 3); TP rank 1 their gate/up rows 2:4, 6:8
+    w1, w2 = state[f"{L}3.mlp.experts.linear_fc1.weight"], state[f"{L}3.mlp.experts.linear_fc2.weight"]
+    np.testing.assert_array_equal(s[f"{L}1.mlp.experts.linear_fc1.weight"], np.concatenate([w1[2:, 2:4], w1[2:, 6:8]], 1))
+    np.testing.assert_array_equal(s[f"{L}1.mlp.experts.linear_fc2.weight"], w2[2:, :, 2:])
     assert f"{L}1.input_layernorm.weight" in s  # non-expert tensors are on every EP rank
+    assert json.loads((d / "parallel_layout.json").read_text())["num_experts"] == 4
     back = load_model(tmp_path / "ck")
     assert sorted(back) == sorted(state)
     for k in state:
         np.testing.assert_array_equal(back[k], state[k])
+    reader = open_model(tmp_path / "ck")
+    for region in (((1, 3), (3, 7), (0, 6)), ((0, 4), (0, 8), (5, 6)), ((3, 4), (4, 5), (0, 6)), ((2, 2), (0, 8), (0, 6))):
+        want = w1[tuple(slice(a, b) for a, b in region)]
+        np.testing.assert_array_equal(reader.get_region(f"{L}3.mlp.experts.linear_fc1.weight", region), want)
     with pytest.raises(CheckpointError, match="ep_size 3 does not divide the number of experts 4"):
         save_model(tmp_path / "bad", state, ParallelLayout(ep_size=3))
     with pytest.raises(CheckpointError, match="ep_size 2 given but the model has no expert tensors"):
         save_model(tmp_path / "bad2", small_state(), ParallelLayout(ep_size=2))
+    flat = dict(small_state(), **{f"{L}2.mlp.experts.linear_fc1.weight": np.zeros((8, 6), np.float32)})
+    with pytest.raises(CheckpointError, match=r"experts\.linear_fc1\.weight' \[8, 6\] matches the expert pattern but "
+                                              r"is not stacked experts"):
+        save_model(tmp_path / "bad3", flat, ParallelLayout(ep_size=2))
+
+
+def test_per_expert_layout_of_older_checkpoints_is_refused(tmp_path):
+    """A layout from before the experts were stacked (one tensor per expert, EP by name) would be misread
+    as stacked: it is refused, naming the pattern."""
+    d = save_model(tmp_path / "ck", small_state(), ParallelLayout())
+    layout = json.loads((d / "parallel_layout.json").read_text())
+    layout.update(ep_size=2, num_experts=4, expert_pattern=r"^(.*\.local_experts\.)(\d+)(\..*)$")
+    (d / "parallel_layout.json").write_text(json.dumps(layout))
+    with pytest.raises(CheckpointError, match="stores one tensor per expert .*convert the HF weights again"):
+        open_model(tmp_path / "ck")

@@ -29,8 +29,8 @@ def test_registered_and_good_plans_pass():
 
 def test_ep_must_divide_the_routed_experts():
     with pytest.raises(ParallelConfigError, match=r"ep=3 does not divide language_config.n_routed_experts=4 \("
-                       r"text_decoder.decoder.layers.\*.mlp.experts \(stacked expert weights\) has shape \[4, 64, 64\]; "
-                       r"each EP rank must hold the same number of routed experts\)"):
+                       r"text_decoder.decoder.layers.\*.mlp.experts.linear_fc1.weight \(stacked expert weights\) has shape "
+                       r"\[4, 64, 64\]; each EP rank must hold the same number of whole experts\)"):
         _check(TINY, world_size=6, ep=3)
     mha = config_from_hf(json.loads(MHA_JSON.read_text()))  # 6 routed experts
     with pytest.raises(ParallelConfigError, match=r"ep=4 does not divide language_config.n_routed_experts=6"):
@@ -50,8 +50,8 @@ def test_tp_must_divide_heads_and_widths():
     narrow = DeepseekVL2Config.from_dict({**TINY.to_dict(), "language_config": {
         **TINY.to_dict()["language_config"], "moe_intermediate_size": 30}})
     with pytest.raises(ParallelConfigError, match=r"tp=4 does not divide language_config.moe_intermediate_size=30 "
-                       r"\(text_decoder.decoder.layers.\*.mlp.experts.local_experts.\*.linear_fc2.weight has shape "
-                       r"\[64, 30\]"):
+                       r"\(text_decoder.decoder.layers.\*.mlp.experts.linear_fc2.weight has shape "
+                       r"\[4, 64, 30\]"):
         _check(narrow, world_size=8, tp=4)
 
 
@@ -74,7 +74,8 @@ def test_apply_sets_expert_parallel_strategies():
     assert experts.dispatch == "batched"
     assert experts.bmm_fc1.in_strategy == ((2, 2, 1), (2, 2, 1))
     assert experts.bmm_fc2.in_strategy == ((2, 2, 2), (2, 1, 2))
-    assert experts.stack_fc1.in_strategy == ((2, 2),) * 4
+    # the stacked weights are the matmuls' operands: EP rank r holds experts [2r, 2r + 2) whole, FFN width by tp
+    assert [p.name.rsplit(".", 2)[-2] for p in experts.get_parameters()] == ["linear_fc1", "linear_fc2"]
     assert model.text_decoder.decoder.layers[1].mlp.router.matmul.in_strategy == ((4, 1), (1, 1))
     attn = model.text_decoder.decoder.layers[0].self_attention
     assert attn.linear_kvb.matmul.in_strategy == ((4, 1), (2, 1))      # column-parallel on heads

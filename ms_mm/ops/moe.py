@@ -1,9 +1,10 @@
-"""MoE building blocks: the SwiGLU expert MLP and the routed-expert dispatch.
+"""MoE building blocks: the routed experts, stacked, and how tokens reach them.
 
 Owns how tokens reach their top-k experts and how the expert outputs are combined; the router
-(scores, top-k choice, aux loss) belongs to the model. Parameter names follow the MM checkpoint:
-``linear_fc1.weight [2*I, H]`` (rows = [gate; up]) and ``linear_fc2.weight [H, I]`` per expert,
-under ``local_experts.{e}``.
+(scores, top-k choice, aux loss) belongs to the model. The experts' weights are stacked, as the MM
+checkpoint stores them: ``linear_fc1.weight [E, 2I, H]`` (per expert the rows [gate; up]) and
+``linear_fc2.weight [E, H, I]``. Dim 0 is the expert axis, which expert parallel splits: an EP rank
+holds whole experts (the converter's EP split cuts the same dim, ``mm_checkpoint.EXPERT_PATTERN``).
 
 Three dispatch paths (``RoutedExperts.dispatch``), the default chosen once from ``kernels()``:
 - portable (CPU and anything else): every expert runs on every token and the outputs are combined
@@ -13,18 +14,17 @@ Three dispatch paths (``RoutedExperts.dispatch``), the default chosen once from 
 - ascend: sort tokens by expert (``moe_token_permute``), one grouped matmul per projection over the
   stacked expert weights (``gmm`` with per-expert row counts), and ``moe_token_unpermute`` to scatter
   back with the routing weights. It runs only the chosen (token, expert) pairs.
-- batched (what the expert-parallel plan selects, ``ms_mm.models.deepseek_vl2.parallelize``): the same maths
-  as portable, written as two batch matmuls over the expert axis of the stacked expert weights
-  ``[E, 2I, H]`` / ``[E, H, I]`` (held by ``self.bmm_fc1`` / ``self.bmm_fc2``), so semi-auto
-  parallel can split the expert axis over EP ranks: each rank runs only its experts, MindSpore
-  derives the token exchange into the expert axis and the reduction of the combine over it.
-  The per-expert parameters stay separate (they are the checkpoint names), stacked on use.
+- batched (what the expert-parallel plan selects, ``ms_mm.models.deepseek_vl2.parallelize``): the same
+  maths as portable, written as two batch matmuls over the expert axis of the stacked weights, so
+  semi-auto parallel can split the expert axis over EP ranks: each rank holds and runs only its own
+  experts, MindSpore moves the tokens of the EP group to them and reduces the weighted combine over
+  the expert axis.
 """
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import Normal, initializer
 from mindspore.ops.functional_overload import gmm
 
-from ms_mm.ops.layers import GatedMLP
 from ms_mm.ops.switch import use_fused
 
 
@@ -35,19 +35,30 @@ def dense_combine_weights(topk_idx, topk_weight, num_experts):
     return (one_hot * ops.expand_dims(topk_weight.astype(ms.float32), -1)).sum(axis=1).astype(topk_weight.dtype)
 
 
+class StackedWeight(nn.Cell):
+    """One ``weight`` Parameter of ``shape`` (the stacked experts' [E, out, in]), N(0, sigma) init."""
+
+    def __init__(self, shape, sigma=0.02, param_dtype=ms.float32):
+        super().__init__()
+        self.weight = Parameter(initializer(Normal(sigma=sigma), tuple(shape), param_dtype), name="weight")
+
+
 class RoutedExperts(nn.Cell):
     """E SwiGLU experts; ``construct(x [T, H], topk_idx [T, k] int, topk_weight [T, k]) -> [T, H]``
-    = sum_k topk_weight[t, k] * expert_{topk_idx[t, k]}(x[t])."""
+    = sum_k topk_weight[t, k] * expert_{topk_idx[t, k]}(x[t]), expert e being
+    ``fc2[e] @ (silu(gate_e x) * up_e x)`` with [gate_e; up_e] = ``fc1[e]``."""
 
     def __init__(self, num_experts, hidden_size, intermediate_size):
         super().__init__()
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
-        self.local_experts = nn.CellList([GatedMLP(hidden_size, intermediate_size) for _ in range(num_experts)])
+        self.linear_fc1 = StackedWeight((num_experts, 2 * intermediate_size, hidden_size))
+        self.linear_fc2 = StackedWeight((num_experts, hidden_size, intermediate_size))
         self.dispatch = "grouped" if use_fused() else "portable"
-        self.stack_fc1 = ops.Stack(axis=0)   # per-expert [2I, H] -> [E, 2I, H]
-        self.stack_fc2 = ops.Stack(axis=0)   # per-expert [H, I] -> [E, H, I]
+        self.unstack = ops.Unstack(axis=0)                 # [E, ...] -> E tensors (backward: one Stack)
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.split = ops.Split(axis=-1, output_num=2)      # [T, 2I] -> gate, up
         self.broadcast = ops.BroadcastTo((num_experts, -1, hidden_size))
         self.bmm_fc1 = ops.BatchMatMul(transpose_b=True)   # [E, T, H] x [E, 2I, H] -> [E, T, 2I]
         self.bmm_fc2 = ops.BatchMatMul(transpose_b=True)   # [E, T, I] x [E, H, I] -> [E, T, H]
@@ -60,18 +71,19 @@ class RoutedExperts(nn.Cell):
         if self.dispatch == "batched":
             return self._batched(x, topk_idx, topk_weight)
         combine = dense_combine_weights(topk_idx, topk_weight, self.num_experts).astype(x.dtype)  # [T, E]
+        w1 = self.unstack(self.linear_fc1.weight.astype(x.dtype))
+        w2 = self.unstack(self.linear_fc2.weight.astype(x.dtype))
         out = ops.zeros_like(x)
         for e in range(self.num_experts):
-            out = out + combine[:, e:e + 1] * self.local_experts[e](x)
+            gate, up = self.split(self.matmul(x, w1[e]))
+            out = out + combine[:, e:e + 1] * self.matmul(ops.silu(gate) * up, w2[e])
         return out
 
     def _batched(self, x, topk_idx, topk_weight):
         combine = dense_combine_weights(topk_idx, topk_weight, self.num_experts).astype(x.dtype)  # [T, E]
-        w1 = self.stack_fc1([m.linear_fc1.weight.astype(x.dtype) for m in self.local_experts])  # [E, 2I, H]
-        w2 = self.stack_fc2([m.linear_fc2.weight.astype(x.dtype) for m in self.local_experts])  # [E, H, I]
-        h = self.bmm_fc1(self.broadcast(ops.expand_dims(x, 0)), w1)
+        h = self.bmm_fc1(self.broadcast(ops.expand_dims(x, 0)), self.linear_fc1.weight.astype(x.dtype))
         h = ops.silu(h[..., :self.intermediate_size]) * h[..., self.intermediate_size:]
-        y = self.bmm_fc2(h, w2)
+        y = self.bmm_fc2(h, self.linear_fc2.weight.astype(x.dtype))
         weights = ops.expand_dims(ops.transpose(combine, (1, 0)), -1)  # [E, T, 1]
         return self.combine_sum(self.combine_mul(y, weights), 0)
 
@@ -81,10 +93,8 @@ class RoutedExperts(nn.Cell):
         permuted, sorted_indices = ops.moe_token_permute(x, idx)
         counts = ops.one_hot(idx.reshape(-1), self.num_experts, ops.ones((), ms.float32),
                              ops.zeros((), ms.float32)).sum(axis=0).astype(ms.int64)  # tokens per expert
-        w1 = ops.stack([ops.transpose(m.linear_fc1.weight.astype(x.dtype), (1, 0))
-                        for m in self.local_experts])  # [E, H, 2I]
-        w2 = ops.stack([ops.transpose(m.linear_fc2.weight.astype(x.dtype), (1, 0))
-                        for m in self.local_experts])  # [E, I, H]
+        w1 = ops.transpose(self.linear_fc1.weight.astype(x.dtype), (0, 2, 1))  # [E, H, 2I]
+        w2 = ops.transpose(self.linear_fc2.weight.astype(x.dtype), (0, 2, 1))  # [E, I, H]
         h = gmm([permuted], [w1], group_list=counts, group_type=0, group_list_type=1)[0]
         h = ops.silu(h[:, :self.intermediate_size]) * h[:, self.intermediate_size:]
         y = gmm([h], [w2], group_list=counts, group_type=0, group_list_type=1)[0]

@@ -291,8 +291,10 @@ def read_safetensors(path) -> Dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 # (regex on the full MM name, kind); first match wins, no match = replicated on every TP rank.
-# kinds: "col" split dim 0; "col_gated" dim 0 with the [gate; up] halves split separately;
-#        "row" split dim 1 (row-parallel weights; their biases stay replicated).
+# kinds, on a weight's last two dims (dim 0 / dim 1 of a 2-D weight, dim 1 / dim 2 of stacked experts
+# [E, out, in]; a 1-D bias splits dim 0 for "col" and stays whole for "row"):
+#        "col" the output dim; "col_gated" the output dim with its [gate; up] halves split
+#        separately; "row" the input dim (row-parallel weights).
 MEGATRON_TP_RULES: List[Tuple[str, str]] = [
     (r".*\.projector\.encoder\.linear_fc1\.(weight|bias)$", "col"),
     (r".*\.self_attention\.linear_qkv\.(weight|bias)$", "col"),
@@ -303,7 +305,9 @@ MEGATRON_TP_RULES: List[Tuple[str, str]] = [
     (r".*\.linear_fc2\.weight$", "row"),
 ]
 
-EXPERT_PATTERN = r"^(.*\.local_experts\.)(\d+)(\..*)$"
+# stacked routed-expert weights ([E, 2I, H] fc1, [E, H, I] fc2): dim 0 is the expert axis, split in
+# contiguous blocks over EP ranks (EP rank r holds experts [r*E/ep, (r+1)*E/ep), whole)
+EXPERT_PATTERN = r"^.*\.experts\.linear_fc[12]\.weight$"
 
 # One entry per pipelined module: its layer prefix, which `<key>_pp_layers` splits it, and the
 # non-layer tensors that live on its first / last non-empty stage (MindSpeed-MM's convention).
@@ -316,47 +320,59 @@ VLM_PP_STAGES: List[Dict[str, Any]] = [
 ]
 
 
+def tp_axis(kind: Optional[str], ndim: int) -> Optional[int]:
+    """The dim a TP rule kind splits in a tensor of `ndim` dims (None: the tensor stays whole)."""
+    if kind is None:
+        return None
+    if kind == "row":
+        return ndim - 1 if ndim >= 2 else None
+    if kind in ("col", "col_gated"):
+        return max(ndim - 2, 0)
+    raise CheckpointError(f"unknown TP split kind {kind!r}")
+
+
 def tp_split(arr: np.ndarray, kind: Optional[str], tp: int, name: str = "?") -> List[np.ndarray]:
     """Split one full tensor into `tp` rank pieces according to its rule kind."""
-    if tp == 1 or kind is None or (kind == "row" and arr.ndim < 2):
-        return [arr] * tp
-    if kind == "row":
-        if arr.shape[1] % tp:
-            raise CheckpointError(f"tensor {name!r} dim 1 ({arr.shape[1]}) is not divisible by tp_size {tp}")
-        return np.split(arr, tp, axis=1)
-    if kind == "col":
-        if arr.shape[0] % tp:
-            raise CheckpointError(f"tensor {name!r} dim 0 ({arr.shape[0]}) is not divisible by tp_size {tp}")
-        return np.split(arr, tp, axis=0)
+    return [tp_piece(arr, kind, tp, r, name) for r in range(tp)]
+
+
+def tp_piece(arr: np.ndarray, kind: Optional[str], tp: int, rank: int, name: str = "?") -> np.ndarray:
+    """TP rank `rank`'s piece of `arr` (`tp_split(...)[rank]`, built without the other pieces)."""
+    axis = tp_axis(kind, arr.ndim)
+    if tp == 1 or axis is None:
+        return arr
+    n = arr.shape[axis]
     if kind == "col_gated":
-        if arr.shape[0] % (2 * tp):
-            raise CheckpointError(f"tensor {name!r} gate/up halves ({arr.shape[0]} rows) are not divisible "
-                                  f"by tp_size {tp}")
-        gate, up = np.split(arr, 2, axis=0)
-        return [np.concatenate([g, u], axis=0) for g, u in zip(np.split(gate, tp), np.split(up, tp))]
-    raise CheckpointError(f"unknown TP split kind {kind!r} for tensor {name!r}")
+        if n % (2 * tp):
+            raise CheckpointError(f"tensor {name!r} gate/up halves ({n} rows) are not divisible by tp_size {tp}")
+        per, half = n // 2 // tp, n // 2
+        return np.concatenate([_axis_slice(arr, axis, rank * per, (rank + 1) * per),
+                               _axis_slice(arr, axis, half + rank * per, half + (rank + 1) * per)], axis=axis)
+    if n % tp:
+        raise CheckpointError(f"tensor {name!r} dim {axis} ({n}) is not divisible by tp_size {tp}")
+    return _axis_slice(arr, axis, rank * (n // tp), (rank + 1) * (n // tp))
 
 
 def tp_merge(pieces: Sequence[np.ndarray], kind: Optional[str]) -> np.ndarray:
     """Inverse of `tp_split`."""
-    if len(pieces) == 1 or kind is None or (kind == "row" and pieces[0].ndim < 2):
+    axis = tp_axis(kind, pieces[0].ndim)
+    if len(pieces) == 1 or axis is None:
         return pieces[0]
-    if kind == "row":
-        return np.concatenate(pieces, axis=1)
-    if kind == "col":
-        return np.concatenate(pieces, axis=0)
     if kind == "col_gated":
-        halves = [np.split(p, 2, axis=0) for p in pieces]
-        return np.concatenate([h[0] for h in halves] + [h[1] for h in halves], axis=0)
-    raise CheckpointError(f"unknown TP split kind {kind!r}")
+        halves = [np.split(p, 2, axis=axis) for p in pieces]
+        return np.concatenate([h[0] for h in halves] + [h[1] for h in halves], axis=axis)
+    return np.concatenate(pieces, axis=axis)
 
 
-def _split_shape(shape, kind, tp):
-    if tp == 1 or kind is None or (kind == "row" and len(shape) < 2):
-        return tuple(shape)
-    axis = 1 if kind == "row" else 0
+def _split_shape(shape, kind, tp, ep=1):
+    """The shape of one rank's piece: the TP dim divided by tp and, for an expert tensor (ep > 1), dim 0
+    by ep."""
     out = list(shape)
-    out[axis] //= tp
+    axis = tp_axis(kind, len(shape))
+    if tp > 1 and axis is not None:
+        out[axis] //= tp
+    if ep > 1:
+        out[0] //= ep
     return tuple(out)
 
 
@@ -376,8 +392,9 @@ class ParallelLayout:
     pp_stages: List[Dict[str, Any]] = field(default_factory=lambda: [dict(s) for s in VLM_PP_STAGES])
     # [src, dst]: dst is a copy of src stored only when pp > 1 (a tied output layer on the last stage)
     tied: List[List[str]] = field(default_factory=list)
-    # expert parallelism: experts (names matching expert_pattern: prefix, global index, suffix) are
-    # dealt out in contiguous blocks of num_experts / ep_size per EP rank and renumbered locally
+    # expert parallelism: tensors whose name matches expert_pattern are stacked experts (dim 0 =
+    # num_experts), split on dim 0 into ep_size contiguous blocks, one per EP rank; every other tensor
+    # is repeated on every EP rank
     ep_size: int = 1
     num_experts: int = 0
     expert_pattern: str = EXPERT_PATTERN
@@ -423,25 +440,13 @@ class ParallelLayout:
         return name
 
     # --- expert placement -------------------------------------------------------------------
-    def expert_index(self, name: str) -> Optional[int]:
-        m = self._expert_re.match(name)
-        return int(m.group(2)) if m else None
+    def is_expert(self, name: str) -> bool:
+        """Is `name` a stacked-expert tensor (dim 0 split over EP ranks)?"""
+        return bool(self._expert_re.match(name))
 
-    def ep_place(self, name: str) -> Tuple[Optional[int], str]:
-        """Full name → (EP rank holding it or None for every rank, EP-local name)."""
-        m = self._expert_re.match(name)
-        if self.ep_size == 1 or not m:
-            return None, name
-        per = self.num_experts // self.ep_size
-        idx = int(m.group(2))
-        return idx // per, f"{m.group(1)}{idx % per}{m.group(3)}"
-
-    def ep_unplace(self, ep_rank: int, local: str) -> str:
-        m = self._expert_re.match(local)
-        if self.ep_size == 1 or not m:
-            return local
-        per = self.num_experts // self.ep_size
-        return f"{m.group(1)}{int(m.group(2)) + ep_rank * per}{m.group(3)}"
+    def ep_of(self, name: str) -> int:
+        """How many EP blocks `name` is stored in (ep_size for a stacked-expert tensor, else 1)."""
+        return self.ep_size if self.ep_size > 1 and self.is_expert(name) else 1
 
     # --- pipeline placement -----------------------------------------------------------------
     def _ranges(self, key):
@@ -521,6 +526,12 @@ class ParallelLayout:
         for k in ("ep_size", "num_experts", "expert_pattern"):
             if k in d:
                 kw[k] = d[k]
+        if r"(\d+)" in str(kw.get("expert_pattern", "")):
+            # written before experts were stacked: one tensor per expert, dealt out to EP ranks by name
+            if int(kw.get("ep_size", 1)) > 1:
+                raise CheckpointError(f"expert_pattern {kw['expert_pattern']!r}: this checkpoint stores one tensor per "
+                                      f"expert (an older ms-mm layout); convert the HF weights again")
+            kw["expert_pattern"] = EXPERT_PATTERN
         return cls(tp_size=int(d.get("tp_size", 1)), pp_layers=pp, family=d.get("family", ""), **kw)
 
 
@@ -612,55 +623,57 @@ def write_model_files(iter_dir, state: Mapping[str, Union[np.ndarray, LazyTensor
             lazies[dst] = lazies[src]
         elif layout.pp_size == 1 and src in lazies:
             lazies.pop(dst, None)
-    experts = [i for i in (layout.expert_index(n) for n in lazies) if i is not None]
-    if layout.ep_size > 1:
-        if not experts:
-            raise CheckpointError(f"ep_size {layout.ep_size} given but the model has no expert tensors "
-                                  f"(names matching {layout.expert_pattern})")
-        n_exp = max(experts) + 1
-        if n_exp % layout.ep_size:
-            raise CheckpointError(f"ep_size {layout.ep_size} does not divide the number of experts {n_exp}")
-        layout.num_experts = n_exp
     ep = layout.ep_size
+    if ep > 1:
+        experts = [n for n in lazies if layout.is_expert(n)]
+        if not experts:
+            raise CheckpointError(f"ep_size {ep} given but the model has no expert tensors "
+                                  f"(names matching {layout.expert_pattern})")
+        for n in experts:
+            if len(lazies[n].shape) < 3:
+                raise CheckpointError(f"tensor {n!r} {list(lazies[n].shape)} matches the expert pattern but is not "
+                                      f"stacked experts [E, out, in]")
+        counts = sorted({lazies[n].shape[0] for n in experts})
+        if len(counts) > 1:
+            raise CheckpointError(f"the stacked expert tensors hold different numbers of experts {counts}")
+        if counts[0] % ep:
+            raise CheckpointError(f"ep_size {ep} does not divide the number of experts {counts[0]}")
+        layout.num_experts = counts[0]
     stages: List[List[Tuple[str, str]]] = [[] for _ in range(layout.pp_size)]
     for name in lazies:
         pp, local = layout.place(name)
         stages[pp].append((name, local))
     for pp, members in enumerate(stages):
-        # per EP rank: (full name, EP-and-stage-local name) of the tensors it holds, in one order
-        per_ep: List[List[Tuple[str, str]]] = [[] for _ in range(ep)]
-        owner: Dict[str, Optional[int]] = {}
-        for name, local in members:
-            e, local = layout.ep_place(local)
-            owner[name] = e
-            for r in (range(ep) if e is None else (e,)):
-                per_ep[r].append((name, local))
+        # every (TP, EP) rank of the stage holds every tensor of it: expert tensors one block of
+        # their experts each, the rest whole on every EP rank
         writers: Dict[Tuple[int, int], SafetensorsWriter] = {}
         try:
+            specs = []
+            for name, local in members:
+                t = lazies[name]
+                kind = layout.tp_kind(name)
+                axis = tp_axis(kind, len(t.shape))
+                if tp > 1 and axis is not None:
+                    div = 2 * tp if kind == "col_gated" else tp
+                    if t.shape[axis] % div:
+                        raise CheckpointError(
+                            f"tensor {name!r} {list(t.shape)}: dim {axis} is not divisible by tp_size {tp}"
+                            + (" (gate and up halves)" if kind == "col_gated" else ""))
+                specs.append((local, _split_shape(t.shape, kind, tp, layout.ep_of(name)), t.dtype))
             for e in range(ep):
-                specs = []
-                for name, local in per_ep[e]:
-                    t = lazies[name]
-                    kind = layout.tp_kind(name)
-                    shape = _split_shape(t.shape, kind, tp)
-                    if tp > 1 and kind is not None and tuple(shape) != tuple(t.shape):
-                        axis = 1 if kind == "row" else 0
-                        div = 2 * tp if kind == "col_gated" else tp
-                        if t.shape[axis] % div:
-                            raise CheckpointError(
-                                f"tensor {name!r} {list(t.shape)}: dim {axis} is not divisible by tp_size {tp}"
-                                + (" (gate and up halves)" if kind == "col_gated" else ""))
-                    specs.append((local, shape, t.dtype))
                 for r in range(tp):
                     writers[r, e] = SafetensorsWriter(iter_dir / layout.rank_dir(r, pp, e) / MODEL_FILE, specs,
                                                       metadata)
-            local_of = [{n: l for n, l in per_ep[e]} for e in range(ep)]
-            for name, _ in members:
-                pieces = tp_split(lazies[name].load(), layout.tp_kind(name), tp, name)
-                for e in (range(ep) if owner[name] is None else (owner[name],)):
-                    for r, piece in enumerate(pieces):
-                        writers[r, e].write(local_of[e][name], piece)
-                del pieces
+            for name, local in members:
+                # one piece at a time: peak = the full tensor + one piece
+                arr, kind = lazies[name].load(), layout.tp_kind(name)
+                blocks = np.split(arr, ep, axis=0) if layout.ep_of(name) > 1 else None
+                for r in range(tp):
+                    shared = None if blocks else tp_piece(arr, kind, tp, r, name)
+                    for e in range(ep):
+                        writers[r, e].write(local, shared if shared is not None else tp_piece(blocks[e], kind, tp, r, name))
+                    del shared
+                del arr, blocks
             for w in writers.values():
                 w.close()
         except BaseException:
@@ -711,14 +724,17 @@ def _resolve_iter_dir(path, iteration=None) -> Path:
 
 
 class MMCheckpointReader:
-    """Full-MM-name view of one iteration dir; TP pieces and PP stages are merged per tensor on `get`."""
+    """Full-MM-name view of one iteration dir; TP pieces, EP blocks and PP stages are merged per tensor
+    on `get`."""
 
     def __init__(self, iter_dir):
         self.iter_dir = Path(iter_dir)
         self.layout = read_layout(self.iter_dir)
         tp, pp, ep = self.layout.tp_size, self.layout.pp_size, self.layout.ep_size
-        self._where: Dict[str, Tuple[List[SafetensorsFile], str]] = {}
+        # full name -> ([the TP rank files of each EP block], stage-local name)
+        self._where: Dict[str, Tuple[List[List[SafetensorsFile]], str]] = {}
         for p in range(pp):
+            per_ep = []
             for e in range(ep):
                 files = []
                 for r in range(tp):
@@ -726,20 +742,19 @@ class MMCheckpointReader:
                     if not path.is_file():
                         raise CheckpointError(f"{path} is missing (layout tp_size={tp}, pp_size={pp}, ep_size={ep})")
                     files.append(SafetensorsFile(path))
-                names0 = set(files[0].keys())
-                for f in files[1:]:
-                    if set(f.keys()) != names0:
-                        diff = sorted(names0.symmetric_difference(f.keys()))[:5]
-                        raise CheckpointError(f"{f.path}: tensor names differ from tp rank 0 ({diff} ...)")
-                for local in files[0].keys():
-                    is_expert = self.layout.expert_index(local) is not None
-                    if not is_expert and e > 0:
-                        continue  # non-expert tensors are repeated on every EP rank
-                    full = self.layout.unplace(p, self.layout.ep_unplace(e, local))
-                    if full in self._where:
-                        raise CheckpointError(f"{files[0].path}: tensor {full!r} is also stored in "
-                                              f"{self._where[full][0][0].path} (overlapping ranks or stages)")
-                    self._where[full] = (files, local)
+                per_ep.append(files)
+            names0 = set(per_ep[0][0].keys())
+            for f in (f for files in per_ep for f in files):
+                if set(f.keys()) != names0:
+                    diff = sorted(names0.symmetric_difference(f.keys()))[:5]
+                    raise CheckpointError(f"{f.path}: tensor names differ from {per_ep[0][0].path} ({diff} ...)")
+            for local in per_ep[0][0].keys():
+                full = self.layout.unplace(p, local)
+                if full in self._where:
+                    raise CheckpointError(f"{per_ep[0][0].path}: tensor {full!r} is also stored in "
+                                          f"{self._where[full][0][0][0].path} (overlapping ranks or stages)")
+                # a non-expert tensor is repeated on every EP rank: EP rank 0's copy is read
+                self._where[full] = (per_ep if self.layout.ep_of(full) > 1 else per_ep[:1], local)
 
     def keys(self) -> List[str]:
         return list(self._where)
@@ -753,66 +768,88 @@ class MMCheckpointReader:
         except KeyError:
             raise CheckpointError(f"{self.iter_dir}: no tensor {name!r} in the checkpoint") from None
 
+    def _block_shape(self, name) -> Tuple[int, ...]:
+        """The shape of one EP block of `name` (the whole tensor when it is not split by EP)."""
+        blocks, local = self._files(name)
+        shape = list(blocks[0][0].shape(local))
+        axis = tp_axis(self.layout.tp_kind(name), len(shape))
+        if axis is not None:
+            shape[axis] *= self.layout.tp_size
+        return tuple(shape)
+
     def shape(self, name) -> Tuple[int, ...]:
-        files, local = self._files(name)
-        shape = list(files[0].shape(local))
-        kind = self.layout.tp_kind(name)
-        tp = self.layout.tp_size
-        if tp > 1 and kind is not None and not (kind == "row" and len(shape) < 2):
-            shape[1 if kind == "row" else 0] *= tp
+        blocks, _ = self._files(name)
+        shape = list(self._block_shape(name))
+        shape[0] *= len(blocks)
         return tuple(shape)
 
     def dtype(self, name) -> np.dtype:
-        files, local = self._files(name)
-        return files[0].dtype(local)
+        blocks, local = self._files(name)
+        return blocks[0][0].dtype(local)
 
     def get(self, name) -> np.ndarray:
-        files, local = self._files(name)
-        kind = self.layout.tp_kind(name)
-        tp = self.layout.tp_size
-        if kind is None or tp == 1 or (kind == "row" and len(files[0].shape(local)) < 2):
-            return files[0].get(local)
-        # fill a preallocated full tensor rank by rank: peak = full + one piece, not 2 x full
-        out = np.empty(self.shape(name), dtype=files[0].dtype(local))
-        for r, f in enumerate(files):
-            piece = f.get(local)
-            if kind == "row":
-                n = piece.shape[1]
-                out[:, r * n:(r + 1) * n] = piece
-            elif kind == "col":
-                n = piece.shape[0]
-                out[r * n:(r + 1) * n] = piece
-            elif kind == "col_gated":
-                h = piece.shape[0] // 2
-                half = out.shape[0] // 2
-                out[r * h:(r + 1) * h] = piece[:h]
-                out[half + r * h:half + (r + 1) * h] = piece[h:]
-            else:
-                raise CheckpointError(f"unknown TP split kind {kind!r} for tensor {name!r}")
-            del piece
+        blocks, local = self._files(name)
+        kind, tp = self.layout.tp_kind(name), self.layout.tp_size
+        axis = tp_axis(kind, len(blocks[0][0].shape(local)))
+        if len(blocks) == 1 and (axis is None or tp == 1):
+            return blocks[0][0].get(local)
+        # fill a preallocated full tensor piece by piece: peak = full + one piece, not 2 x full
+        out = np.empty(self.shape(name), dtype=self.dtype(name))
+        per_block = self._block_shape(name)[0]
+        for b, files in enumerate(blocks):
+            view = out[b * per_block:(b + 1) * per_block]
+            if axis is None or tp == 1:
+                view[...] = files[0].get(local)
+                continue
+            for r, f in enumerate(files):
+                piece = f.get(local)
+                n = piece.shape[axis]
+                if kind == "col_gated":
+                    h, half = n // 2, view.shape[axis] // 2
+                    _axis_slice(view, axis, r * h, (r + 1) * h)[...] = _axis_slice(piece, axis, 0, h)
+                    _axis_slice(view, axis, half + r * h, half + (r + 1) * h)[...] = _axis_slice(piece, axis, h, n)
+                else:
+                    _axis_slice(view, axis, r * n, (r + 1) * n)[...] = piece
+                del piece
         return out
 
     def lazy(self, name) -> LazyTensor:
         return LazyTensor(self.shape(name), self.dtype(name), lambda: self.get(name))
 
     def get_region(self, name, region) -> np.ndarray:
-        """The block `region` ((start, stop) per dim) of the full tensor `name`: only the TP pieces
-        overlapping it are touched, each through a memory map (a sharded run's per-rank read)."""
-        files, local = self._files(name)
+        """The block `region` ((start, stop) per dim) of the full tensor `name`: only the EP blocks and TP
+        pieces overlapping it are touched, each through a memory map (a sharded run's per-rank read)."""
+        blocks, local = self._files(name)
         full = self.shape(name)
         if len(region) != len(full) or any(not 0 <= s <= e <= n for (s, e), n in zip(region, full)):
             raise CheckpointError(f"{self.iter_dir}: block {list(region)} outside tensor {name!r} {list(full)}")
-        kind = self.layout.tp_kind(name)
-        tp = self.layout.tp_size
-        if kind is None or tp == 1 or (kind == "row" and len(full) < 2):
-            return files[0].read_region(local, region)
-        axis = 1 if kind == "row" else 0
+        region = [tuple(r) for r in region]
+        per_block = full[0] // len(blocks)
         parts = []
-        for piece, off, length in _tp_runs(region[axis][0], region[axis][1], kind, full[axis], tp):
+        for b, off, length in _tp_runs(region[0][0], region[0][1], "col", full[0], len(blocks)):
+            sub = [(off, off + length)] + region[1:]
+            parts.append(self._tp_region(blocks[b], local, name, sub, (per_block,) + tuple(full[1:])))
+        if not parts:   # an empty block on dim 0
+            return np.empty(tuple(e - s for s, e in region), dtype=self.dtype(name))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def _tp_region(self, files, local, name, region, block_shape) -> np.ndarray:
+        kind, tp = self.layout.tp_kind(name), self.layout.tp_size
+        axis = tp_axis(kind, len(block_shape))
+        if axis is None or tp == 1:
+            return files[0].read_region(local, region)
+        parts = []
+        for piece, off, length in _tp_runs(region[axis][0], region[axis][1], kind, block_shape[axis], tp):
             sub = list(region)
             sub[axis] = (off, off + length)
             parts.append(files[piece].read_region(local, sub))
+        if not parts:
+            return np.empty(tuple(e - s for s, e in region), dtype=self.dtype(name))
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
+
+
+def _axis_slice(arr: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
+    return arr[(slice(None),) * axis + (slice(start, stop),)]
 
 
 def _tp_runs(start: int, stop: int, kind: str, full: int, tp: int):

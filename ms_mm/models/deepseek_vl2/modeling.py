@@ -27,7 +27,8 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from ms_mm.ops import CoreAttention, Embedding, LayerNorm, Linear, RMSNorm, cross_entropy_sum, gelu, rotate_half
-from ms_mm.ops.moe import GatedMLP, RoutedExperts
+from ms_mm.ops.layers import GatedMLP
+from ms_mm.ops.moe import RoutedExperts
 
 from .config import DeepseekVL2Config, LanguageConfig
 from .inputs import MODEL_INPUT_NAMES  # the order of construct's arguments

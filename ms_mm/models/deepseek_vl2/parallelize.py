@@ -12,11 +12,12 @@ language model (tokens split by dp; heads / FFN / vocab split by tp)
     linear_proj           row-parallel
     dense MLP, shared experts    linear_fc1 / fc2 column / row-parallel
     router                replicated (fp32 scores on every rank, as MindSpeed-MM)
-    routed experts        expert parallel: the experts run as two batch matmuls over the stacked
-                          expert weights [E, 2I, H] / [E, H, I] (``RoutedExperts.dispatch =
-                          "batched"``) whose expert axis is split by ep, tokens by dp/ep and the
-                          expert FFN width by tp. MindSpore derives the token exchange into the
-                          expert axis and the reduction of the weighted combine over it.
+    routed experts        expert parallel: the stacked expert weights [E, 2I, H] / [E, H, I] (the MM
+                          checkpoint's tensors) are split on the expert axis by ep, so each EP rank
+                          holds whole experts (their FFN width split by tp); the two batch matmuls
+                          (``RoutedExperts.dispatch = "batched"``) run on experts ep x tokens dp/ep x
+                          width tp. MindSpore moves the tokens of the EP group to the experts' ranks
+                          and reduces the weighted combine over the expert axis.
     output_layer          column-parallel on the vocabulary
 vision tower (SigLIP) and projector (tiles split by dp: each dp rank encodes its own samples' tiles;
 heads / FFN by tp)
@@ -24,14 +25,12 @@ heads / FFN by tp)
     column-parallel, last row-parallel.
 
 Expert parallel follows MindSpeed / mindformers: ``ep`` divides ``dp`` (EP groups are carved out
-of the data-parallel ranks) and the routed expert count. Known limits: the experts' parameters
-stay separate per expert (``local_experts.{e}.*`` are the checkpoint names and the EP split rule
-of ``mm_checkpoint`` deals them out by name), so semi-auto parallel cannot place whole experts on
-one rank; instead every expert's weights are stored split 1/(ep*tp) on every rank (the memory of
-Megatron's EP + TP) and gathered inside the EP group for the matmuls (ZeRO-like traffic per step
-that stacked-expert EP avoids). The batched dispatch runs every local expert on every token of
-its dp/ep share (dense combine weights, static shapes), as the portable path does. Pipeline
-parallel is not planned for DeepSeek-VL2.
+of the data-parallel ranks) and the routed expert count. Known limits: the batched dispatch is dense
+(static shapes): each EP rank runs its experts on every token of its EP group, with zero combine
+weights where a token did not choose the expert, so the tokens reach the experts as an all-gather
+within the EP group and the combine as a reduce-scatter, not as a capacity-bounded all-to-all of the
+chosen tokens only (that needs the grouped matmul with per-expert token counts, Ascend's ``gmm``,
+under dynamic shapes). Pipeline parallel is not planned for DeepSeek-VL2.
 """
 from __future__ import annotations
 
@@ -40,7 +39,7 @@ from ms_mm.parallel.config import Divisibility, ParallelConfig, ParallelConfigEr
 
 _LLM = "text_decoder.decoder.layers.*"
 _VIT = "image_encoder.encoder.blocks.*"
-_EXPERTS = f"{_LLM}.mlp.experts.local_experts.*"
+_EXPERTS = f"{_LLM}.mlp.experts"
 
 
 class DeepseekVL2Plan:
@@ -74,7 +73,8 @@ class DeepseekVL2Plan:
         if any(moe_layers):
             mi = lc.moe_intermediate_size
             reqs.append(Divisibility("tp", "language_config.moe_intermediate_size", mi,
-                                     f"{_EXPERTS}.linear_fc2.weight", (h, mi), "row-parallel on the expert FFN width"))
+                                     f"{_EXPERTS}.linear_fc2.weight", (lc.n_routed_experts, h, mi),
+                                     "row-parallel on the expert FFN width"))
             if lc.n_shared_experts:
                 shared = mi * lc.n_shared_experts
                 reqs.append(Divisibility("tp", "shared expert width (moe_intermediate_size * n_shared_experts)",
@@ -101,11 +101,8 @@ class DeepseekVL2Plan:
         lc = config.language_config
         shape = (lc.n_routed_experts, 2 * lc.moe_intermediate_size, lc.hidden_size)
         return [Divisibility("ep", "language_config.n_routed_experts", lc.n_routed_experts,
-                             f"{_LLM}.mlp.experts (stacked expert weights)", shape,
-                             "each EP rank must hold the same number of routed experts"),
-                Divisibility("ep", "language_config.hidden_size", lc.hidden_size,
-                             f"{_EXPERTS}.linear_fc1.weight", shape[1:],
-                             "each expert's weights are stored split by ep on the hidden width")]
+                             f"{_EXPERTS}.linear_fc1.weight (stacked expert weights)", shape,
+                             "each EP rank must hold the same number of whole experts")]
 
     def check(self, pc: ParallelConfig, config) -> None:
         if pc.cp != 1:
@@ -172,19 +169,15 @@ class DeepseekVL2Plan:
 def expert_parallel(experts, dp: int, tp: int, ep: int) -> None:
     """``ms_mm.ops.moe.RoutedExperts`` on the batched dispatch with the expert axis split by ``ep``.
 
-    Compute: each batch matmul runs on a device matrix experts ``ep`` x tokens ``dp // ep`` x FFN
-    width ``tp`` (``dp * tp`` devices, the whole stage); fc1 is column-parallel and fc2
-    row-parallel within each expert, as the dense MLP. Storage: every expert's weights are split
-    by tp on the FFN width and by ep on the hidden width, so a rank stores 1/(ep*tp) of the routed
-    expert parameters (what Megatron's EP + TP store); MindSpore gathers the hidden width inside
-    the EP group before the matmuls (the price of keeping experts as separate checkpoint tensors).
+    Each batch matmul runs on a device matrix experts ``ep`` x tokens ``dp // ep`` x FFN width ``tp``
+    (``dp * tp`` devices, the whole stage); the stacked weights are its operands, so a rank holds
+    E / ep whole experts with their FFN width split by tp (fc1 column-, fc2 row-parallel within each
+    expert, as the dense MLP) and no expert weight is gathered: tokens move to the experts instead.
     """
     tokens = dp // ep
     experts.dispatch = "batched"
-    experts.stack_fc1.shard(((tp, ep),) * experts.num_experts)   # [2I, H] each
-    experts.stack_fc2.shard(((ep, tp),) * experts.num_experts)   # [H, I] each
-    experts.bmm_fc1.shard(((ep, tokens, 1), (ep, tp, 1)))
-    experts.bmm_fc2.shard(((ep, tokens, tp), (ep, 1, tp)))
+    experts.bmm_fc1.shard(((ep, tokens, 1), (ep, tp, 1)))      # [E, T, H] x [E, 2I, H]
+    experts.bmm_fc2.shard(((ep, tokens, tp), (ep, 1, tp)))     # [E, T, I] x [E, H, I]
     experts.combine_mul.shard(((ep, tokens, 1), (ep, tokens, 1)))
     experts.combine_sum.shard(((ep, tokens, 1),))
 
