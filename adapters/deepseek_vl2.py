@@ -18,6 +18,7 @@ import numpy as np
 
 from convert.spec import Concat, FamilySpec, GroupedRows, Layout, Rule, SpecError, StackExperts
 from ms_mm.models.deepseek_vl2.config import DeepseekVL2Config, config_from_hf
+from ms_mm.models.deepseek_vl2.parallelize import tp_rules as _plan_tp_rules
 
 __all__ = ["config_from_hf", "SPEC", "RowStack"]
 
@@ -193,17 +194,6 @@ def _tied_copies(config) -> List[Tuple[str, str]]:
     return []
 
 
-# TP placement (MindSpeed-MM's deepseek_vl_tp_patterns): the vision tower, projector, router and the
-# MLA down-projection ``linear_qkv`` (q ; kv latent ; rope key rows) stay whole on every rank.
-TP_RULES: List[Tuple[str, str]] = [
-    (r"^text_decoder\.embedding\.word_embeddings\.weight$", "col"),
-    (r"^text_decoder\.output_layer\.weight$", "col"),
-    (r"^text_decoder\..*\.self_attention\.linear_(qb|kvb)\.weight$", "col"),
-    (r"^text_decoder\..*\.self_attention\.linear_proj\.weight$", "row"),
-    (r"^text_decoder\..*\.linear_fc1\.weight$", "col_gated"),
-    (r"^text_decoder\..*\.linear_fc2\.weight$", "row"),
-]
-
 PP_STAGES: List[Dict[str, Any]] = [
     {"key": "vit", "layers": "image_encoder.encoder.blocks.",
      "firsts": ["image_encoder.encoder.patch_embed.", "image_encoder.encoder.pos_embed"],
@@ -234,7 +224,7 @@ SPEC = FamilySpec(
                 "llm": ("llm", "language model (language_config.num_hidden_layers)")},
     tp_checks=_tp_checks,
     tied_copies=_tied_copies,
-    tp_rules=TP_RULES,
+    tp_rules=lambda config: _plan_tp_rules(_as_config(config)),   # the plan's table (ms_mm.models.deepseek_vl2.parallelize): one for both
     pp_stages=PP_STAGES,
     # not a transformers model type: upstream (and MindSpeed-MM's converter) load it only with
     # trust_remote_code, so `mm-convert` asks for --cfg.trust_remote_code True (nothing is executed)

@@ -199,6 +199,12 @@ def normalize_pp_layers(value, what: str) -> Optional[List[int]]:
     return list(value)
 
 
+def spec_tp_rules(spec: FamilySpec, config) -> List[Tuple[str, str]]:
+    """The family's TP split rules for `config` (a list, or a function of the config; None = defaults)."""
+    rules = spec.tp_rules(config) if callable(spec.tp_rules) else spec.tp_rules
+    return list(rules) if rules is not None else ParallelLayout().tp_rules
+
+
 def make_layout(spec: FamilySpec, config, tp_size: int = 1,
                 pp_layers: Optional[Mapping[str, Any]] = None, ep_size: int = 1) -> ParallelLayout:
     """Validate the parallel arguments against the model and build its `ParallelLayout`."""
@@ -231,7 +237,7 @@ def make_layout(spec: FamilySpec, config, tp_size: int = 1,
     if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
         raise ConversionError(f"ep_size must be a positive integer, got {ep_size!r}")
     layout = ParallelLayout(tp_size=tp_size, pp_layers=norm, family=spec.family,
-                            tp_rules=spec.tp_rules or ParallelLayout().tp_rules,
+                            tp_rules=spec_tp_rules(spec, config),
                             pp_stages=spec.pp_stages or ParallelLayout().pp_stages,
                             tied=[list(t) for t in spec.tied_copies(config)], ep_size=ep_size)
     if ep_size > 1:  # checked on the config, before anything is read or written

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -277,7 +277,8 @@ class FamilySpec:
     hf_aliases      (regex, replacement) applied to HF names on input (other spellings → canonical)
     tied_copies     model config → [(src MM name, dst MM name)] materialised when pp > 1 (a tied
                     output layer on the last stage), dropped again on the way back
-    tp_rules / pp_stages  override ms_mm.training.mm_checkpoint defaults (None = defaults)
+    tp_rules / pp_stages  override ms_mm.training.mm_checkpoint defaults (None = defaults); tp_rules may be a
+                    function of the model config (DeepSeek-VL2: its parallel plan's table, MLA or MHA)
     hf_extra_files  patterns of non-weight files copied from hf_dir on mm_to_hf
     custom_model_types  config.json ``model_type`` values that transformers only loads with
                     ``trust_remote_code=True`` (the model's code ships outside transformers, e.g.
@@ -299,7 +300,7 @@ class FamilySpec:
     tp_checks: Callable[[Any], List[Tuple[str, int]]] = lambda config: []
     hf_aliases: Sequence[Tuple[str, str]] = ()
     tied_copies: Callable[[Any], List[Tuple[str, str]]] = lambda config: []
-    tp_rules: Optional[List[Tuple[str, str]]] = None
+    tp_rules: Optional[Union[List[Tuple[str, str]], Callable[[Any], List[Tuple[str, str]]]]] = None
     pp_stages: Optional[List[Dict[str, Any]]] = None
     hf_extra_files: Sequence[str] = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.md")
     custom_model_types: Optional[Sequence[str]] = None

@@ -75,7 +75,7 @@ def test_tiny_expert_parallel_compiles(fake_cann_root, tmp_path, monkeypatch, tp
     assert layouts["text_decoder.decoder.layers.0.self_attention.linear_kvb.weight"] == [
         lc.num_attention_heads * (lc.qk_nope_head_dim + lc.v_head_dim) // tp, lc.kv_lora_rank]
     width = config.vision_config.width
-    assert layouts["image_encoder.encoder.blocks.0.attn.qkv.weight"] == [3 * width // tp, width]
+    assert layouts["image_encoder.encoder.blocks.0.attn.qkv.weight"] == [3 * width, width]   # whole, as the table says
 
 
 def test_mha_hf_config_tp2_compiles_bf16_through_the_cli(fake_cann_root, tmp_path, capsys):  # noqa: F811

@@ -253,6 +253,36 @@ def check_rank_blocks(work, world, pp, family, config, split, tmp_path, run_pc, 
     return held, full
 
 
+def check_table_agrees(work, ranks, split, tp, ep):
+    """The compiled layout of every model parameter cuts exactly the dims the checkpoint's TP / EP table
+    cuts (the TP kind's dim by tp, a stacked expert tensor's dim 0 by ep, nothing else), on each rank.
+    One exception, MindSpore's own: a tensor the table keeps whole whose first consumer is an op the plan
+    gives no strategy (the Reshape of Qwen's 5-D patch-embed kernel, DeepSeek's image_newline) gets the
+    default data-parallel cut, dim 0 over the whole stage; the per-rank load reads that block as any other."""
+    from ms_mm.parallel import checkpoint as shards
+    from ms_mm.training import mm_checkpoint as mmc
+
+    for rank in ranks:
+        layouts = shards.layouts_from_json(json.loads((work / f"rank{rank}" / "parameter_layouts.json").read_text()))
+        wrong = []
+        for name, lay in layouts.items():
+            if name.startswith(MOMENTS + ("adam_m.", "adam_v.", "accu_grads.", "inputs")) or name == "global_step":
+                continue   # optimizer state and gradient accumulators follow their parameter; inputs are data
+            region = lay.model_parallel_region(rank)
+            got = tuple(full // (e - s) for full, (s, e) in zip(lay.full_shape, region))
+            want = [1] * len(lay.full_shape)
+            axis = mmc.tp_axis(split.tp_kind(name), len(want))
+            if axis is not None:
+                want[axis] *= tp
+            if split.is_expert(name):
+                want[0] *= ep
+            default_cut = (split.tp_kind(name) is None and not split.is_expert(name)
+                           and got == (lay.stage_size,) + (1,) * (len(got) - 1))
+            if got != tuple(want) and not default_cut:
+                wrong.append((name, list(lay.full_shape), split.tp_kind(name), got))
+        assert len(layouts) > 20 and not wrong, wrong
+
+
 def test_each_rank_holds_mindspores_cut_and_save_load_is_bit_exact(tp2_pp2_dp2, tmp_path):
     from adapters.qwen2_5_vl import SPEC
     from convert.framework import make_layout
@@ -263,6 +293,7 @@ def test_each_rank_holds_mindspores_cut_and_save_load_is_bit_exact(tp2_pp2_dp2, 
     config = Qwen2_5_VLConfig.preset("tiny")
     # the converter's TP 2 x PP 2 with another layer split than the run's (LLM 1 + rest; the run: even)
     split = make_layout(SPEC, config, tp_size=2, pp_layers={"llm": [1, config.text.num_hidden_layers - 1]})
+    check_table_agrees(root / "msrun_log" / "dryrun", (0, 4), split, tp=2, ep=1)
     check_rank_blocks(root / "msrun_log" / "dryrun", 8, 2, "qwen2_5_vl", config, split, tmp_path,
                       ParallelConfig(world_size=8, tp=2, pp=2))
 
@@ -281,6 +312,7 @@ def test_deepseek_tp2_ep2_blocks_are_mindspores_cut(fake_cann_root, tmp_path, mo
     assert rc == 0 and "rank 0 (pipeline stage 0): ok" in out, out
     config = DeepseekVL2Config.preset("tiny")
     split = make_layout(SPEC, config, tp_size=2, ep_size=2)
+    check_table_agrees(tmp_path / "msrun_log" / "dryrun", (0,), split, tp=2, ep=2)
     check_rank_blocks(tmp_path / "msrun_log" / "dryrun", 8, 1, "deepseek_vl2", config, split, tmp_path / "ck",
                       ParallelConfig(world_size=8, tp=2, ep=2))
 

@@ -82,9 +82,10 @@ def test_apply_sets_expert_parallel_strategies():
     assert attn.linear_qkv.matmul.in_strategy == ((4, 1), (1, 1))      # MLA latent: replicated
     assert attn.linear_proj.matmul.in_strategy == ((4, 2), (1, 2))     # row-parallel
     vision = model.image_encoder.encoder.blocks[0]
-    # each dp rank encodes its own samples' tiles (rows split by dp), heads by tp
-    assert vision.attn.qkv.matmul.in_strategy == ((4, 1), (2, 1))
-    assert vision.attn.core_attention.bmm_qk.in_strategy == ((4, 2, 1, 1), (4, 2, 1, 1))
+    # each dp rank encodes its own samples' tiles (rows split by dp); the weights whole, as the checkpoint's
+    # TP table keeps the vision tower
+    assert vision.attn.qkv.matmul.in_strategy == ((4, 1), (1, 1))
+    assert vision.attn.core_attention.bmm_qk.in_strategy == ((4, 1, 1, 1), (4, 1, 1, 1))
 
 
 def test_model_json_forms(tmp_path):

@@ -40,6 +40,19 @@ def replicated_linear(linear: nn.Cell, dp: int) -> None:
         _set(linear.bias_add, ((dp, 1), (1,)))
 
 
+def linear_of_kind(linear: nn.Cell, kind, dp: int, tp: int) -> None:
+    """Split a Linear as a checkpoint TP rule kind says: "col" / "col_gated" column-parallel, "row"
+    row-parallel, None replicated (the kinds of ``ms_mm.training.mm_checkpoint``)."""
+    if kind in ("col", "col_gated"):
+        column_parallel(linear, dp, tp)
+    elif kind == "row":
+        row_parallel(linear, dp, tp)
+    elif kind is None:
+        replicated_linear(linear, dp)
+    else:
+        raise ValueError(f"unknown TP split kind {kind!r}")
+
+
 def head_parallel_attention(attn: nn.Cell, dp: int, tp: int, mask_batch: int = None, has_mask: bool = True) -> None:
     """``ms_mm.ops.CoreAttention`` on q [B, N, S, D], k/v [B, Nkv, S, D] with heads split by tp.
 

@@ -3,7 +3,7 @@
 Applied from outside to ``DeepseekVL2ForCausalLM`` (``PLAN.check`` then ``PLAN.apply``, or
 ``ms_mm.parallel.parallelize``). Under MindSpore semi-auto parallel it sets:
 
-language model (tokens split by dp; heads / FFN / vocab split by tp)
+language model (tokens split by dp; heads / FFN / vocab split by tp, as ``TP_RULES`` says)
     word_embeddings       gather from a vocab-split table
     MLA linear_qkv        replicated (q, the kv latent and the shared rope key: no head axis)
     MLA linear_qb/kvb     column-parallel (rows are per head)
@@ -19,10 +19,11 @@ language model (tokens split by dp; heads / FFN / vocab split by tp)
                           width tp. MindSpore moves the tokens of the EP group to the experts' ranks
                           and reduces the weighted combine over the expert axis.
     output_layer          column-parallel on the vocabulary
-vision tower (SigLIP) and projector (tiles split by dp: each dp rank encodes its own samples' tiles;
-heads / FFN by tp)
-    qkv / fc1 column-parallel, proj / fc2 row-parallel, heads split by tp; projector first Linear
-    column-parallel, last row-parallel.
+vision tower (SigLIP) and projector: tiles split by dp (each dp rank encodes its own samples' tiles),
+    weights whole on every tp rank (as the checkpoint's TP split keeps them, MindSpeed-MM's patterns).
+
+Every Linear is split as ``TP_RULES`` (the converter's table) says; attention heads follow their
+projection (split by tp when it is column-parallel).
 
 Expert parallel follows MindSpeed / mindformers: ``ep`` divides ``dp`` (EP groups are carved out
 of the data-parallel ranks) and the routed expert count. Known limits: the batched dispatch is dense
@@ -37,6 +38,29 @@ from __future__ import annotations
 from ms_mm.parallel import sharding
 from ms_mm.parallel.config import Divisibility, ParallelConfig, ParallelConfigError
 
+# The one table of where tensors are split over tp (MindSpeed-MM's deepseek_vl_tp_patterns): regex on
+# the MM name -> "col" / "col_gated" / "row" (``ms_mm.training.mm_checkpoint`` kinds); anything else is
+# whole on every tp rank: the vision tower, projector, router and the MLA down-projection ``linear_qkv``
+# (q ; kv latent ; rope key rows). The converter writes its mp_rank files by it (``adapters.deepseek_vl2``)
+# and ``DeepseekVL2Plan.shard`` splits every Linear by it, so the two cannot disagree; the stacked experts
+# are split on their expert axis by ep besides (``mm_checkpoint.EXPERT_PATTERN``).
+TP_RULES = [
+    (r"^text_decoder\.embedding\.word_embeddings\.weight$", "col"),
+    (r"^text_decoder\.output_layer\.weight$", "col"),
+    (r"^text_decoder\..*\.self_attention\.linear_(qb|kvb)\.weight$", "col"),
+    (r"^text_decoder\..*\.self_attention\.linear_proj\.weight$", "row"),
+    (r"^text_decoder\..*\.linear_fc1\.weight$", "col_gated"),
+    (r"^text_decoder\..*\.linear_fc2\.weight$", "row"),
+]
+# MHA (use_mla false): linear_qkv rows are per KV group [q heads; k; v]; tp splits whole groups
+MHA_QKV_RULE = (r"^text_decoder\..*\.self_attention\.linear_qkv\.weight$", "col")
+
+
+def tp_rules(config):
+    """The TP table of ``config`` (MLA or MHA attention)."""
+    return list(TP_RULES) if config.language_config.use_mla else [MHA_QKV_RULE] + list(TP_RULES)
+
+
 _LLM = "text_decoder.decoder.layers.*"
 _VIT = "image_encoder.encoder.blocks.*"
 _EXPERTS = f"{_LLM}.mlp.experts"
@@ -47,7 +71,7 @@ class DeepseekVL2Plan:
 
     # ------------------------------------------------------------------------------------ checks
     def tp_requirements(self, config):
-        lc, vc, pc = config.language_config, config.vision_config, config.projector_config
+        lc = config.language_config
         h, n = lc.hidden_size, lc.num_attention_heads
         reqs = []
         if lc.use_mla:
@@ -83,18 +107,6 @@ class DeepseekVL2Plan:
         reqs.append(Divisibility("tp", "language_config.vocab_size", lc.vocab_size,
                                  "text_decoder.embedding.word_embeddings.weight", (lc.vocab_size, h),
                                  "the vocabulary is split across tp ranks"))
-        w = vc.width
-        reqs += [
-            Divisibility("tp", "vision_config.heads", vc.heads, f"{_VIT}.attn.qkv.weight", (3 * w, w),
-                         "vision attention heads are split across tp ranks"),
-            Divisibility("tp", "vision_config MLP width (width * mlp_ratio)", vc.mlp_hidden,
-                         f"{_VIT}.mlp.fc2.weight", (w, vc.mlp_hidden), "row-parallel on the FFN width"),
-        ]
-        inner = pc.n_embed * pc.mlp_ratio
-        reqs.append(Divisibility("tp", "projector width (n_embed * mlp_ratio)", inner,
-                                 "image_encoder.projector.layers.0.weight",
-                                 (inner, pc.input_dim * pc.downsample_ratio ** 2),
-                                 "column-parallel on the projector width"))
         return reqs
 
     def ep_requirements(self, config):
@@ -129,40 +141,42 @@ class DeepseekVL2Plan:
         return self.shard(model, pc)
 
     def shard(self, model, pc: ParallelConfig):
+        from ms_mm.ops import Linear
+        from ms_mm.training.mm_checkpoint import ParallelLayout
+
         dp, tp, ep = pc.dp, pc.tp, pc.ep
+        table = ParallelLayout(tp_rules=tp_rules(model.config))
+        kinds = {}
+        for name, cell in model.cells_and_names():
+            if isinstance(cell, Linear):
+                kinds[name] = table.tp_kind(f"{name}.weight")
+                sharding.linear_of_kind(cell, kinds[name], dp, tp)
         text = model.text_decoder
-        sharding.vocab_parallel_embedding(text.embedding.word_embeddings, dp, tp)
-        for layer in text.decoder.layers:
+        sharding.vocab_parallel_embedding(text.embedding.word_embeddings, dp,
+                                          tp if table.tp_kind("text_decoder.embedding.word_embeddings.weight") else 1)
+        for i, layer in enumerate(text.decoder.layers):
             sharding.rms_norm(layer.input_layernorm, dp, rank=3)
             sharding.rms_norm(layer.pre_mlp_layernorm, dp, rank=3)
-            _shard_attention(layer.self_attention, dp, tp)
+            attn, prefix = layer.self_attention, f"text_decoder.decoder.layers.{i}.self_attention."
+            heads_by = "linear_kvb" if hasattr(attn, "linear_kvb") else "linear_qkv"
+            if hasattr(attn, "q_layernorm"):
+                sharding.rms_norm(attn.q_layernorm, dp, rank=3)
+            if hasattr(attn, "k_layernorm"):
+                sharding.rms_norm(attn.k_layernorm, dp, rank=3)
+            sharding.head_parallel_attention(attn.core_attention, dp, tp if kinds[prefix + heads_by] else 1,
+                                             mask_batch=dp)
             if layer.is_moe:
                 moe = layer.mlp
                 moe.router.matmul.shard(((dp, 1), (1, 1)))  # replicated router weight
                 expert_parallel(moe.experts, dp, tp, ep)
-                if moe.has_shared:
-                    _shard_gated_mlp(moe.shared_experts, dp, tp)
-            else:
-                _shard_gated_mlp(layer.mlp, dp, tp)
         sharding.rms_norm(text.decoder.final_layernorm, dp, rank=3)
-        if not text.tie:
-            sharding.column_parallel(text.output_layer, dp, tp)
 
         # each dp rank encodes its own tiles: the trainer feeds every dp rank its own samples with the
         # same tile count (``Family.dp_slice``), so the global tile axis is dp slices, split by dp here
-        vision = model.image_encoder.encoder
-        for block in vision.blocks:
-            attn = block.attn
-            sharding.column_parallel(attn.qkv, dp, tp)
-            sharding.head_parallel_attention(attn.core_attention, dp, tp, mask_batch=1, has_mask=False)
-            sharding.row_parallel(attn.proj, dp, tp)
-            sharding.column_parallel(block.mlp.fc1, dp, tp)
-            sharding.row_parallel(block.mlp.fc2, dp, tp)
-        linears = [cell for cell in model.image_encoder.projector.layers if hasattr(cell, "matmul")]
-        sharding.column_parallel(linears[0], dp, tp)
-        for middle in linears[1:-1]:
-            sharding.replicated_linear(middle, dp)
-        sharding.row_parallel(linears[-1], dp, tp)
+        for i, block in enumerate(model.image_encoder.encoder.blocks):
+            split = kinds[f"image_encoder.encoder.blocks.{i}.attn.qkv"]
+            sharding.head_parallel_attention(block.attn.core_attention, dp, tp if split else 1, mask_batch=1,
+                                             has_mask=False)
         return model
 
 
@@ -180,25 +194,6 @@ def expert_parallel(experts, dp: int, tp: int, ep: int) -> None:
     experts.bmm_fc2.shard(((ep, tokens, tp), (ep, 1, tp)))     # [E, T, I] x [E, H, I]
     experts.combine_mul.shard(((ep, tokens, 1), (ep, tokens, 1)))
     experts.combine_sum.shard(((ep, tokens, 1),))
-
-
-def _shard_gated_mlp(mlp, dp, tp):
-    sharding.column_parallel(mlp.linear_fc1, dp, tp)
-    sharding.row_parallel(mlp.linear_fc2, dp, tp)
-
-
-def _shard_attention(attn, dp, tp):
-    if hasattr(attn, "linear_kvb"):  # MLA: the latent projections have no head axis
-        sharding.replicated_linear(attn.linear_qkv, dp)
-        if hasattr(attn, "linear_qb"):
-            sharding.rms_norm(attn.q_layernorm, dp, rank=3)
-            sharding.column_parallel(attn.linear_qb, dp, tp)
-        sharding.rms_norm(attn.k_layernorm, dp, rank=3)
-        sharding.column_parallel(attn.linear_kvb, dp, tp)
-    else:
-        sharding.column_parallel(attn.linear_qkv, dp, tp)
-    sharding.head_parallel_attention(attn.core_attention, dp, tp, mask_batch=dp)
-    sharding.row_parallel(attn.linear_proj, dp, tp)
 
 
 PLAN = DeepseekVL2Plan()
