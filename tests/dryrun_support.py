@@ -6,6 +6,8 @@ cache is not writable. Building needs gcc and nm, which CI machines have: a miss
 error, never a skip.
 """
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +28,22 @@ def fake_cann_root(tmp_path_factory):
     if not writable:
         cache = tmp_path_factory.mktemp("fake-cann")
     return ensure_fake_cann(cache)
+
+
+def collectives(ir_dir):
+    """(op, input shape, output shape, scope) of every collective in the largest compiled graph under
+    ``ir_dir`` (``MS_DEV_SAVE_GRAPHS=1`` with ``MS_DEV_SAVE_GRAPHS_PATH``: the train step's, beside the
+    trainer's small helper graphs); scope is the op's full name."""
+    graph = max(Path(ir_dir).rglob("graph_build_*.ir"), key=lambda f: f.stat().st_size)
+    lines = graph.read_text().splitlines()
+    shape = r"<Tensor\[\w+\], \(([\d, ]*)\)>"
+    out = []
+    for i, line in enumerate(lines[:-1]):
+        m = re.match(r"\s+%\S+ = (AllGather|ReduceScatter|AllReduce|AlltoAll\w*|AllToAll\w*)\(", line)
+        shapes = re.findall(shape, lines[i + 1])
+        if m and len(shapes) >= 2:
+            scope = next((ln.split("Fullname with scope: ", 1)[1] for ln in lines[i:i + 8]
+                          if "Fullname with scope: " in ln), "")
+            out.append((m.group(1),) + tuple(tuple(int(d) for d in s.split(",") if d.strip()) for s in shapes[:2])
+                       + (scope,))
+    return out

@@ -59,6 +59,22 @@ def test_parity_forward_backward(fixture_root):
     assert checked == 10
 
 
+def test_capacity_dispatch_that_drops_nothing_matches_the_fixture(fixture_root):
+    """The capacity dispatch (``moe_expert_capacity_factor``) with room for every token (factor E / k):
+    the upstream fixture's logits, loss and gradients, as the dropless paths."""
+    config, state, inputs, ref = _load(fixture_root, "forward")
+    lc = config.language_config
+    lc.moe_expert_capacity_factor = lc.n_routed_experts / lc.num_experts_per_tok
+    out, grads = parity_outputs(config, state, inputs, gradients=("grad",))
+    _close(out["logits"], ref["logits"], 1e-4, 1e-4, "logits")
+    _close(out["loss"], ref["loss"], 1e-5, 0, "CE loss")
+    hf_grads = mm_grads_to_hf("deepseek_vl2", config, grads["grad"])
+    checked = [key for key in ref if key.startswith("grad.")]
+    for key in checked:
+        _close(hf_grads[key[len("grad."):]], ref[key], 1e-5, 1e-3, key)
+    assert any("experts" in key for key in checked), checked
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_tiling_matches_processor(fixture_root, case):
     """Dynamic tiling of image.png reproduces the processor's tiles, grid and image-token count."""

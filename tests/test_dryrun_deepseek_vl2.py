@@ -7,12 +7,13 @@ out as the plan says (its ``parameter_layout_dict``, dumped by the worker). A pl
 divide is refused before anything compiles (``test_parallel_plan_deepseek_vl2.py`` has the rest).
 """
 import json
-import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from dryrun_support import fake_cann_root  # noqa: F401  (session fixture)
+from dryrun_support import collectives, fake_cann_root  # noqa: F401  (session fixture)
+from ms_mm.ops.moe import expert_capacity
 from ms_mm.parallel import ParallelConfig
 from ms_mm.parallel.dryrun import load_model_config, main, run_dryrun
 
@@ -27,28 +28,18 @@ def _layouts(log_path):
             json.loads((Path(log_path).parent / "parameter_layouts.json").read_text()).items()}
 
 
-def _collectives(ir_dir):
-    """(op, input shape, output shape) of every collective in the final compiled graph of a rank."""
-    [graph] = sorted(Path(ir_dir).rglob("graph_build_*.ir"))[-1:]
-    lines = graph.read_text().splitlines()
-    shape = r"<Tensor\[\w+\], \(([\d, ]*)\)>"
-    out = []
-    for line, nxt in zip(lines, lines[1:]):
-        m = re.match(r"\s+%\S+ = (AllGather|ReduceScatter|AllReduce|AlltoAll\w*|AllToAll\w*)\(", line)
-        shapes = re.findall(shape, nxt)
-        if m and len(shapes) >= 2:
-            out.append((m.group(1),) + tuple(tuple(int(d) for d in s.split(",") if d.strip()) for s in shapes[:2]))
-    return out
-
-
-@pytest.mark.parametrize("tp,ep,rank", [(1, 2, 0), (1, 4, 5), (2, 2, 3)])
-def test_tiny_expert_parallel_compiles(fake_cann_root, tmp_path, monkeypatch, tp, ep, rank):  # noqa: F811
+@pytest.mark.parametrize("tp,ep,rank,capacity", [(1, 2, 0, None), (1, 4, 5, None), (2, 2, 0, 1.0)])
+def test_tiny_expert_parallel_compiles(fake_cann_root, tmp_path, monkeypatch, tp, ep, rank, capacity):  # noqa: F811
+    """capacity None: the dense batched dispatch (dropless); 1.0: the capacity dispatch (drop and pad),
+    whose tokens move to the experts' ranks by all-to-all."""
     config = load_model_config("tiny-deepseek")  # 4 routed experts (I=32), 1 shared, MLA 4 heads, H=64
+    config.language_config.moe_expert_capacity_factor = capacity
     pc = ParallelConfig(world_size=8, tp=tp, ep=ep)
     if rank == 0:  # the compiled graph, to see what travels between the ranks
         monkeypatch.setenv("MS_DEV_SAVE_GRAPHS", "1")
         monkeypatch.setenv("MS_DEV_SAVE_GRAPHS_PATH", str(tmp_path / "ir"))
-    [result] = run_dryrun(config, pc, micro_batch_size=1, seq_len=32, ranks=[rank], level=1, dtype="fp16",
+    seq_len = 32
+    [result] = run_dryrun(config, pc, micro_batch_size=1, seq_len=seq_len, ranks=[rank], level=1, dtype="fp16",
                           workdir=tmp_path, fake_cann_root=fake_cann_root, timeout=600)
     assert result.ok, f"rank {rank} failed:\n{result.error}\n{result.hint}"
     assert result.used_peak_mb is not None and result.used_peak_mb > 0
@@ -65,10 +56,20 @@ def test_tiny_expert_parallel_compiles(fake_cann_root, tmp_path, monkeypatch, tp
         # no expert weight is gathered: no collective takes a rank's expert block; only their gradients
         # are summed over the ranks holding the same experts (and tokens move, as activations)
         local = {(n // ep, 2 * i // tp, h), (n // ep, h, i // tp)}
-        ops = _collectives(tmp_path / "ir")
-        assert {op for op, src, _ in ops if src in local} == {"AllReduce"}, ops
+        ops = collectives(tmp_path / "ir")
+        assert {op for op, src, _, _ in ops if src in local} == {"AllReduce"}, ops
         every = {(n, 2 * i // t, h) for t in (1, tp)} | {(n, h, i // t) for t in (1, tp)}
         assert not [c for c in ops if c[2] in every], ops   # nothing holding all E experts' weights
+        moves = [c for c in ops if "experts-RoutedExperts" in c[3] and c[0] == "AllToAll"]
+        if capacity is not None:
+            # the rank's capacity buffer (E experts x C slots x H), to the experts and back, and the same
+            # two in the backward pass; nothing else of the experts' activations is gathered over dp
+            slots = expert_capacity(seq_len, lc.num_experts_per_tok, n, capacity)
+            assert len(moves) == 4 and all(np.prod(c[1]) == n * slots * h for c in moves), moves
+            gathered = [c for c in ops if "experts-RoutedExperts" in c[3] and c[0] == "AllGather"
+                        and np.prod(c[2]) >= slots * h]
+            # (only the tp re-gather of [gate; up] before the SwiGLU, over the tp pair)
+            assert all(c[2][-1] == 2 * i // tp and np.prod(c[2]) == 2 * np.prod(c[1]) for c in gathered), gathered
     assert layouts[MOE + "router.weight"] == [lc.n_routed_experts, h]  # replicated
     assert layouts[MOE + "shared_experts.linear_fc2.weight"] == [h, i // tp]
     assert layouts["text_decoder.embedding.word_embeddings.weight"] == [lc.vocab_size // tp, h]

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dryrun_support import fake_cann_root  # noqa: F401  (session fixture: builds the stub CANN tree)
+from dryrun_support import collectives, fake_cann_root  # noqa: F401  (session fixture: builds the stub CANN tree)
+from ms_mm.ops.moe import expert_capacity
 from ms_mm.parallel.config import ParallelConfig
 from ms_mm.training import launch
 
@@ -299,7 +300,8 @@ def test_each_rank_holds_mindspores_cut_and_save_load_is_bit_exact(tp2_pp2_dp2, 
 
 
 def test_deepseek_tp2_ep2_blocks_are_mindspores_cut(fake_cann_root, tmp_path, monkeypatch):
-    """DeepSeek-VL2 tiny, TP 2 x EP 2 on 8 ranks (dp 4) with the distributed optimizer; the converter's
+    """DeepSeek-VL2 tiny, TP 2 x EP 2 on 8 ranks (dp 4) with the distributed optimizer and the MoE capacity
+    dispatch (``--moe-expert-capacity-factor``, tokens to the experts by all-to-all); the converter's
     checkpoint split TP 2 x EP 2 (the stacked experts cut on the expert axis, whole experts per EP rank) is
     re-sliced to the run's blocks."""
     from adapters.deepseek_vl2 import SPEC
@@ -307,10 +309,18 @@ def test_deepseek_tp2_ep2_blocks_are_mindspores_cut(fake_cann_root, tmp_path, mo
     from ms_mm.models.deepseek_vl2.config import DeepseekVL2Config
 
     _point_at_fake_cann(fake_cann_root, tmp_path, monkeypatch)
+    monkeypatch.setenv("MS_DEV_SAVE_GRAPHS", "1")
+    monkeypatch.setenv("MS_DEV_SAVE_GRAPHS_PATH", str(tmp_path / "ir"))
     rc, out = _dry_run(tmp_path, {"model_id": "deepseekvl2", "preset": "tiny"}, 8, "--tensor-model-parallel-size", "2",
-                       "--expert-model-parallel-size", "2", "--global-batch-size", "4", "--use-distributed-optimizer")
+                       "--expert-model-parallel-size", "2", "--global-batch-size", "4", "--use-distributed-optimizer",
+                       "--moe-expert-capacity-factor", "1.5")
     assert rc == 0 and "rank 0 (pipeline stage 0): ok" in out, out
     config = DeepseekVL2Config.preset("tiny")
+    # the family flag reached the model: its tokens move to the experts as the capacity buffer, by all-to-all
+    lc = config.language_config
+    slots = expert_capacity(64, lc.num_experts_per_tok, lc.n_routed_experts, 1.5)
+    moves = [c for c in collectives(tmp_path / "ir") if c[0] == "AllToAll" and "experts-RoutedExperts" in c[3]]
+    assert len(moves) == 4 and all(np.prod(c[1]) == lc.n_routed_experts * slots * lc.hidden_size for c in moves), moves
     split = make_layout(SPEC, config, tp_size=2, ep_size=2)
     check_table_agrees(tmp_path / "msrun_log" / "dryrun", (0,), split, tp=2, ep=2)
     check_rank_blocks(tmp_path / "msrun_log" / "dryrun", 8, 1, "deepseek_vl2", config, split, tmp_path / "ck",

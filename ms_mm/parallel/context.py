@@ -8,7 +8,8 @@ plan's strategies cut it (rows by dp). The trainer instead feeds each data-paral
 samples: ``set_dataset_strategy(pc, axes)`` (before the first compile) switches to
 ``full_batch=False`` with a dataset strategy that declares each input's sample axis split over dp. ``pipeline_stages`` is set from ``pc.pp``. The device
 matrix MindSpore derives is TP x PP x DP (expert parallel lives inside DP: the plans split experts
-over ``ep`` of the ``dp`` ranks). ``optimizer_parallel`` turns on MindSpore's optimizer parallel
+over ``ep`` of the ``dp`` ranks; with ep > 1 ``enable_alltoall`` lets MindSpore move the MoE tokens
+with AllToAll). ``optimizer_parallel`` turns on MindSpore's optimizer parallel
 (``enable_parallel_optimizer``): the optimizer states (AdamW moments) of every parameter that the
 plan leaves replicated over data-parallel ranks are sharded over them, and each rank updates its
 shard (Megatron's distributed optimizer / ZeRO-1); ``gradient_accumulation_shard`` also shards
@@ -26,6 +27,8 @@ def parallel_context_kwargs(pc: ParallelConfig, optimizer_parallel: bool = False
                             strategy_file: Optional[str] = None) -> dict:
     kwargs = dict(parallel_mode="semi_auto_parallel", device_num=pc.world_size, full_batch=True,
                   pipeline_stages=pc.pp)
+    if pc.ep > 1:   # a layout change that moves a split between axes is one AllToAll (the MoE token move),
+        kwargs["enable_alltoall"] = True   # not AllGather + Split
     if strategy_file:      # MindSpore's strategy checkpoint of every parameter (its own transform tools read it)
         kwargs["strategy_ckpt_config"] = {"save_file": str(strategy_file), "only_trainable_params": False}
     if optimizer_parallel and pc.dp > 1:

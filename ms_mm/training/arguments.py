@@ -65,7 +65,8 @@ ACCEPTED_FLAGS = {
     # MindSpeed-MM's DeepSeek-VL2 script: MoE kernels and MLA switches (sizes live in model.json)
     "--moe-grouped-gemm": (0, "ms_mm.ops chooses the MoE kernels by device"),
     "--moe-permutation-async-comm": (0, "ms_mm.ops chooses the MoE kernels by device"),
-    "--moe-token-dispatcher-type": (1, "ms_mm.ops chooses the MoE token dispatch by device"),
+    "--moe-token-dispatcher-type": (1, "ms_mm.ops chooses the MoE token dispatch by device and capacity"),
+    "--moe-pad-expert-input-to-capacity": (0, "with a capacity factor the expert input is always padded to it"),
     "--use-fused-moe-token-permute-and-unpermute": (0, "ms_mm.ops chooses the MoE kernels by device"),
     "--multi-head-latent-attention": (0, "comes from model.json (text_decoder.multi_head_latent_attention)"),
     "--qk-layernorm": (0, "MLA's q/kv norms come with model.json's multi_head_latent_attention"),

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ms_mm.models import check_int
 
 SCORING_FUNCS = ("softmax", "sigmoid")
+DROP_POLICIES = ("probs", "position")   # Megatron's --moe-token-drop-policy (ms_mm.ops.moe.DROP_POLICIES)
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 PROJECTOR_TYPES = ("downsample_mlp_gelu",)
 
@@ -119,6 +120,10 @@ class LanguageConfig:
     routed_scaling_factor: float = 1.0
     aux_loss_alpha: float = 0.001
     seq_aux: bool = True
+    # Megatron's drop and pad (--moe-expert-capacity-factor / --moe-token-drop-policy): None = dropless,
+    # as upstream; a factor caps each expert at ceil(tokens * k / E * factor) tokens of a rank's micro batch
+    moe_expert_capacity_factor: Optional[float] = None
+    moe_token_drop_policy: str = "probs"
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None
@@ -206,6 +211,13 @@ class LanguageConfig:
                                  f"n_routed_experts/n_group={per_group} < 2")
         if self.aux_loss_alpha < 0:
             raise ValueError(f"{prefix}.aux_loss_alpha={self.aux_loss_alpha}: expected >= 0")
+        factor = self.moe_expert_capacity_factor
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0):
+            raise ValueError(f"{prefix}.moe_expert_capacity_factor={factor!r}: expected a number > 0 "
+                             f"(or null: no capacity, nothing dropped)")
+        if self.moe_token_drop_policy not in DROP_POLICIES:
+            raise ValueError(f"{prefix}.moe_token_drop_policy={self.moe_token_drop_policy!r}: expected one of "
+                             f"{DROP_POLICIES}")
 
 
 @dataclass
@@ -362,6 +374,7 @@ _MEGATRON_TEXT = {
     "moe_aux_loss_coeff": "aux_loss_alpha", "seq_aux": "seq_aux", "q_lora_rank": "q_lora_rank",
     "kv_lora_rank": "kv_lora_rank", "qk_rope_head_dim": "qk_rope_head_dim", "qk_nope_head_dim": "qk_nope_head_dim",
     "v_head_dim": "v_head_dim", "tie_word_embeddings": "tie_word_embeddings",
+    "moe_expert_capacity_factor": "moe_expert_capacity_factor", "moe_token_drop_policy": "moe_token_drop_policy",
 }
 
 

@@ -26,6 +26,7 @@ def _build_dataloader(data_cfg, config, micro_batch_size, seed, rank, world_size
                       **kwargs):
     from ms_mm.models.deepseek_vl2.processing import build_deepseek_vl2_dataloader
 
+    kwargs.pop("options", None)   # the family flags act on the model only (apply_flags)
     return build_deepseek_vl2_dataloader(data_cfg, config, micro_batch_size, seed, rank, world_size,
                                          num_workers if num_workers else None, skip_bad_samples, **kwargs)
 
@@ -64,6 +65,26 @@ def step_metrics(config, outputs, batch) -> Dict[str, Any]:
     metrics["expert load max/mean"] = max_over_mean
     metrics["expert load cv"] = float(np.mean(cv))
     return metrics
+
+
+# Megatron's MoE capacity flags, as MindSpeed-MM's DeepSeek-VL2 scripts may pass them (model.json's
+# text_decoder takes the same keys)
+EXTRA_FLAGS = {
+    "--moe-expert-capacity-factor": (float, "cap each expert at ceil(tokens * k / E * factor) tokens of a micro "
+                                            "batch, dropping the rest (default: no capacity, nothing dropped)"),
+    "--moe-token-drop-policy": (str, "which tokens an over-full expert keeps: probs (highest routing weight, "
+                                     "the default) or position (the first ones)"),
+}
+
+
+def apply_flags(config, options):
+    language = config.language_config
+    if options.get("moe_expert_capacity_factor") is not None:
+        language.moe_expert_capacity_factor = options["moe_expert_capacity_factor"]
+    if options.get("moe_token_drop_policy") is not None:
+        language.moe_token_drop_policy = options["moe_token_drop_policy"]
+    config.validate()
+    return config
 
 
 def check_parallel_sizes(config, args) -> None:
@@ -105,7 +126,7 @@ FAMILY = Family(
     count_tokens=_deepseek_llm_tokens,
     # construct: (loss, logits, ce_loss, aux_losses, routing, routing_weights)
     metric_outputs=(2, 3, 4), step_metrics=step_metrics,
-    check_parallel_sizes=check_parallel_sizes,
+    check_parallel_sizes=check_parallel_sizes, extra_flags=EXTRA_FLAGS, apply_flags=apply_flags,
     parallel_plan=lazy_object("ms_mm.models.deepseek_vl2.parallelize:PLAN"),
     synthetic_batch=lazy("ms_mm.models.deepseek_vl2.parallelize:synthetic_batch"),
     parity={"deepseek_vl2": lazy("ms_mm.models.deepseek_vl2.parity:run_parity")},

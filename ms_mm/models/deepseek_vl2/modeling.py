@@ -370,7 +370,9 @@ class MoELayer(nn.Cell):
     def __init__(self, cfg: LanguageConfig):
         super().__init__()
         self.router = TopKRouter(cfg)
-        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size,
+                                     capacity_factor=cfg.moe_expert_capacity_factor,
+                                     drop_policy=cfg.moe_token_drop_policy)
         self.has_shared = bool(cfg.n_shared_experts)
         if self.has_shared:
             self.shared_experts = GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)

@@ -189,11 +189,50 @@ def expert_parallel(experts, dp: int, tp: int, ep: int) -> None:
     expert, as the dense MLP) and no expert weight is gathered: tokens move to the experts instead.
     """
     tokens = dp // ep
-    experts.dispatch = "batched"
+    if experts.dispatch == "capacity":
+        capacity_dispatch(experts.capacity, dp, ep)
+    else:
+        experts.dispatch = "batched"
     experts.bmm_fc1.shard(((ep, tokens, 1), (ep, tp, 1)))      # [E, T, H] x [E, 2I, H]
+    # [gate; up] are the two halves of 2I, so they are whole for the split (with tp > 1 a tp rank's
+    # column slice of 2I is gate or up rows, re-gathered here); the SwiGLU runs split by tp again
+    experts.split_gate_up.shard(((ep, tokens, 1),))
+    experts.silu.shard(((ep, tokens, tp),))
+    experts.swiglu_mul.shard(((ep, tokens, tp), (ep, tokens, tp)))
     experts.bmm_fc2.shard(((ep, tokens, tp), (ep, 1, tp)))     # [E, T, I] x [E, H, I]
     experts.combine_mul.shard(((ep, tokens, 1), (ep, tokens, 1)))
     experts.combine_sum.shard(((ep, tokens, 1),))
+
+
+def capacity_dispatch(d, dp: int, ep: int) -> None:
+    """``ms_mm.ops.moe.CapacityDispatch`` with one token group per dp rank: the index work and both
+    gathers run on the rank's own tokens (group axis split by dp); the expert buffer [ep, dp/ep, E, C, H]
+    is laid out by group (``to_experts`` local), and MindSpore moves it to the batch matmuls' layout
+    (experts by ep, tokens by dp/ep) and back with an all-to-all within each EP group."""
+    d.groups, d.ep = dp, ep
+    g3, g4 = ((dp, 1, 1),), ((dp, 1, 1, 1),)
+    d.one_hot.shard(((dp, 1, 1, 1), (), ()))
+    for prim in (d.sum_choices, d.sum_weights, d.sum_choice_pos):
+        prim.shard(g4)
+    for prim in (d.mul_weight, d.mul_choice_pos):
+        prim.shard(g4 * 2)
+    for prim in (d.transpose_chosen, d.transpose_weights, d.transpose_pos, d.top_weights, d.cumsum, d.first_kept):
+        prim.shard(g3)
+    for prim in (d.mul_keep, d.mul_pos, d.mul_within, d.mul_pos_kept, d.at_least, d.slot_add, d.mul_kept_weight):
+        prim.shard(g3 * 2)
+    for prim in (d.within, d.slot_mul, d.kept_choice, d.key_mul):
+        prim.shard(g3 + ((),))
+    d.key_add.shard(((dp, 1, 1), (1, 1, 1)))
+    d.zeros_tokens.shard(g3)
+    d.pad_tokens.shard(g3 * 2)
+    d.dispatch_gather.shard(g3 * 2)
+    d.to_experts.shard(((ep, dp // ep, 1, 1, 1),))
+    d.from_experts.shard(((ep, dp // ep, 1, 1, 1),))
+    d.zeros_slots.shard(g4)
+    d.pad_slots.shard(g4 * 2)
+    d.combine_gather.shard(g3 * 2)
+    d.combine_mul.shard(g4 * 2)
+    d.combine_sum.shard(g4)
 
 
 PLAN = DeepseekVL2Plan()
