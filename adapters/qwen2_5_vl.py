@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from convert.spec import Concat, FamilySpec, GroupedRows, Rule
-from ms_mm.training.mm_checkpoint import MEGATRON_TP_RULES, VLM_PP_STAGES
+from ms_mm.models.qwen2_5_vl.parallelize import tp_rules as _plan_tp_rules
+from ms_mm.training.mm_checkpoint import VLM_PP_STAGES
 from ms_mm.models.qwen2_5_vl.config import Qwen2_5_VLConfig, config_from_hf
 
 __all__ = ["config_from_hf", "SPEC"]
@@ -128,7 +129,7 @@ SPEC = FamilySpec(
     hf_aliases=((r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual."),
                 (r"^model\.lm_head\.", "lm_head.")),
     tied_copies=_tied_copies,
-    tp_rules=list(MEGATRON_TP_RULES),
+    tp_rules=_plan_tp_rules,   # the plan's table (ms_mm.models.qwen2_5_vl.parallelize): one for both
     pp_stages=[dict(s) for s in VLM_PP_STAGES],
     init_tensor=_init_tensor,
 )

@@ -88,3 +88,23 @@ def test_parallelize_checks_before_touching_the_model():
     with pytest.raises(ParallelConfigError, match="tp=4 does not divide text.num_key_value_heads=2"):
         parallelize(model, ParallelConfig(world_size=8, tp=4))
     assert _strategy(model.text_decoder.decoder.layers[0].self_attention.linear_qkv.matmul) is None
+
+
+def test_the_converter_splits_by_the_plans_table():
+    """One TP table per family: the converter's split rules are the plan module's (Qwen2.5-VL, DeepSeek-VL2
+    with MLA and with MHA, whose linear_qkv is column-parallel); the compiled layouts are checked against
+    the same table in tests/test_dryrun_trainer.py."""
+    import importlib
+
+    from convert.framework import spec_tp_rules
+    from ms_mm import registry
+
+    mla = registry.get("deepseek_vl2").presets["tiny-deepseek"]()
+    mha = registry.get("deepseek_vl2").presets["tiny-deepseek"]()
+    mha.language_config.use_mla = False
+    for name, config in (("qwen2_5_vl", registry.get("qwen2_5_vl").presets["tiny"]()), ("deepseek_vl2", mla),
+                         ("deepseek_vl2", mha)):
+        rules = importlib.import_module(f"ms_mm.models.{name}.parallelize").tp_rules(config)
+        assert spec_tp_rules(registry.get(name).spec(), config) == rules and rules
+    assert len(importlib.import_module("ms_mm.models.deepseek_vl2.parallelize").tp_rules(mha)) == \
+        len(importlib.import_module("ms_mm.models.deepseek_vl2.parallelize").tp_rules(mla)) + 1

@@ -6,7 +6,8 @@ checkpoint stores them: ``linear_fc1.weight [E, 2I, H]`` (per expert the rows [g
 ``linear_fc2.weight [E, H, I]``. Dim 0 is the expert axis, which expert parallel splits: an EP rank
 holds whole experts (the converter's EP split cuts the same dim, ``mm_checkpoint.EXPERT_PATTERN``).
 
-Three dispatch paths (``RoutedExperts.dispatch``), the default chosen once from ``kernels()``:
+Four dispatch paths (``RoutedExperts.dispatch``), the default chosen once from ``kernels()`` (or
+"capacity" when a capacity factor is given):
 - portable (CPU and anything else): every expert runs on every token and the outputs are combined
   with a dense ``[T, E]`` weight matrix scattered from the top-k (zero where not chosen). Shapes stay
   static, so graph mode compiles one graph for any routing; the price is E/k times the expert FLOPs,

@@ -15,9 +15,9 @@ language model (tokens split by dp; heads / FFN / vocab split by tp, as ``TP_RUL
     routed experts        expert parallel: the stacked expert weights [E, 2I, H] / [E, H, I] (the MM
                           checkpoint's tensors) are split on the expert axis by ep, so each EP rank
                           holds whole experts (their FFN width split by tp); the two batch matmuls
-                          (``RoutedExperts.dispatch = "batched"``) run on experts ep x tokens dp/ep x
-                          width tp. MindSpore moves the tokens of the EP group to the experts' ranks
-                          and reduces the weighted combine over the expert axis.
+                          (``RoutedExperts.dispatch = "batched"``, or "capacity") run on experts ep x
+                          tokens dp/ep x width tp. MindSpore moves the tokens of the EP group to the
+                          experts' ranks (all-to-all of the capacity slots, or all-gather when dense).
     output_layer          column-parallel on the vocabulary
 vision tower (SigLIP) and projector: tiles split by dp (each dp rank encodes its own samples' tiles),
     weights whole on every tp rank (as the checkpoint's TP split keeps them, MindSpeed-MM's patterns).
@@ -26,12 +26,15 @@ Every Linear is split as ``TP_RULES`` (the converter's table) says; attention he
 projection (split by tp when it is column-parallel).
 
 Expert parallel follows MindSpeed / mindformers: ``ep`` divides ``dp`` (EP groups are carved out
-of the data-parallel ranks) and the routed expert count. Known limits: the batched dispatch is dense
-(static shapes): each EP rank runs its experts on every token of its EP group, with zero combine
-weights where a token did not choose the expert, so the tokens reach the experts as an all-gather
-within the EP group and the combine as a reduce-scatter, not as a capacity-bounded all-to-all of the
-chosen tokens only (that needs the grouped matmul with per-expert token counts, Ascend's ``gmm``,
-under dynamic shapes). Pipeline parallel is not planned for DeepSeek-VL2.
+of the data-parallel ranks) and the routed expert count. With a capacity factor
+(``language_config.moe_expert_capacity_factor``, Megatron's drop and pad) the experts take the
+"capacity" dispatch: each dp rank routes its own tokens into [E, C, H] slots, which reach the
+experts' ranks and come back by one all-to-all each way within the EP group (``capacity_dispatch``).
+Without one (dropless, the default) the batched dispatch is dense (static shapes): each EP rank runs
+its experts on every token of its EP group, with zero combine weights where a token did not choose
+the expert, so the tokens reach the experts as an all-gather within the EP group and the combine as a
+reduce-scatter (a dropless all-to-all needs the grouped matmul with per-expert token counts, Ascend's
+``gmm``, under dynamic shapes). Pipeline parallel is not planned for DeepSeek-VL2.
 """
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ logic): ``PLAN.check(parallel_config, model_config)`` then ``PLAN.apply(model, p
 (or ``ms_mm.parallel.parallelize(model, parallel_config)`` for both). Under MindSpore
 semi-auto parallel it sets:
 
+Every Linear is split as ``TP_RULES`` (the converter's table, MindSpeed-MM's Megatron defaults) says;
+attention heads follow their ``linear_qkv`` (split by tp when it is column-parallel):
+
 text decoder (tokens split by dp, heads / FFN / vocab split by tp)
     word_embeddings     gather from a vocab-split table (each rank looks up its rows)
     linear_qkv          column-parallel; rows are per KV group, so tp splits whole groups
@@ -38,6 +41,20 @@ from typing import Optional
 
 from ms_mm.parallel import sharding
 from ms_mm.parallel.config import Divisibility, ParallelConfig, ParallelConfigError
+from ms_mm.training.mm_checkpoint import MEGATRON_TP_RULES
+
+# The one table of where tensors are split over tp: MindSpeed-MM's Megatron default patterns (regex on
+# the MM name -> "col" / "col_gated" / "row", ``ms_mm.training.mm_checkpoint`` kinds; anything else is
+# whole on every tp rank, here the patch embedding and the norms). The converter writes its mp_rank
+# files by it (``adapters.qwen2_5_vl``) and ``Qwen2_5_VLPlan.shard`` splits every Linear by it, so the
+# checkpoint layout and the compiled layout cannot disagree.
+TP_RULES = list(MEGATRON_TP_RULES)
+
+
+def tp_rules(config=None):
+    """The TP table (the same for every Qwen2.5-VL config)."""
+    return list(TP_RULES)
+
 
 _LLM = "text_decoder.decoder.layers.*"
 _VIT = "image_encoder.encoder.blocks.layers.*"
@@ -90,31 +107,39 @@ class Qwen2_5_VLPlan:
         return model
 
     def shard(self, model, pc: ParallelConfig):
+        from ms_mm.ops import Linear
+        from ms_mm.training.mm_checkpoint import ParallelLayout
+
         dp, tp = pc.dp, pc.tp
+        table = ParallelLayout(tp_rules=tp_rules(model.config))
+        # every Linear (vision blocks, merger, LLM layers, output layer) as the table says
+        kinds = {}
+        for name, cell in model.cells_and_names():
+            if isinstance(cell, Linear):
+                kinds[name] = table.tp_kind(f"{name}.weight")
+                sharding.linear_of_kind(cell, kinds[name], dp, tp)
         text = model.text_decoder
-        sharding.vocab_parallel_embedding(text.embedding.word_embeddings, dp, tp)
-        for layer in text.decoder.layers:
-            _shard_block(layer, dp, tp, rank=3, mask_batch=dp)
+        vocab_tp = tp if table.tp_kind("text_decoder.embedding.word_embeddings.weight") else 1
+        sharding.vocab_parallel_embedding(text.embedding.word_embeddings, dp, vocab_tp)
+        for i, layer in enumerate(text.decoder.layers):
+            heads = tp if kinds[f"text_decoder.decoder.layers.{i}.self_attention.linear_qkv"] else 1
+            _shard_block(layer, dp, heads, rank=3, mask_batch=dp)
         sharding.rms_norm(text.decoder.final_layernorm, dp, rank=3)
         if text.tie_word_embeddings:
-            text.logits_matmul.shard(((dp, 1), (tp, 1)))
-        else:
-            sharding.column_parallel(text.output_layer, dp, tp)
+            text.logits_matmul.shard(((dp, 1), (vocab_tp, 1)))
 
         # The vision tower sees all patches of the global batch as one sequence (attention segments
         # come from masks). Each dp rank is fed its own samples with the same patch count (the trainer's
         # per-rank data), so the sequence is dp equal runs that never attend across: the patch rows are
         # split by dp and attention runs as a batch of dp groups (each rank attends within its own
-        # images, no keys gathered from other ranks); heads / FFN by tp.
+        # images, no keys gathered from other ranks); heads / FFN by tp as the table says.
         vision = model.image_encoder.encoder
         vision.set_groups(dp)
-        vision.patch_embed.proj.matmul.shard(((dp, 1), (1, 1)))
-        for block in vision.blocks.layers:
-            _shard_block(block, dp, tp, rank=2, vision=True)
-        merger = model.image_encoder.projector
-        sharding.rms_norm(merger.layernorm, dp, rank=2)
-        sharding.column_parallel(merger.encoder.linear_fc1, dp, tp)
-        sharding.row_parallel(merger.encoder.linear_fc2, dp, tp)
+        vision.patch_embed.proj.matmul.shard(((dp, 1), (1, 1)))   # no table row: the kernel whole
+        for i, block in enumerate(vision.blocks.layers):
+            heads = tp if kinds[f"image_encoder.encoder.blocks.layers.{i}.self_attention.linear_qkv"] else 1
+            _shard_block(block, dp, heads, rank=2, vision=True)
+        sharding.rms_norm(model.image_encoder.projector.layernorm, dp, rank=2)
         return model
 
     def stage_of_layers(self, pc: ParallelConfig, config):
@@ -142,19 +167,16 @@ class Qwen2_5_VLPlan:
         return model
 
 
-def _shard_block(block, dp, tp, rank, mask_batch=None, vision=False):
-    """One transformer block (vision or text): norms, attention and gated MLP. Text: rows (tokens of
-    the batch) by dp, attention batch-split; vision: rows (patches) by dp, attention split on its
+def _shard_block(block, dp, heads_tp, rank, mask_batch=None, vision=False):
+    """The non-Linear parts of one transformer block (vision or text; its Linears follow the table):
+    norms with rows (tokens, or patches) by dp, attention heads by ``heads_tp`` (tp when the block's
+    ``linear_qkv`` is column-parallel). Text attention is batch-split; vision attention is split on its
     batch of dp patch groups."""
     sharding.rms_norm(block.input_layernorm, dp, rank)
     sharding.rms_norm(block.pre_mlp_layernorm, dp, rank)
-    attn = block.self_attention
-    sharding.column_parallel(attn.linear_qkv, dp, tp)
     # vision: its attention batch is the dp groups of patches (``VisionEncoder.set_groups``), one mask each
-    sharding.head_parallel_attention(attn.core_attention, dp, tp, mask_batch=dp if vision else mask_batch)
-    sharding.row_parallel(attn.linear_proj, dp, tp)
-    sharding.column_parallel(block.mlp.linear_fc1, dp, tp)
-    sharding.row_parallel(block.mlp.linear_fc2, dp, tp)
+    sharding.head_parallel_attention(block.self_attention.core_attention, dp, heads_tp,
+                                     mask_batch=dp if vision else mask_batch)
 
 
 PLAN = Qwen2_5_VLPlan()
