@@ -94,13 +94,16 @@ def cross_entropy_sum(logits, labels, ignore_index=-100):
     Unsharded it is one fused ``SoftmaxCrossEntropyWithLogits`` kernel (loss and gradient in one pass
     over [T, V]; ignored rows get an all-zero one-hot row and weight 0), instead of autodiff through
     max / exp / log / gather, whose backward re-reads [T, V] four times (the max's gradient alone is
-    an Equal + Mul over [T, V]). Under semi-auto parallel (vocab-split logits) it is MindSpore's
-    ``cross_entropy``, which the parallel planner knows. Same numbers up to fp32 rounding."""
+    an Equal + Mul over [T, V]). Under semi-auto parallel (vocab-split logits) it is log-softmax times
+    that one-hot, ops the parallel planner knows. Same numbers up to fp32 rounding."""
     valid = ops.cast(labels != ignore_index, ms.float32)
     count = valid.sum()
-    if sharded():
-        return ops.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum"), count
     # index -1 one-hot encodes to an all-zero row: an ignored row's loss is 0, its weight 0 zeroes its gradient
     target = ops.where(labels != ignore_index, ops.cast(labels, ms.int32), ops.full_like(ops.cast(labels, ms.int32), -1))
     one_hot = ops.one_hot(target, logits.shape[-1], ops.ones((), ms.float32), ops.zeros((), ms.float32))
+    if sharded():
+        # log-softmax times the one-hot: no gather, whose backward (a zeros tensor of the logits' shape
+        # scattered into) MindSpore's compile folds into a host constant of the *global* [T, V] logits
+        # (17 GB for DeepSeek-VL2 on 8 ranks, 68 GB on 32)
+        return -(ops.log_softmax(logits, -1) * one_hot).sum(), count
     return (_softmax_ce(logits, one_hot)[0] * valid).sum(), count
