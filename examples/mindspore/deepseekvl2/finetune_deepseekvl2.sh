@@ -3,6 +3,10 @@
 # Run from the repository root:  bash examples/mindspore/deepseekvl2/finetune_deepseekvl2.sh
 # Without the weights below it runs the embedded default (tiny DeepSeek-VL2 + demo data, see README.md);
 # DRY_RUN=1 checks the parallel plan for this card count without devices.
+# DeepSeek-VL2 at its real size (27.5 B) does not fit one node of 64 GB cards (parameters, gradients
+# and AdamW states alone: 71.4 GB per card at EP 8). On the guide's 4 nodes (NNODES=4, NODE_RANK per
+# node, MASTER_ADDR of node 0) DRY_RUN predicts 60 GB per card with these flags appended:
+#   --moe-expert-capacity-factor 1.0 --recompute-granularity full --recompute-method uniform --recompute-num-layers 1
 # MM_DATA / MM_MODEL may be set in the environment (the wrappers under examples/deepseekvl2/ pass
 # their own data.json); the MLA and MoE sizes live in model.json's text_decoder.
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
