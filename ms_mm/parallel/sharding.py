@@ -53,6 +53,22 @@ def linear_of_kind(linear: nn.Cell, kind, dp: int, tp: int) -> None:
         raise ValueError(f"unknown TP split kind {kind!r}")
 
 
+def linears_by_table(model: nn.Cell, tp_rules, dp: int, tp: int):
+    """Split every ``ms_mm.ops.Linear`` of ``model`` as its weight's rule in the TP table ``tp_rules`` says
+    (``linear_of_kind``); returns (the table, a ``ms_mm.training.mm_checkpoint.ParallelLayout``, and
+    {Linear's cell name: kind}) for the plan's other choices (heads follow their projection)."""
+    from ms_mm.ops import Linear
+    from ms_mm.training.mm_checkpoint import ParallelLayout
+
+    table = ParallelLayout(tp_rules=tp_rules)
+    kinds = {}
+    for name, cell in model.cells_and_names():
+        if isinstance(cell, Linear):
+            kinds[name] = table.tp_kind(f"{name}.weight")
+            linear_of_kind(cell, kinds[name], dp, tp)
+    return table, kinds
+
+
 def head_parallel_attention(attn: nn.Cell, dp: int, tp: int, mask_batch: int = None, has_mask: bool = True) -> None:
     """``ms_mm.ops.CoreAttention`` on q [B, N, S, D], k/v [B, Nkv, S, D] with heads split by tp.
 

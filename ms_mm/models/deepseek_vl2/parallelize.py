@@ -144,16 +144,8 @@ class DeepseekVL2Plan:
         return self.shard(model, pc)
 
     def shard(self, model, pc: ParallelConfig):
-        from ms_mm.ops import Linear
-        from ms_mm.training.mm_checkpoint import ParallelLayout
-
         dp, tp, ep = pc.dp, pc.tp, pc.ep
-        table = ParallelLayout(tp_rules=tp_rules(model.config))
-        kinds = {}
-        for name, cell in model.cells_and_names():
-            if isinstance(cell, Linear):
-                kinds[name] = table.tp_kind(f"{name}.weight")
-                sharding.linear_of_kind(cell, kinds[name], dp, tp)
+        table, kinds = sharding.linears_by_table(model, tp_rules(model.config), dp, tp)
         text = model.text_decoder
         sharding.vocab_parallel_embedding(text.embedding.word_embeddings, dp,
                                           tp if table.tp_kind("text_decoder.embedding.word_embeddings.weight") else 1)

@@ -107,17 +107,9 @@ class Qwen2_5_VLPlan:
         return model
 
     def shard(self, model, pc: ParallelConfig):
-        from ms_mm.ops import Linear
-        from ms_mm.training.mm_checkpoint import ParallelLayout
-
         dp, tp = pc.dp, pc.tp
-        table = ParallelLayout(tp_rules=tp_rules(model.config))
         # every Linear (vision blocks, merger, LLM layers, output layer) as the table says
-        kinds = {}
-        for name, cell in model.cells_and_names():
-            if isinstance(cell, Linear):
-                kinds[name] = table.tp_kind(f"{name}.weight")
-                sharding.linear_of_kind(cell, kinds[name], dp, tp)
+        table, kinds = sharding.linears_by_table(model, tp_rules(model.config), dp, tp)
         text = model.text_decoder
         vocab_tp = tp if table.tp_kind("text_decoder.embedding.word_embeddings.weight") else 1
         sharding.vocab_parallel_embedding(text.embedding.word_embeddings, dp, vocab_tp)
