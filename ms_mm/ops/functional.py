@@ -102,8 +102,8 @@ def cross_entropy_sum(logits, labels, ignore_index=-100):
     target = ops.where(labels != ignore_index, ops.cast(labels, ms.int32), ops.full_like(ops.cast(labels, ms.int32), -1))
     one_hot = ops.one_hot(target, logits.shape[-1], ops.ones((), ms.float32), ops.zeros((), ms.float32))
     if sharded():
-        # log-softmax times the one-hot: no gather, whose backward (a zeros tensor of the logits' shape
-        # scattered into) MindSpore's compile folds into a host constant of the *global* [T, V] logits
-        # (17 GB for DeepSeek-VL2 on 8 ranks, 68 GB on 32)
+        # log-softmax times the one-hot. MindSpore's ``cross_entropy`` (nll_loss: a GatherD on the
+        # log-probabilities) made the compile allocate host memory the size of the *global* [T, V]
+        # logits (measured under DryRun: 17 GB for DeepSeek-VL2 on 8 ranks, a bad_alloc of 68 GB on 32)
         return -(ops.log_softmax(logits, -1) * one_hot).sum(), count
     return (_softmax_ce(logits, one_hot)[0] * valid).sum(), count
