@@ -55,8 +55,8 @@ def linear_of_kind(linear: nn.Cell, kind, dp: int, tp: int) -> None:
 
 def linears_by_table(model: nn.Cell, tp_rules, dp: int, tp: int):
     """Split every ``ms_mm.ops.Linear`` of ``model`` as its weight's rule in the TP table ``tp_rules`` says
-    (``linear_of_kind``); returns (the table, a ``ms_mm.training.mm_checkpoint.ParallelLayout``, and
-    {Linear's cell name: kind}) for the plan's other choices (heads follow their projection)."""
+    (``linear_of_kind``); returns ``(table, kinds)``: the table as a ``ms_mm.training.mm_checkpoint.ParallelLayout``
+    and {Linear's cell name: kind}, for the plan's other choices (heads follow their projection)."""
     from ms_mm.ops import Linear
     from ms_mm.training.mm_checkpoint import ParallelLayout
 
