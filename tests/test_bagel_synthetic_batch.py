@@ -40,3 +40,43 @@ def test_synthetic_batch_refuses_a_too_short_sequence():
 
     with pytest.raises(ValueError, match="too short"):
         registry.get("bagel").synthetic_batch(BagelConfig.preset("tiny"), 1, 8)
+
+
+def test_per_rank_form_stacks_sequences_and_averages_their_losses():
+    """The sharded path's global micro batch is the dp ranks' packed sequences stacked on a leading axis
+    (`Family.dp_slice`); through the train Cell it gives the mean of the sequences' own losses and the mean
+    of their gradients (as data parallel averages its ranks'), every parameter at fp32 noise."""
+    import mindspore as ms
+
+    from ms_mm.models.bagel.modeling import BagelForTraining
+
+    family = registry.get("bagel")
+    config = BagelConfig.preset("tiny")
+    config.vae_sample_posterior = True
+    first = family.synthetic_batch(config, 1, 64)
+    rng = np.random.default_rng(5)           # a second sequence of the same budgets, other content
+    second = dict(first)
+    for key in ("vit_pixels", "noise", "posterior_noise", "padded_images"):
+        second[key] = rng.standard_normal(first[key].shape).astype(np.float32)
+    second["timesteps"] = np.where(first["mse_weights"] > 0, rng.standard_normal(first["timesteps"].shape),
+                                   first["timesteps"]).astype(np.float32)
+    second["text_ids"] = rng.integers(0, config.llm.vocab_size, first["text_ids"].shape).astype(first["text_ids"].dtype)
+    second["ce_labels"] = rng.integers(0, config.llm.vocab_size, first["ce_labels"].shape).astype(
+        first["ce_labels"].dtype)
+    ranks = [family.dp_slice(b, r, 2, config) for r, b in enumerate((first, second))]
+    assert all(ranks[0][k].shape[0] == 1 for k in TRAIN_INPUT_NAMES)
+    stacked = {k: np.concatenate([ranks[0][k], ranks[1][k]]) for k in TRAIN_INPUT_NAMES}
+
+    cell = BagelForTraining(config)
+    params = cell.trainable_params()
+    grad_fn = ms.value_and_grad(lambda *xs: cell(*xs), None, params, has_aux=True)
+
+    def run(batch):
+        (loss, ce, mse), grads = grad_fn(*[ms.Tensor(batch[k]) for k in TRAIN_INPUT_NAMES])
+        return [float(loss.asnumpy()), float(ce.asnumpy()), float(mse.asnumpy())], [g.asnumpy() for g in grads]
+
+    (la, ga), (lb, gb), (lab, gab) = run(first), run(second), run(stacked)
+    assert abs(la[0] - lb[0]) > 1e-3                     # the two sequences differ
+    np.testing.assert_allclose(lab, (np.asarray(la) + np.asarray(lb)) / 2, rtol=1e-5, atol=1e-6)
+    for p, a, b, ab in zip(params, ga, gb, gab):
+        np.testing.assert_allclose(ab, (a + b) / 2, rtol=1e-4, atol=1e-6, err_msg=p.name)

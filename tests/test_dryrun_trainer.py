@@ -10,6 +10,7 @@ trainer's sharded save give the full tensors back bit-exactly, and load again to
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -336,3 +337,43 @@ def test_lumina_fsdp1_compiles_as_the_distributed_optimizer(fake_cann_root, tmp_
     layouts = json.loads((work / "parameter_layouts.json").read_text())
     name = "text_decoder.decoder.layers.0.mlp.linear_fc1.weight"
     assert layouts[name]["opt_shard_group"] and layouts["exp_avg." + name]["opt_shard_group"]
+
+
+def test_bagel_fsdp2_trains_one_packed_sequence_per_dp_rank(fake_cann_root, tmp_path, monkeypatch):
+    """BAGEL tiny, data parallel over 2 simulated ranks with its recipe's ``--use-torch-fsdp2`` (the
+    distributed optimizer): each rank is fed its own packed sequence (the per-rank form, a leading axis of
+    one sequence), and the compiled graph attends within the rank's own sequence: the decoder's and the
+    ViT's attention scores are [1, heads, S, S] of the rank's budget S, not of the dp ranks' rows together,
+    and no collective moves the activations of the packed rows."""
+    from ms_mm import registry
+    from ms_mm.models.bagel.config import BagelConfig
+    from ms_mm.models.bagel.modeling import BagelForTraining
+
+    _point_at_fake_cann(fake_cann_root, tmp_path, monkeypatch)
+    monkeypatch.setenv("MS_DEV_SAVE_GRAPHS", "1")
+    monkeypatch.setenv("MS_DEV_SAVE_GRAPHS_PATH", str(tmp_path / "ir"))
+    rc, out = _dry_run(tmp_path, {"model_id": "bagel", "preset": "tiny"}, 2, "--global-batch-size", "2",
+                       "--use-torch-fsdp2", "--ema", "0")
+    assert rc == 0 and "rank 0 (pipeline stage 0): ok" in out, out
+    log0 = (tmp_path / "msrun_log" / "dryrun" / "rank0" / "train.log").read_text()
+    assert "1 read by each dp rank, optimizer states sharded over dp" in log0, log0
+    config = BagelConfig.preset("tiny")
+    batch = registry.get("bagel").synthetic_batch(config, 1, 64)
+    S, n_vit = batch["token_budget"], batch["vit_pixels"].shape[0]
+    assert f"attention_mask [2, 1, {S}, {S}]" in log0, log0      # the global micro batch: 2 ranks' sequences
+    graph = max((tmp_path / "ir").rglob("graph_build_*.ir"), key=lambda f: f.stat().st_size).read_text()
+    llm = (1, config.llm.num_attention_heads, S, S)
+    vit = (1, config.vit.num_attention_heads, n_vit, n_vit)
+    scores = {tuple(int(d) for d in m.split(",")) for m in
+              re.findall(r"= PrimFunc_BatchMatMul\(.*\n.*-> \(<Tensor\[\w+\], \(([\d, ]+)\)>\)", graph)}
+    assert llm in scores and vit in scores, scores
+    # every batch matmul (the VAE's attention too) runs on this rank's one sequence, none on both ranks' rows
+    assert all(sh[0] == 1 and 2 * S not in sh and (sh[1] != config.vit.num_attention_heads or 2 * n_vit not in sh)
+               for sh in scores), scores
+    # the packed rows stay on their rank: collectives carry parameters / gradients and scalars only
+    params = {tuple(p.shape) for p in BagelForTraining(config).get_parameters()}
+    moved = collectives(tmp_path / "ir")
+    assert moved
+    for op, src, dst, scope in moved:   # a parameter, its shard over the 2 ranks, or a scalar
+        assert any(len(sh) == 0 or sh in params or (sh[0] * 2,) + sh[1:] in params for sh in (src, dst)), \
+            (op, src, dst, scope)

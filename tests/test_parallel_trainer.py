@@ -180,18 +180,3 @@ def test_every_ranks_whole_data_position_is_gathered():
     assert results[0] == results[1] == {"per_rank": states}
 
 
-def test_bagel_refuses_the_sharded_optimizer_on_ascend_in_one_line(monkeypatch):
-    """A BAGEL micro batch is one packed sequence: the sharded path cannot give each card its own, so
-    --use-torch-fsdp2 / --use-distributed-optimizer are refused for Ascend (here: as DRY_RUN=1 plans it)."""
-    bagel = registry.get("bagel")
-    config = bagel.config_from_json({"model_id": "bagel", "preset": "tiny"})
-    monkeypatch.setenv("MS_MM_DEVICE_TARGET", "CPU")
-    monkeypatch.delenv("DRY_RUN", raising=False)
-    bagel.check_parallel_sizes(config, parse_args(["--use-torch-fsdp2"]))      # CPU: the trainer's own line
-    monkeypatch.setenv("DRY_RUN", "1")
-    for flag in ("--use-torch-fsdp2", "--use-distributed-optimizer"):
-        with pytest.raises(ValueError) as e:
-            bagel.check_parallel_sizes(config, parse_args([flag]))
-        assert f"{flag}: BAGEL trains one packed sequence per micro batch" in str(e.value)
-        assert "\n" not in str(e.value)
-    bagel.check_parallel_sizes(config, parse_args([]))                         # plain data parallel: fine

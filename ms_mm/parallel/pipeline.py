@@ -18,23 +18,33 @@ from mindspore import nn, ops
 
 
 class _TakeMicroBatch(nn.Cell):
-    """inputs ``[M, ...]`` -> ``inputs[i]`` (a slice on the whole leading axis, then squeezed)."""
+    """inputs ``[M, ...]`` -> ``inputs[i]`` (a slice on the whole leading axis, then squeezed).
+
+    ``shard_inputs(strategies)`` gives each input's slice the split the inputs arrive in (the dataset
+    strategy of per-rank data: the sample axis over dp): without it MindSpore's default strategy for the slice cannot split the
+    stacked inputs' sample axis and gathers every rank's inputs onto every rank first."""
 
     def __init__(self, index: int):
         super().__init__()
         self.index = index
         self.strided_slice = ops.StridedSlice()
+        self.slices = None
         self.reshape = ops.Reshape()
         self.shape = ops.Shape()
 
+    def shard_inputs(self, strategies) -> None:
+        self.slices = tuple(ops.StridedSlice().shard((strategy,)) for strategy in strategies)
+
     def construct(self, *inputs):
         out = ()
-        for x in inputs:
+        for j, x in enumerate(inputs):
             shape = self.shape(x)
             begin = (self.index,) + (0,) * (len(shape) - 1)
             end = (self.index + 1,) + shape[1:]
             strides = (1,) * len(shape)
-            out += (self.reshape(self.strided_slice(x, begin, end, strides), shape[1:]),)
+            piece = (self.strided_slice(x, begin, end, strides) if self.slices is None
+                     else self.slices[j](x, begin, end, strides))
+            out += (self.reshape(piece, shape[1:]),)
         return out
 
 

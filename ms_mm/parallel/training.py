@@ -319,7 +319,12 @@ class ParallelTrainStep:
             if len(self.sample_axes) != len(arrays):
                 raise ValueError(f"sample_axes names {len(self.sample_axes)} inputs, the batch has {len(arrays)}")
             # stacked [micro batches, ...]: each input's sample axis moves one to the right
-            set_dataset_strategy(self.pc, [(n, axis + 1) for n, axis in zip(ndims, self.sample_axes)])
+            axes = [(n, axis + 1) for n, axis in zip(ndims, self.sample_axes)]
+            set_dataset_strategy(self.pc, axes)
+            if not self.pc.pp > 1:      # each micro batch's slice keeps the rank's own rows where they are
+                split = tuple(tuple(self.pc.dp if i == axis else 1 for i in range(n)) for n, axis in axes)
+                for take in self.cell.network.micro_inputs:
+                    take.shard_inputs(split)
             self._strategy_ndims = ndims
         if self.new_shapes and self.check_shapes is not None:
             self.check_shapes(signature)

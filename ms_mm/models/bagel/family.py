@@ -89,21 +89,16 @@ def apply_flags(config, options):
 FREEZE_DEFAULTS = {"image_encoder.vision_encoder": False, "image_encoder.vision_projector": False}
 
 
-def check_parallel_sizes(config, args) -> None:
-    """The sharded optimizer (`--use-torch-fsdp2`, `--use-distributed-optimizer`) on Ascend cards: refused in
-    one line. A BAGEL micro batch is one packed sequence without a batch axis, so MindSpore's semi-auto
-    path (which feeds every card the global batch and splits its rows) cannot give each card its own
-    sequence: every card would compute the whole packed batch. It needs a BAGEL plan and a loader serving
-    one packed sequence per data-parallel card. On CPU the trainer's own line says what is refused."""
-    from ms_mm.training.trainer import planned_device
-
-    asked = [f for f, on in (("--use-torch-fsdp2", getattr(args, "use_torch_fsdp2", False)),
-                             ("--use-distributed-optimizer", getattr(args, "use_distributed_optimizer", False))) if on]
-    if asked and planned_device().upper() == "ASCEND":
-        raise ValueError(f"{' / '.join(asked)}: BAGEL trains one packed sequence per micro batch, which the sharded "
-                         f"(semi-auto parallel) path cannot split over data-parallel cards yet (every card would "
-                         f"compute the whole packed batch); train without it: data parallel, one packed sequence "
-                         f"per card, the optimizer state replicated")
+def dp_slice(inputs, dp_rank, dp, config):
+    """The sharded path's per-rank form: each data-parallel rank trains its own packed sequence, so every
+    model input gets a leading axis of one sequence (the masks already have it: [1, 1, S, S]) and the
+    global micro batch is the dp ranks' sequences stacked along it. Indices stay local to the sequence
+    (the model gathers per sequence), and every rank's shapes are the same budgets."""
+    out = dict(inputs)
+    for name in TRAIN_INPUT_NAMES:
+        if name not in ("vit_attention_mask", "attention_mask"):
+            out[name] = inputs[name][None]
+    return out
 
 
 def embedded_model_json(hf_dir, user_model_json: dict) -> Dict[str, Any]:
@@ -186,7 +181,7 @@ FAMILY = Family(
     metric_outputs=(1, 2), step_metrics=step_metrics,      # construct: (loss, ce, mse)
     parity={"bagel": lazy("ms_mm.models.bagel.parity:run_parity")},
     build_tiny=lazy("ms_mm.models.bagel.tiny:build_tiny"),
-    synthetic_batch=synthetic_batch, check_parallel_sizes=check_parallel_sizes,
+    synthetic_batch=synthetic_batch, dp_slice=dp_slice,
     extra_flags=EXTRA_FLAGS, apply_flags=apply_flags, ema_decay=0.9999, log_line=log_line,
     embedded_default=EmbeddedDefault(
         name="BAGEL-tiny", write_demo=lazy("ms_mm.models.bagel.demo:make_demo_dataset"), demo_dir="data/demo_bagel",

@@ -110,13 +110,14 @@ class MoTAttention(nn.Cell):
         self.freeze_und = bool(c.freeze_und)
 
     def _split_qkv(self, qkv):
-        n = qkv.shape[0]
-        qkv = ops.reshape(qkv, (n, self.num_kv_heads, self.group + 2, self.head_dim))
-        q = ops.reshape(qkv[:, :, :self.group], (n, self.num_heads, self.head_dim))
-        return q, qkv[:, :, self.group], qkv[:, :, self.group + 1]
+        b, n = qkv.shape[0], qkv.shape[1]
+        qkv = ops.reshape(qkv, (b, n, self.num_kv_heads, self.group + 2, self.head_dim))
+        q = ops.reshape(qkv[:, :, :, :self.group], (b, n, self.num_heads, self.head_dim))
+        return q, qkv[:, :, :, self.group], qkv[:, :, :, self.group + 1]
 
     def construct(self, x_und, x_gen, cos, sin, mask):
-        n_und = x_und.shape[0]
+        """x_und [B, n_und, H], x_gen [B, n_gen, H] (B packed sequences), mask [B or 1, 1, S, S]."""
+        n_und = x_und.shape[1]
         q_u, k_u, v_u = self._split_qkv(self.linear_qkv(x_und))
         q_g, k_g, v_g = self._split_qkv(self.linear_qkv_moe_gen(x_gen))
         if self.freeze_und:
@@ -126,15 +127,15 @@ class MoTAttention(nn.Cell):
             q_g, k_g = self.q_layernorm_moe_gen(q_g), self.k_layernorm_moe_gen(k_g)
         if self.freeze_und:     # the gen rows still attend to the und keys / values, as constants
             q_u, k_u = ops.stop_gradient(q_u), ops.stop_gradient(k_u)
-        # [S, heads, hd] -> [1, heads, S, hd]
-        q = ops.expand_dims(ops.transpose(ops.cat((q_u, q_g), 0), (1, 0, 2)), 0)
-        k = ops.expand_dims(ops.transpose(ops.cat((k_u, k_g), 0), (1, 0, 2)), 0)
-        v = ops.expand_dims(ops.transpose(ops.cat((v_u, v_g), 0), (1, 0, 2)), 0)
+        # [B, S, heads, hd] -> [B, heads, S, hd]
+        q = ops.transpose(ops.cat((q_u, q_g), 1), (0, 2, 1, 3))
+        k = ops.transpose(ops.cat((k_u, k_g), 1), (0, 2, 1, 3))
+        v = ops.transpose(ops.cat((v_u, v_g), 1), (0, 2, 1, 3))
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         out = self.core_attention(q, k, v, mask)
-        out = ops.reshape(ops.transpose(out[0], (1, 0, 2)), (-1, self.num_heads * self.head_dim))
-        return self.linear_proj(out[:n_und]), self.linear_proj_moe_gen(out[n_und:])
+        out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (out.shape[0], -1, self.num_heads * self.head_dim))
+        return self.linear_proj(out[:, :n_und]), self.linear_proj_moe_gen(out[:, n_und:])
 
 
 class MoTDecoderLayer(nn.Cell):
@@ -204,8 +205,9 @@ class TextDecoder(nn.Cell):
         self.inv_freq = Tensor(rope_inv_freq(c.head_dim, c.rope_theta))
 
     def rope(self, position_ids):
-        freqs = ops.expand_dims(ops.cast(position_ids, ms.float32), 1) * self.inv_freq
-        emb = ops.expand_dims(ops.expand_dims(ops.cat((freqs, freqs), -1), 0), 0)  # [1, 1, S, hd]
+        """position_ids [B, S] -> cos, sin [B, 1, S, hd]."""
+        freqs = ops.expand_dims(ops.cast(position_ids, ms.float32), -1) * self.inv_freq
+        emb = ops.expand_dims(ops.cat((freqs, freqs), -1), 1)  # [B, 1, S, hd]
         return ops.cos(emb), ops.sin(emb)
 
 
@@ -223,11 +225,12 @@ class VisionAttention(nn.Cell):
         self.core_attention = CoreAttention(self.num_heads, self.num_heads, head_dim=self.head_dim)
 
     def construct(self, x, mask):
-        n = x.shape[0]
-        qkv = ops.reshape(self.linear_qkv(x), (n, self.num_heads, 3, self.head_dim))
-        qkv = ops.expand_dims(ops.transpose(qkv, (2, 1, 0, 3)), 1)  # [3, 1, heads, N, hd]
-        out = self.core_attention(qkv[0], qkv[1], qkv[2], mask)
-        out = ops.reshape(ops.transpose(out[0], (1, 0, 2)), (n, self.num_heads * self.head_dim))
+        """x [B, N, C] (each packed sequence's patches), mask [B or 1, 1, N, N]."""
+        b, n = x.shape[0], x.shape[1]
+        qkv = ops.reshape(self.linear_qkv(x), (b, n, self.num_heads, 3, self.head_dim))
+        qkv = ops.transpose(qkv, (0, 3, 2, 1, 4))  # [B, 3, heads, N, hd]: the sequence axis stays first
+        out = self.core_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], mask)
+        out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, n, self.num_heads * self.head_dim))
         return self.linear_proj(out)
 
 
@@ -321,7 +324,7 @@ class TimestepEmbedder(nn.Cell):
         self.mlp = nn.CellList([Linear(frequency_dim, hidden_size), nn.SiLU(), Linear(hidden_size, hidden_size)])
 
     def construct(self, t):
-        args = ops.expand_dims(t, 1) * self.freqs
+        args = ops.expand_dims(t, -1) * self.freqs
         feats = ops.cat((ops.cos(args), ops.sin(args)), -1)
         return self.mlp[2](ops.silu(self.mlp[0](feats)))
 
@@ -367,13 +370,17 @@ class Bagel(nn.Cell):
         return shift * s / (1.0 + (shift - 1.0) * s)
 
     # ------------------------------------------------------------------ shared pieces
+    # Internally every packed input has a leading axis of B packed sequences (the per-rank form of the
+    # sharded path: one sequence per data-parallel rank, axis 0 split over dp); the public entry points
+    # also take the single-sequence form without that axis (B = 1), which is what one card trains on.
     def embed_und(self, text_ids, vit_pixels, vit_position_ids, vit_attention_mask):
-        """Understanding rows: text embeddings, then connector(ViT(patches)) + ViT position table."""
+        """Understanding rows [B, n_text + n_vit, H]: text embeddings, then connector(ViT(patches)) + ViT
+        position table."""
         dt = self.compute_dtype
         text_emb = ops.cast(self.text_decoder.embedding(text_ids), dt)
         vit_out = self.image_encoder(ops.cast(vit_pixels, dt), vit_position_ids, vit_attention_mask)
         vit_emb = vit_out + ops.cast(self.vit_pos_embed(vit_position_ids), dt)
-        return ops.cat((text_emb, vit_emb), 0), vit_out
+        return ops.cat((text_emb, vit_emb), 1), vit_out
 
     def embed_gen(self, x_t, t, latent_position_ids):
         """Generation rows: vae2llm(x_t) + timestep embedding (t effective, in [0, 1]) + latent table."""
@@ -382,27 +389,40 @@ class Bagel(nn.Cell):
                 + ops.cast(self.latent_pos_embed(latent_position_ids), dt))
 
     def decode(self, h_und, h_gen, position_ids, attention_mask):
-        """The MoT decoder over [und rows; gen rows] -> last hidden state (model row order)."""
+        """The MoT decoder over [und rows; gen rows] -> last hidden state [B, S, H] (model row order)."""
         dt = self.compute_dtype
         cos, sin = self.text_decoder.rope(position_ids)
         h_und, h_gen = self.text_decoder.decoder(h_und, h_gen, ops.cast(cos, dt), ops.cast(sin, dt), attention_mask)
-        return ops.cat((h_und, h_gen), 0)
+        return ops.cat((h_und, h_gen), 1)
+
+    @staticmethod
+    def _rows(x, rows):
+        """x [B, S, ...] at rows [B, n] of each sequence -> [B, n, ...]."""
+        return ops.gather(x, rows, 1, 1)
+
+    def _hidden(self, text_ids, vit_pixels, vit_position_ids, vit_attention_mask, x_t, t, latent_position_ids,
+                position_ids, attention_mask):
+        h_und, _ = self.embed_und(text_ids, vit_pixels, vit_position_ids, vit_attention_mask)
+        return self.decode(h_und, self.embed_gen(x_t, t, latent_position_ids), position_ids, attention_mask)
 
     # ------------------------------------------------------------------ inference entry points
     def velocity(self, text_ids, vit_pixels, vit_position_ids, vit_attention_mask, x_t, t, latent_position_ids,
                  position_ids, attention_mask, rows):
         """The flow's velocity llm2vae(hidden[rows]) at latent tokens `x_t` [n, p*p*z] and times `t` [n]
-        (effective, the sampler's schedule): the training forward's prediction without the noising."""
-        h_und, _ = self.embed_und(text_ids, vit_pixels, vit_position_ids, vit_attention_mask)
-        hidden = self.decode(h_und, self.embed_gen(x_t, t, latent_position_ids), position_ids, attention_mask)
-        return ops.cast(self.llm2vae(ops.gather(hidden, rows, 0)), ms.float32)
+        (effective, the sampler's schedule): the training forward's prediction without the noising.
+        One packed sequence (no leading axis) -> [len(rows), p*p*z]."""
+        e = ops.expand_dims
+        hidden = self._hidden(e(text_ids, 0), e(vit_pixels, 0), e(vit_position_ids, 0), vit_attention_mask,
+                              e(x_t, 0), e(t, 0), e(latent_position_ids, 0), e(position_ids, 0), attention_mask)
+        return ops.cast(self.llm2vae(self._rows(hidden, e(rows, 0))), ms.float32)[0]
 
     def text_logits(self, text_ids, vit_pixels, vit_position_ids, vit_attention_mask, x_t, t, latent_position_ids,
                     position_ids, attention_mask, rows):
-        """LM-head logits [len(rows), vocab] at the given rows (next-token prediction)."""
-        h_und, _ = self.embed_und(text_ids, vit_pixels, vit_position_ids, vit_attention_mask)
-        hidden = self.decode(h_und, self.embed_gen(x_t, t, latent_position_ids), position_ids, attention_mask)
-        return ops.cast(self.text_decoder.output_layer(ops.gather(hidden, rows, 0)), ms.float32)
+        """LM-head logits [len(rows), vocab] at the given rows (next-token prediction), one packed sequence."""
+        e = ops.expand_dims
+        hidden = self._hidden(e(text_ids, 0), e(vit_pixels, 0), e(vit_position_ids, 0), vit_attention_mask,
+                              e(x_t, 0), e(t, 0), e(latent_position_ids, 0), e(position_ids, 0), attention_mask)
+        return ops.cast(self.text_decoder.output_layer(self._rows(hidden, e(rows, 0))), ms.float32)[0]
 
     # ------------------------------------------------------------------ training forward
     def construct(self, text_ids, vit_pixels, vit_position_ids, vit_attention_mask, padded_latent,
@@ -416,28 +436,44 @@ class Bagel(nn.Cell):
     def train_forward(self, text_ids, vit_pixels, vit_position_ids, vit_attention_mask, padded_latent,
                       latent_gather_index, latent_position_ids, timesteps, noise, position_ids, attention_mask,
                       ce_rows, ce_labels, ce_weights, mse_rows, mse_latent_rows, mse_weights):
+        """One packed sequence (`text_ids` [n_text], the loader's form) or B of them (`text_ids` [B, n_text],
+        every packed input with a leading axis of B, the masks [B, 1, ., .], `padded_latent` [B * n_images,
+        ...]): the loss is the mean over the sequences of each one's loss (as data parallel averages its
+        ranks'), and the per-row outputs keep the input's form."""
+        single = text_ids.ndim == 1
+        if single:
+            e = ops.expand_dims
+            text_ids, vit_pixels, vit_position_ids = e(text_ids, 0), e(vit_pixels, 0), e(vit_position_ids, 0)
+            latent_gather_index, latent_position_ids = e(latent_gather_index, 0), e(latent_position_ids, 0)
+            timesteps, noise, position_ids = e(timesteps, 0), e(noise, 0), e(position_ids, 0)
+            ce_rows, ce_labels, ce_weights = e(ce_rows, 0), e(ce_labels, 0), e(ce_weights, 0)
+            mse_rows, mse_latent_rows, mse_weights = e(mse_rows, 0), e(mse_latent_rows, 0), e(mse_weights, 0)
+        n_seq = text_ids.shape[0]
         h_und, vit_out = self.embed_und(text_ids, vit_pixels, vit_position_ids, vit_attention_mask)
 
         # rectified flow: x_t = (1 - t) x0 + t noise, the model predicts v = noise - x0
-        x0 = ops.gather(ops.reshape(padded_latent, (-1,)), latent_gather_index, 0)  # [(h w), (p q c)]
+        x0 = self._rows(ops.reshape(padded_latent, (n_seq, -1)), latent_gather_index)  # [B, (h w), (p q c)]
         t = self.effective_timesteps(ops.cast(timesteps, ms.float32))
-        t_col = ops.expand_dims(t, 1)
+        t_col = ops.expand_dims(t, -1)
         x_t = (1.0 - t_col) * x0 + t_col * noise
         hidden = self.decode(h_und, self.embed_gen(x_t, t, latent_position_ids), position_ids, attention_mask)
 
-        logits = ops.cast(self.text_decoder.output_layer(ops.gather(hidden, ce_rows, 0)), ms.float32)
+        logits = ops.cast(self.text_decoder.output_layer(self._rows(hidden, ce_rows)), ms.float32)
         log_probs = ops.log_softmax(logits, -1)
         one_hot = ops.one_hot(ce_labels, logits.shape[-1], Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
         ce_per_token = -ops.reduce_sum(log_probs * one_hot, -1)
-        ce = ops.reduce_sum(ce_per_token * ce_weights)
+        ce = ops.reduce_sum(ce_per_token * ce_weights) / n_seq
 
-        velocity_pred = ops.cast(self.llm2vae(ops.gather(hidden, mse_rows, 0)), ms.float32)
+        velocity_pred = ops.cast(self.llm2vae(self._rows(hidden, mse_rows)), ms.float32)
         velocity_target = noise - x0
-        diff = velocity_pred - ops.gather(velocity_target, mse_latent_rows, 0)
+        diff = velocity_pred - self._rows(velocity_target, mse_latent_rows)
         mse_elementwise = diff * diff
-        mse = ops.reduce_sum(ops.mean(mse_elementwise, -1) * mse_weights)
+        mse = ops.reduce_sum(ops.mean(mse_elementwise, -1) * mse_weights) / n_seq
 
         loss = self.ce_weight * ce + self.mse_weight * mse
+        if single:
+            return (loss, ce, mse, ce_per_token[0], logits[0], velocity_pred[0], velocity_target[0],
+                    mse_elementwise[0], x0[0], t[0], hidden[0], vit_out[0])
         return (loss, ce, mse, ce_per_token, logits, velocity_pred, velocity_target, mse_elementwise, x0, t,
                 hidden, vit_out)
 
@@ -446,7 +482,7 @@ class BagelForTraining(Bagel):
     """The train step's Cell: the frozen VAE encodes the (budget-padded) images inside the step, as
     upstream's loop does before the forward, then the BAGEL forward (`processing.TRAIN_INPUT_NAMES`:
     `padded_images` [n_images, 3, H, W] and `posterior_noise` [n_images, z, H/8, W/8] in place of
-    `padded_latent`).
+    `padded_latent`; with a leading axis of B packed sequences, [B, n_images, ...], on the sharded path).
 
     The latent is a posterior sample, as upstream's `vae_model.encode` (DiagonalGaussian(sample=True)):
     mean + exp(logvar / 2) * posterior_noise, the noise drawn host-side from the data position's seed so a
@@ -460,6 +496,9 @@ class BagelForTraining(Bagel):
     def construct(self, text_ids, vit_pixels, vit_position_ids, vit_attention_mask, padded_images, posterior_noise,
                   latent_gather_index, latent_position_ids, timesteps, noise, position_ids, attention_mask,
                   ce_rows, ce_labels, ce_weights, mse_rows, mse_latent_rows, mse_weights):
+        if padded_images.ndim == 5:     # [B, n_images, 3, H, W] -> [B * n_images, 3, H, W]
+            padded_images = ops.reshape(padded_images, (-1,) + padded_images.shape[2:])
+            posterior_noise = ops.reshape(posterior_noise, (-1,) + posterior_noise.shape[2:])
         if self.sample_posterior:
             latent = self.vae.sample(padded_images, posterior_noise)
         else:
