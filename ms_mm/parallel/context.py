@@ -24,7 +24,7 @@ from ms_mm.parallel.config import ParallelConfig
 
 
 def parallel_context_kwargs(pc: ParallelConfig, optimizer_parallel: bool = False,
-                            strategy_file: Optional[str] = None) -> dict:
+                            strategy_file: Optional[str] = None, zero3: bool = False) -> dict:
     kwargs = dict(parallel_mode="semi_auto_parallel", device_num=pc.world_size, full_batch=True,
                   pipeline_stages=pc.pp)
     if pc.ep > 1:   # a layout change that moves a split between axes is one AllToAll (the MoE token move),
@@ -35,14 +35,16 @@ def parallel_context_kwargs(pc: ParallelConfig, optimizer_parallel: bool = False
         kwargs["enable_parallel_optimizer"] = True
         kwargs["parallel_optimizer_config"] = {"gradient_accumulation_shard": pc.pp > 1,
                                                "parallel_optimizer_threshold": 0}
+        if zero3:   # FSDP (--use-torch-fsdp2): a weight gathered for the forward is not kept for the backward
+            kwargs["parallel_optimizer_config"] = {"optimizer_level": "level3", "parallel_optimizer_threshold": 0}
     return kwargs
 
 
 def set_parallel_context(pc: ParallelConfig, optimizer_parallel: bool = False,
-                         strategy_file: Optional[str] = None) -> None:
+                         strategy_file: Optional[str] = None, zero3: bool = False) -> None:
     import mindspore as ms
     ms.reset_auto_parallel_context()
-    ms.set_auto_parallel_context(**parallel_context_kwargs(pc, optimizer_parallel, strategy_file))
+    ms.set_auto_parallel_context(**parallel_context_kwargs(pc, optimizer_parallel, strategy_file, zero3))
 
 
 def dataset_strategy(pc: ParallelConfig, axes):

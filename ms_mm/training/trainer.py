@@ -156,7 +156,8 @@ def setup_runtime(args: TrainArgs, parallel_config=None):
             from ms_mm.parallel import set_parallel_context
 
             set_parallel_context(parallel_config, optimizer_parallel=args.use_distributed_optimizer,
-                                 strategy_file=STRATEGY_FILE if dry_run_rank() else None)
+                                 strategy_file=STRATEGY_FILE if dry_run_rank() else None,
+                                 zero3=args.use_torch_fsdp2 and parallel_config.pp == 1)
         else:
             ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                          device_num=world)
