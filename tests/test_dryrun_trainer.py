@@ -356,7 +356,7 @@ def test_bagel_fsdp2_trains_one_packed_sequence_per_dp_rank(fake_cann_root, tmp_
                        "--use-torch-fsdp2", "--ema", "0")
     assert rc == 0 and "rank 0 (pipeline stage 0): ok" in out, out
     log0 = (tmp_path / "msrun_log" / "dryrun" / "rank0" / "train.log").read_text()
-    assert "1 read by each dp rank, optimizer states sharded over dp" in log0, log0
+    assert "1 read by each dp rank, weights, gradients and optimizer states sharded over dp" in log0, log0
     config = BagelConfig.preset("tiny")
     batch = registry.get("bagel").synthetic_batch(config, 1, 64)
     S, n_vit = batch["token_budget"], batch["vit_pixels"].shape[0]
@@ -370,6 +370,12 @@ def test_bagel_fsdp2_trains_one_packed_sequence_per_dp_rank(fake_cann_root, tmp_
     # every batch matmul (the VAE's attention too) runs on this rank's one sequence, none on both ranks' rows
     assert all(sh[0] == 1 and 2 * S not in sh and (sh[1] != config.vit.num_attention_heads or 2 * n_vit not in sh)
                for sh in scores), scores
+    # FSDP (--use-torch-fsdp2) is ZeRO-3: each weight gathered over dp for the forward is gathered again
+    # for the backward instead of being kept (MindSpore's optimizer level3)
+    passes = sorted((tmp_path / "ir").rglob("[0-9][0-9]_optimize_*.ir"))     # the frontend's graph after its optimize pass
+    assert passes
+    gathers = re.findall(r"instance name: (parallel_optimizer_allgather\w*)", passes[0].read_text())
+    assert "parallel_optimizer_allgather" in gathers and "parallel_optimizer_allgather_not_recompute" not in gathers
     # the packed rows stay on their rank: collectives carry parameters / gradients and scalars only
     params = {tuple(p.shape) for p in BagelForTraining(config).get_parameters()}
     moved = collectives(tmp_path / "ir")

@@ -123,8 +123,8 @@ def apply_recompute(model, granularity: Optional[str], method: Optional[str] = N
                     continue
                 attn.recompute()
                 done.append(f"{name}.{i}.self_attention.core_attention")
-            else:   # nothing of the layer's forward is kept, the weights it gathered over dp included
-                layer.recompute(parallel_optimizer_comm_recompute=True)
+            else:
+                layer.recompute()
                 done.append(f"{name}.{i}")
     if not done:
         raise ParallelConfigError("--recompute-granularity selective: the model's layers have no "

@@ -411,7 +411,9 @@ def train(args: TrainArgs, stream=None) -> List[float]:
             f" (ep {pc.ep}), {micro_per_step} micro batch(es) of {args.micro_batch_size * pc.dp} rows per step"
             + (f", {args.micro_batch_size} read by each dp rank" if per_rank_data(family) else
                ", every rank reading all of them")
-            + (", optimizer states sharded over dp (--use-distributed-optimizer)"
+            + ((", weights, gradients and optimizer states sharded over dp, each weight gathered again for the "
+                "backward (--use-torch-fsdp2: ZeRO-3)" if args.use_torch_fsdp2 and pc.pp == 1 else
+                ", optimizer states sharded over dp (--use-distributed-optimizer)")
                if args.use_distributed_optimizer and pc.dp > 1 else ""))
     trainable = apply_freeze(model, model_json, family, log)
     n_total = sum(int(np.prod(p.shape)) for p in model.get_parameters())
