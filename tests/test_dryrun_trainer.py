@@ -341,7 +341,7 @@ def test_lumina_fsdp1_compiles_as_the_distributed_optimizer(fake_cann_root, tmp_
 
 def test_bagel_fsdp2_trains_one_packed_sequence_per_dp_rank(fake_cann_root, tmp_path, monkeypatch):
     """BAGEL tiny, data parallel over 2 simulated ranks with its recipe's ``--use-torch-fsdp2`` (the
-    distributed optimizer): each rank is fed its own packed sequence (the per-rank form, a leading axis of
+    distributed optimizer as ZeRO-3): each rank is fed its own packed sequence (the per-rank form, a leading axis of
     one sequence), and the compiled graph attends within the rank's own sequence: the decoder's and the
     ViT's attention scores are [1, heads, S, S] of the rank's budget S, not of the dp ranks' rows together,
     and no collective moves the activations of the packed rows."""
@@ -383,3 +383,9 @@ def test_bagel_fsdp2_trains_one_packed_sequence_per_dp_rank(fake_cann_root, tmp_
     for op, src, dst, scope in moved:   # a parameter, its shard over the 2 ranks, or a scalar
         assert any(len(sh) == 0 or sh in params or (sh[0] * 2,) + sh[1:] in params for sh in (src, dst)), \
             (op, src, dst, scope)
+    # each rank's ZeRO-3 blocks are MindSpore's cut of the converter's checkpoint, and save -> load is bit-exact
+    from adapters.bagel import SPEC
+    from convert.framework import make_layout
+
+    check_rank_blocks(tmp_path / "msrun_log" / "dryrun", 2, 1, "bagel", config, make_layout(SPEC, config),
+                      tmp_path / "ck", ParallelConfig(world_size=2))
