@@ -288,7 +288,8 @@ class VisionEncoder(nn.Cell):
         self.post_layernorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def construct(self, pixels, position_ids, mask):
-        x = self.patch_embed(pixels) + self.position_embedding(position_ids)
+        x = self.patch_embed(pixels)
+        x = x + ops.cast(self.position_embedding(position_ids), x.dtype)   # the fp32 table must not promote x
         for i in range(self.depth):
             x = self.blocks.layers[i](x, mask)
         return self.post_layernorm(x)
