@@ -80,3 +80,24 @@ def test_per_rank_form_stacks_sequences_and_averages_their_losses():
     np.testing.assert_allclose(lab, (np.asarray(la) + np.asarray(lb)) / 2, rtol=1e-5, atol=1e-6)
     for p, a, b, ab in zip(params, ga, gb, gab):
         np.testing.assert_allclose(ab, (a + b) / 2, rtol=1e-4, atol=1e-6, err_msg=p.name)
+
+
+def test_half_precision_reaches_the_decoder_rows():
+    """Under --bf16 / --fp16 the ViT and the MoT decoder compute in half precision (on Ascend: flash
+    attention, half the activations). The fp32 tables (ViT positions, latent positions, timestep features)
+    must not promote the rows back to fp32; checked in fp16, which CPU kernels have."""
+    import mindspore as ms
+
+    from ms_mm.models.bagel.modeling import BagelForTraining
+
+    config = BagelConfig.preset("tiny")
+    batch = registry.get("bagel").synthetic_batch(config, 1, 64)
+    cell = BagelForTraining(config, ms.float16)
+    T = lambda k: ms.Tensor(batch[k])[None]          # noqa: E731  (one sequence, the batched form)
+    h_und, vit_out = cell.embed_und(T("text_ids"), T("vit_pixels"), T("vit_position_ids"),
+                                    ms.Tensor(batch["vit_attention_mask"]))
+    x_t = ms.Tensor(np.zeros(batch["noise"].shape, np.float32))[None]
+    h_gen = cell.embed_gen(x_t, ms.Tensor(np.full(batch["timesteps"].shape, 0.5, np.float32))[None],
+                           T("latent_position_ids"))
+    assert h_und.dtype == vit_out.dtype == h_gen.dtype == ms.float16
+    assert cell.decode(h_und, h_gen, T("position_ids"), ms.Tensor(batch["attention_mask"])).dtype == ms.float16
