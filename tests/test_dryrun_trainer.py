@@ -372,7 +372,7 @@ def test_bagel_fsdp2_trains_one_packed_sequence_per_dp_rank(fake_cann_root, tmp_
                for sh in scores), scores
     # FSDP (--use-torch-fsdp2) is ZeRO-3: each weight gathered over dp for the forward is gathered again
     # for the backward instead of being kept (MindSpore's optimizer level3)
-    passes = sorted((tmp_path / "ir").rglob("[0-9][0-9]_optimize_*.ir"))     # the frontend's graph after its optimize pass
+    passes = sorted((tmp_path / "ir").rglob("[0-9][0-9]_optimize_*.ir"))     # the frontend's optimized graph
     assert passes
     gathers = re.findall(r"instance name: (parallel_optimizer_allgather\w*)", passes[0].read_text())
     assert "parallel_optimizer_allgather" in gathers and "parallel_optimizer_allgather_not_recompute" not in gathers

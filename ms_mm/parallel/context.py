@@ -13,9 +13,10 @@ with AllToAll). ``optimizer_parallel`` turns on MindSpore's optimizer parallel
 (``enable_parallel_optimizer``): the optimizer states (AdamW moments) of every parameter that the
 plan leaves replicated over data-parallel ranks are sharded over them, and each rank updates its
 shard (Megatron's distributed optimizer / ZeRO-1); ``gradient_accumulation_shard`` also shards
-the pipeline's accumulated gradients. ``zero3`` (``--use-torch-fsdp2``, FSDP) is MindSpore's optimizer level3:
-each weight gathered over dp for the forward is gathered again for the backward instead of being kept. ``strategy_file``: MindSpore also writes its strategy checkpoint
-(every parameter's layout, optimizer moments included) there at compile time.
+the pipeline's accumulated gradients. ``zero3`` (``--use-torch-fsdp2``, FSDP) is MindSpore's optimizer
+level3: each weight gathered over dp for the forward is gathered again for the backward instead of being
+kept. ``strategy_file``: MindSpore also writes its strategy checkpoint (every parameter's layout, optimizer
+moments included) there at compile time.
 """
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ class _TakeMicroBatch(nn.Cell):
     """inputs ``[M, ...]`` -> ``inputs[i]`` (a slice on the whole leading axis, then squeezed).
 
     ``shard_inputs(strategies)`` gives each input's slice the split the inputs arrive in (the dataset
-    strategy of per-rank data: the sample axis over dp): without it MindSpore's default strategy for the slice cannot split the
-    stacked inputs' sample axis and gathers every rank's inputs onto every rank first."""
+    strategy of per-rank data: the sample axis over dp). Without it MindSpore's default strategy for the
+    slice cannot split the stacked inputs' sample axis and gathers every rank's inputs onto every rank."""
 
     def __init__(self, index: int):
         super().__init__()
