@@ -69,7 +69,10 @@ def test_per_rank_form_stacks_sequences_and_averages_their_losses():
 
     cell = BagelForTraining(config)
     params = cell.trainable_params()
-    grad_fn = ms.value_and_grad(lambda *xs: cell(*xs), None, params, has_aux=True)
+    def forward(*xs):
+        return cell(*xs)
+
+    grad_fn = ms.value_and_grad(forward, None, params, has_aux=True)
 
     def run(batch):
         (loss, ce, mse), grads = grad_fn(*[ms.Tensor(batch[k]) for k in TRAIN_INPUT_NAMES])
