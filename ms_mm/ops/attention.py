@@ -21,6 +21,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.ops.operations.nn_ops import FlashAttentionScore
 
+from ms_mm.ops.functional import add, bprop_sub
 from ms_mm.ops.switch import sharded, use_fused
 
 
@@ -65,7 +66,7 @@ class _AttentionMath(nn.Cell):
         scores = ops.cast(self.bmm_nt(self._group(q * self.scale), k), ms.float32)
         if self.has_mask:
             if self.n_rep == 1:
-                scores = scores + mask
+                scores = add(scores, mask)
             else:
                 b = scores.shape[0]
                 if mask.ndim < 4:
@@ -74,7 +75,7 @@ class _AttentionMath(nn.Cell):
                     mask = ops.expand_dims(mask, 2)                     # [B|1, 1, 1, Sq, Sk]
                 else:
                     mask = ops.reshape(mask, (mask.shape[0], self.num_kv_heads, self.n_rep, sq, sk))
-                scores = ops.reshape(ops.reshape(scores, (b, self.num_kv_heads, self.n_rep, sq, sk)) + mask,
+                scores = ops.reshape(add(ops.reshape(scores, (b, self.num_kv_heads, self.n_rep, sq, sk)), mask),
                                      (b, self.num_kv_heads, self.n_rep * sq, sk))
         return self.softmax(scores)
 
@@ -91,7 +92,7 @@ class _AttentionMath(nn.Cell):
         dv = self.bmm_tn(p, d_o)                                           # P^T dO
         dp = ops.cast(self.bmm_nt(d_o, v), ms.float32)                     # dO V^T
         delta = self.row_sum(ops.cast(d_o, ms.float32) * ops.cast(self._group(o), ms.float32), -1)
-        ds = ops.cast(probs * (dp - delta), q.dtype)                       # softmax backward
+        ds = ops.cast(probs * bprop_sub(dp, delta), q.dtype)                       # softmax backward
         dq = self._ungroup(self.bmm_nn(ds, k), sq) * self.scale
         dk = self.bmm_tn(ds, self._group(q * self.scale))
         dmask = ops.zeros_like(mask) if self.has_mask else mask

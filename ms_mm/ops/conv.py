@@ -11,6 +11,8 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import HeUniform, One, Uniform, Zero, initializer
 
+from ms_mm.ops.functional import add, mul, sub
+
 __all__ = ["Conv2d", "GroupNorm", "resize_nearest", "upsample_nearest"]
 
 
@@ -61,12 +63,12 @@ class GroupNorm(nn.Cell):
     def construct(self, x):
         shape = x.shape
         x32 = self.cast(x, ms.float32).reshape(shape[0], self.num_groups, -1)
-        centred = x32 - self.mean(x32, -1)
+        centred = sub(x32, self.mean(x32, -1))
         var = self.mean(centred * centred, -1)
-        y = (centred * self.rsqrt(var + self.eps)).reshape(shape)
+        y = mul(centred, self.rsqrt(var + self.eps)).reshape(shape)
         affine_shape = (1, self.num_channels) + (1,) * (len(shape) - 2)
-        y = y * self.cast(self.weight, ms.float32).reshape(affine_shape) \
-            + self.cast(self.bias, ms.float32).reshape(affine_shape)
+        y = add(mul(y, self.cast(self.weight, ms.float32).reshape(affine_shape)),
+                self.cast(self.bias, ms.float32).reshape(affine_shape))
         return self.cast(y, x.dtype)
 
 

@@ -7,11 +7,107 @@ the same rotate-half form, else the portable math. The choice is a compile-time 
 """
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Tensor, nn, ops
 import mindspore.ops.auto_generate as _gen
+from mindspore import context
 from mindspore.ops import constexpr
 
 from ms_mm.ops.switch import sharded, use_fused
+
+
+@constexpr
+def _tile_broadcasts() -> bool:
+    """True where broadcasting element-wise kernels should get same-shaped inputs: MindSpore's CPU
+    kernels, outside the parallel planner (whose strategies are for the plain primitives)."""
+    return (str(ms.get_context("device_target")).upper() == "CPU"
+            and context.get_auto_parallel_context("parallel_mode") not in ("semi_auto_parallel", "auto_parallel"))
+
+
+@constexpr
+def _broadcast_shape(x_shape, y_shape):
+    """The common shape of ``x`` and ``y`` when they should be tiled to it (``_tile_broadcasts``, both
+    have more than one element, their shapes differ; numpy rules), else ``()`` (also for shapes not
+    known at compile time)."""
+    if not _tile_broadcasts():
+        return ()
+    x_shape, y_shape = tuple(x_shape), tuple(y_shape)
+    if x_shape == y_shape or any(d is None or d < 0 for d in x_shape + y_shape):
+        return ()
+    if int(np.prod(x_shape)) == 1 or int(np.prod(y_shape)) == 1:
+        return ()
+    return tuple(int(v) for v in np.broadcast_shapes(x_shape, y_shape))
+
+
+@constexpr
+def _differs(shape, target):
+    return tuple(shape) != tuple(target)
+
+
+@constexpr
+def _rank_padded(shape, target):
+    return (1,) * (len(target) - len(shape)) + tuple(shape)
+
+
+@constexpr
+def _multiples(shape, target):
+    padded = (1,) * (len(target) - len(shape)) + tuple(shape)
+    return tuple(t // s if s == 1 else 1 for s, t in zip(padded, target))
+
+
+# The branches below test plain bools from constexprs. MindSpore 2.9's graph mode compiles a helper
+# called both in a forward and in a custom ``bprop`` with one of its branches empty ("The func graph is
+# empty"), so ``_helpers`` makes one independent set for forward code and one for bprops.
+def _helpers():
+    def expand_to(x, shape):
+        """``x`` repeated to ``shape`` by one ``Tile`` kernel (numpy broadcasting rules; backward: one
+        row sum). Used on CPU instead of letting an element-wise kernel broadcast (``broadcast_pair``)."""
+        if _differs(x.shape, shape):
+            x = ops.tile(ops.reshape(x, _rank_padded(x.shape, shape)), _multiples(x.shape, shape))
+        return x
+
+    def broadcast_pair(x, y):
+        """``(x, y)`` brought to one shape for an element-wise op, where that saves memory, else unchanged.
+
+        MindSpore 2.9's CPU arithmetic kernels broadcast two different-shaped inputs through index
+        tables of one 8-byte offset per output element per input, built at the first launch and kept
+        as long as the compiled graph: 4x the fp32 output's size, resident, for every such kernel
+        instance (a ``[2, 16, 1024, 1024]`` score tensor plus a head-broadcast mask keeps 512 MB beside
+        its 128 MB result; the backward of each broadcast op adds another). An explicit ``Tile`` first
+        costs one transient copy from the memory pool, and is faster too (25 ms against 37-47 ms at
+        that shape). Single-element operands, equal shapes, the parallel planner and other devices:
+        unchanged. ``scripts/cpu_broadcasts.py`` lists the broadcasting kernels left in a graph."""
+        shape = _broadcast_shape(x.shape, y.shape)
+        if len(shape) > 0:
+            x = expand_to(x, shape)
+            y = expand_to(y, shape)
+        return x, y
+
+    def mul(x, y):
+        """``x * y`` without a CPU broadcast index table (``broadcast_pair``)."""
+        x, y = broadcast_pair(x, y)
+        return x * y
+
+    def add(x, y):
+        """``x + y`` without a CPU broadcast index table (``broadcast_pair``)."""
+        x, y = broadcast_pair(x, y)
+        return x + y
+
+    def sub(x, y):
+        """``x - y`` without a CPU broadcast index table (``broadcast_pair``)."""
+        x, y = broadcast_pair(x, y)
+        return x - y
+
+    def div(x, y):
+        """``x / y`` without a CPU broadcast index table (``broadcast_pair``)."""
+        x, y = broadcast_pair(x, y)
+        return x / y
+
+    return expand_to, broadcast_pair, mul, add, sub, div
+
+
+expand_to, broadcast_pair, mul, add, sub, div = _helpers()
+# for custom bprops only (above)
+bprop_expand_to, bprop_broadcast_pair, bprop_mul, bprop_add, bprop_sub, bprop_div = _helpers()
 
 
 _rope_kernel = _gen.RotaryPositionEmbedding()
@@ -51,7 +147,7 @@ def apply_rotary(x, cos, sin):
         return _rope_kernel(x, ops.cast(cos, x.dtype), ops.cast(sin, x.dtype), 0)
     sin1, sin2 = _halves(sin)
     x1, x2 = _halves(x)
-    return x * cos + ops.cat((x2, x1), -1) * ops.cat((-sin1, sin2), -1)
+    return mul(x, cos) + mul(ops.cat((x2, x1), -1), ops.cat((-sin1, sin2), -1))
 
 
 def gelu(x, approximate="none"):
@@ -80,11 +176,27 @@ def logsumexp(x):
     which puts a z-loss of ~40 off by ~3e-5; ``pow(e, x)`` and ``log1p`` are accurate (the sum is >= 1,
     as the largest term is exactly 1)."""
     m = ops.stop_gradient(x.max(-1, keepdims=True))
-    s = ops.pow(_E, x - m).sum(-1)
+    s = ops.pow(_E, sub(x, m)).sum(-1)
     return ops.log1p(s - 1.0) + m.squeeze(-1)
 
 
-_softmax_ce = ops.SoftmaxCrossEntropyWithLogits()
+class _SoftmaxCrossEntropy(nn.Cell):
+    """``SoftmaxCrossEntropyWithLogits`` with its own backward: MindSpore's multiplies the [T, V]
+    gradient by the [T, 1] loss gradient through a broadcasting Mul (a CPU index table of 4x the
+    logits' size, see ``broadcast_pair``); here that factor is tiled first."""
+
+    def __init__(self):
+        super().__init__()
+        self.ce = ops.SoftmaxCrossEntropyWithLogits()
+
+    def construct(self, logits, labels):
+        return self.ce(logits, labels)
+
+    def bprop(self, logits, labels, out, dout):
+        return bprop_mul(out[1], ops.expand_dims(dout[0], -1)), ops.zeros_like(labels)
+
+
+_softmax_ce = _SoftmaxCrossEntropy()
 
 
 def cross_entropy_sum(logits, labels, ignore_index=-100):

@@ -9,6 +9,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, One, Zero, initializer
 
+from ms_mm.ops.functional import bprop_mul, broadcast_pair, mul
 from ms_mm.ops.switch import sharded, use_fused
 import mindspore.ops.auto_generate as _gen
 
@@ -40,7 +41,7 @@ class Linear(nn.Cell):
         x2d = self.reshape(x, (-1, self.in_features))
         y = self.matmul(x2d, self.cast(self.weight, x.dtype))
         if self.has_bias:
-            y = self.bias_add(y, self.cast(self.bias, x.dtype))
+            y = self.bias_add(*broadcast_pair(y, self.cast(self.bias, x.dtype)))
         return self.reshape(y, out_shape)
 
 
@@ -61,15 +62,15 @@ class _RMSNormMath(nn.Cell):
     def construct(self, x, weight):
         x32 = ops.cast(x, ms.float32)
         inv = ops.rsqrt(self.mean(ops.square(x32), -1) + self.eps)
-        return ops.cast(x32 * inv, x.dtype) * ops.cast(weight, x.dtype), inv
+        return mul(ops.cast(mul(x32, inv), x.dtype), ops.cast(weight, x.dtype)), inv
 
     def bprop(self, x, weight, out, dout):
         inv = out[1]
         dim = x.shape[-1]
-        xhat = ops.cast(x, ms.float32) * inv
+        xhat = bprop_mul(ops.cast(x, ms.float32), inv)
         dy = ops.cast(dout[0], ms.float32)
-        g = dy * ops.cast(weight, ms.float32)
-        dx = inv * (g - xhat * self.mean(g * xhat, -1))
+        g = bprop_mul(dy, ops.cast(weight, ms.float32))
+        dx = bprop_mul(inv, g - bprop_mul(xhat, self.mean(g * xhat, -1)))
         dw = self.col_sum(ops.reshape(dy * xhat, (-1, dim)), 0)
         return ops.cast(dx, x.dtype), ops.cast(dw, weight.dtype)
 

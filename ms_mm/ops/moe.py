@@ -38,6 +38,7 @@ from mindspore.common.initializer import Normal, initializer
 from mindspore.ops.auto_generate.gen_ops_prim import SiLU
 from mindspore.ops.functional_overload import gmm
 
+from ms_mm.ops.functional import mul
 from ms_mm.ops.switch import use_fused
 
 DROP_POLICIES = ("probs", "position")
@@ -53,7 +54,7 @@ def dense_combine_weights(topk_idx, topk_weight, num_experts):
     """[T, k] expert ids + weights -> [T, E] weights (sum over the k slots; zero for unchosen experts)."""
     # built in fp32: OneHot takes no bf16 on/off values, and the k-slot sum stays in fp32
     one_hot = ops.one_hot(topk_idx, num_experts, ops.ones((), ms.float32), ops.zeros((), ms.float32))  # [T, k, E]
-    return (one_hot * ops.expand_dims(topk_weight.astype(ms.float32), -1)).sum(axis=1).astype(topk_weight.dtype)
+    return mul(one_hot, ops.expand_dims(topk_weight.astype(ms.float32), -1)).sum(axis=1).astype(topk_weight.dtype)
 
 
 class StackedWeight(nn.Cell):
@@ -106,7 +107,7 @@ class RoutedExperts(nn.Cell):
         out = ops.zeros_like(x)
         for e in range(self.num_experts):
             gate, up = self.split(self.matmul(x, w1[e]))
-            out = out + combine[:, e:e + 1] * self.matmul(ops.silu(gate) * up, w2[e])
+            out = out + mul(combine[:, e:e + 1], self.matmul(ops.silu(gate) * up, w2[e]))
         return out
 
     def _batched(self, x, topk_idx, topk_weight):

@@ -30,6 +30,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from ms_mm.ops import CoreAttention, Embedding, GatedMLP, LayerNorm, Linear, RMSNorm, apply_rotary, gelu
 from ms_mm.ops import Conv2d, GroupNorm, upsample_nearest
+from ms_mm.ops.functional import mul
 
 __all__ = ["Bagel", "BagelForTraining", "AutoEncoder", "LatentDecoder", "sincos_2d_table", "timestep_frequencies", "rope_inv_freq"]
 
@@ -456,7 +457,7 @@ class Bagel(nn.Cell):
         x0 = self._rows(ops.reshape(padded_latent, (n_seq, -1)), latent_gather_index)  # [B, (h w), (p q c)]
         t = self.effective_timesteps(ops.cast(timesteps, ms.float32))
         t_col = ops.expand_dims(t, -1)
-        x_t = (1.0 - t_col) * x0 + t_col * noise
+        x_t = mul(1.0 - t_col, x0) + mul(t_col, noise)
         hidden = self.decode(h_und, self.embed_gen(x_t, t, latent_position_ids), position_ids, attention_mask)
 
         logits = ops.cast(self.text_decoder.output_layer(self._rows(hidden, ce_rows)), ms.float32)

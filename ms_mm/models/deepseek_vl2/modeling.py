@@ -27,6 +27,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from ms_mm.ops import CoreAttention, Embedding, LayerNorm, Linear, RMSNorm, cross_entropy_sum, gelu, rotate_half
+from ms_mm.ops.functional import add, expand_to, mul
 from ms_mm.ops.layers import GatedMLP
 from ms_mm.ops.moe import RoutedExperts
 
@@ -135,7 +136,7 @@ class VisionTransformer(nn.Cell):
         self.attn_pool = AttentionPoolHead(cfg)
 
     def construct(self, pixel_values):
-        x = self.patch_embed(pixel_values) + self.pos_embed.astype(pixel_values.dtype)
+        x = add(self.patch_embed(pixel_values), self.pos_embed.astype(pixel_values.dtype))
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -246,8 +247,8 @@ class MLAttention(nn.Cell):
         cos, sin = rope
         q_pe = self._deinterleave(q_pe)
         k_pe = self._deinterleave(k_pe)
-        q_pe = q_pe * cos.astype(q.dtype) + rotate_half(q_pe) * sin.astype(q.dtype)
-        k_pe = k_pe * cos.astype(q.dtype) + rotate_half(k_pe) * sin.astype(q.dtype)
+        q_pe = mul(q_pe, cos.astype(q.dtype)) + mul(rotate_half(q_pe), sin.astype(q.dtype))
+        k_pe = mul(k_pe, cos.astype(q.dtype)) + mul(rotate_half(k_pe), sin.astype(q.dtype))
 
         query = ops.cat((q_nope, q_pe), -1)
         key = ops.cat((k_nope, ops.broadcast_to(k_pe, (b, self.heads, s, self.rope))), -1)
@@ -491,14 +492,14 @@ class DeepseekVL2ForCausalLM(nn.Cell):
         text = self.text_decoder.embedding.word_embeddings(input_ids).astype(self.compute_dtype)
         if self.pad_token_id is not None:
             # upstream nn.Embedding(padding_idx=pad_token_id): the pad row is used but never trained
-            is_pad = ops.expand_dims(input_ids == self.pad_token_id, -1)
+            is_pad = expand_to(ops.expand_dims(input_ids == self.pad_token_id, -1), text.shape)
             text = ops.where(is_pad, ops.stop_gradient(text), text)
         b, s, d = text.shape
         tiles = self.image_encoder(pixel_values.astype(text.dtype))
         table = ops.cat((tiles.reshape(-1, d), ops.expand_dims(self.image_newline.astype(text.dtype), 0),
                          ops.expand_dims(self.view_seperator.astype(text.dtype), 0)), 0)
         image = ops.gather(table, image_token_index.reshape(-1), 0).reshape(b, s, d)
-        return ops.where(ops.expand_dims(images_seq_mask, -1), image, text)
+        return ops.where(expand_to(ops.expand_dims(images_seq_mask, -1), text.shape), image, text)
 
     def construct(self, input_ids, position_ids, attention_bias, pixel_values, image_token_index,
                   images_seq_mask, labels):

@@ -23,6 +23,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import One, Zero, initializer
 
 from ms_mm.ops import CoreAttention, Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, logsumexp
+from ms_mm.ops.functional import add, expand_to, mul
 from ms_mm.models.lumina_mgpt2.config import QK_NORM_EPS, LuminaMGPT2Config
 
 __all__ = ["LuminaMGPT2ForCausalLM", "LuminaDecoder", "GroupedHeadLayerNorm", "causal_lm_losses", "cache_step_inputs",
@@ -54,7 +55,7 @@ class GroupedHeadLayerNorm(nn.Cell):
 
     def construct(self, x):
         y = self.layer_norm(x.astype(ms.float32), self.ones, self.zeros)[0]
-        y = y * self._per_head(self.weight) + self._per_head(self.bias)
+        y = add(mul(y, self._per_head(self.weight)), self._per_head(self.bias))
         return y.astype(x.dtype)
 
 
@@ -208,7 +209,7 @@ class LuminaDecoder(nn.Cell):
         x = self.embedding.word_embeddings(input_ids)
         if self.pad_token_id is not None:
             # torch nn.Embedding(padding_idx): the pad row is read but never receives a gradient
-            x = ops.where(ops.expand_dims(input_ids == self.pad_token_id, -1), ops.stop_gradient(x), x)
+            x = ops.where(expand_to(ops.expand_dims(input_ids == self.pad_token_id, -1), x.shape), ops.stop_gradient(x), x)
         return x.astype(self.compute_dtype)
 
     def construct(self, input_ids, position_ids):

@@ -12,7 +12,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from ms_mm.ops import CoreAttention, Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, cross_entropy_sum, gelu
+from ms_mm.ops import (CoreAttention, Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, broadcast_pair, cross_entropy_sum,
+                       gelu)
 
 # Additive mask value: exp() of it underflows to exactly 0 in fp32, and adding it to a score
 # never overflows (unlike finfo.min + a negative score).
@@ -31,7 +32,8 @@ def _segment_mask(segments, groups=1):
     # float arithmetic only (ids < 2^24 are exact): a boolean mask would be redistributed by semi-auto
     # parallel as uint8, which Ascend's collectives refuse
     seg = ops.cast(ops.reshape(segments, (groups, -1)), ms.float32)
-    apart = ops.minimum(ops.abs(ops.expand_dims(seg, 2) - ops.expand_dims(seg, 1)), 1.0)   # 0 or 1
+    rows, cols = broadcast_pair(ops.expand_dims(seg, 2), ops.expand_dims(seg, 1))
+    apart = ops.minimum(ops.abs(rows - cols), 1.0)   # 0 or 1
     return ops.expand_dims(apart * MASK_VALUE, 1)
 
 
@@ -292,9 +294,9 @@ class TextDecoder(nn.Cell):
         """[B, S] 1/0 -> additive [B, 1, S, S]: key j visible to query i iff j <= i and j is real."""
         s = attention_mask.shape[1]
         idx = ops.arange(s)
-        causal = ops.expand_dims(idx, 0) <= ops.expand_dims(idx, 1)               # [S, S]
-        keep = ops.logical_and(ops.expand_dims(causal, 0),
-                               ops.expand_dims(attention_mask > 0, 1))             # [B, S, S]
+        causal = ops.less_equal(*broadcast_pair(ops.expand_dims(idx, 0), ops.expand_dims(idx, 1)))   # [S, S]
+        keep = ops.logical_and(*broadcast_pair(ops.expand_dims(causal, 0),
+                                               ops.expand_dims(attention_mask > 0, 1)))             # [B, S, S]
         zeros = ops.zeros(keep.shape, ms.float32)
         return ops.expand_dims(ops.select(keep, zeros, zeros + MASK_VALUE), 1)
 

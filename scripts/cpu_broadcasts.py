@@ -1,0 +1,80 @@
+"""List the broadcasting element-wise kernels of a compiled MindSpore graph, biggest first.
+
+    MS_DEV_SAVE_GRAPHS=1 MS_DEV_SAVE_GRAPHS_PATH=DIR python <anything that compiles a graph>
+    python scripts/cpu_broadcasts.py DIR/graph_build_0_*.ir [--top 30]
+
+Why: MindSpore 2.9's CPU arithmetic kernels (Add, Sub, Mul, RealDiv, ...) broadcast two
+different-shaped inputs through index tables of one 8-byte offset per output element per input,
+built at the first launch and kept for the graph's lifetime: 4x the fp32 output's size, resident,
+for every such kernel instance (measured: a [2, 16, 1024, 1024] fp32 `x * r` with r [2, 16, 1024, 1]
+keeps 512 MB beside its 128 MB output; one input of a single element is exempt). `ms_mm.ops.bcast`
+spells those ops without it on the portable path; this script finds the ones left, with the
+model source line each came from. Table bytes are the estimate 16 x output elements.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import sys
+
+ELEMENTWISE = {"Add", "Sub", "Mul", "RealDiv", "Div", "Maximum", "Minimum", "Pow", "Equal", "NotEqual",
+               "Less", "LessEqual", "Greater", "GreaterEqual", "LogicalAnd", "LogicalOr", "Select",
+               "SquaredDifference", "FloorDiv", "Atan2", "Xdivy", "DivNoNan", "BitwiseAnd", "BitwiseOr"}
+NODE = re.compile(r"^\s+%\d+\([^)]*\) = (?:PrimFunc_)?(\w+)\(")
+SHAPES = re.compile(r"<Tensor\[\w+\], \(([0-9, ]*)\)>")
+SOURCE = re.compile(r"# In file (\S*ms_mm/\S+?:\d+)")
+
+
+def scan(path: str):
+    """Yield (op, input shapes, output shape, ms_mm source line) of each broadcasting kernel."""
+    lines = open(path).read().splitlines()
+    i = 0
+    while i < len(lines):
+        m = NODE.match(lines[i])
+        if not m or m.group(1) not in ELEMENTWISE:
+            i += 1
+            continue
+        op, j, src = m.group(1), i + 1, None
+        sig = lines[j] if j < len(lines) else ""
+        j += 1
+        while j < len(lines) and not NODE.match(lines[j]):
+            s = SOURCE.search(lines[j])
+            if s:
+                src = s.group(1).split("ms_mm/", 1)[1]
+            j += 1
+        if "->" in sig:
+            ins, out = sig.split("->", 1)
+            shapes = [tuple(int(v) for v in g.split(",") if v.strip()) for g in SHAPES.findall(ins)]
+            outs = [tuple(int(v) for v in g.split(",") if v.strip()) for g in SHAPES.findall(out)]
+            sizes = [_numel(s) for s in shapes]
+            if len(shapes) >= 2 and outs and len(set(shapes)) > 1 and min(sizes) > 1:
+                yield op, shapes, outs[0], src
+        i = j
+
+
+def _numel(shape):
+    n = 1
+    for v in shape:
+        n *= v
+    return n
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("ir", nargs="+")
+    p.add_argument("--top", type=int, default=30)
+    a = p.parse_args(argv)
+    rows = collections.Counter()
+    for path in a.ir:
+        for op, shapes, out, src in scan(path):
+            rows[(op, str(shapes), str(out), src or "?")] += 16 * _numel(out)
+    total = sum(rows.values())
+    print(f"{len(rows)} broadcasting kernel kinds, index tables ~{total / 2**20:.0f} MB in all")
+    for (op, shapes, out, src), b in rows.most_common(a.top):
+        print(f"{b / 2**20:9.1f} MB  {op:8s} {shapes} -> {out}  {src}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
