@@ -184,6 +184,8 @@ def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
         t1 = time.perf_counter()
         out, grads = step._micro_step(*inputs)
         loss = float(out[0].asnumpy())
+        for g in grads:   # the loss is ready before the backward ends: wait for every gradient too
+            g.asnumpy()
         t2 = time.perf_counter()
         norm, _ = step._apply(ms.mutable(grads))
         norm.asnumpy()
