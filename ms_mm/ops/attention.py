@@ -92,7 +92,7 @@ class _AttentionMath(nn.Cell):
         dv = self.bmm_tn(p, d_o)                                           # P^T dO
         dp = ops.cast(self.bmm_nt(d_o, v), ms.float32)                     # dO V^T
         delta = self.row_sum(ops.cast(d_o, ms.float32) * ops.cast(self._group(o), ms.float32), -1)
-        ds = ops.cast(probs * bprop_sub(dp, delta), q.dtype)                       # softmax backward
+        ds = ops.cast(probs * bprop_sub(dp, delta), q.dtype)               # softmax backward
         dq = self._ungroup(self.bmm_nn(ds, k), sq) * self.scale
         dk = self.bmm_tn(ds, self._group(q * self.scale))
         dmask = ops.zeros_like(mask) if self.has_mask else mask
