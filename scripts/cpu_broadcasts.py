@@ -7,14 +7,16 @@ Why: MindSpore 2.9's CPU arithmetic kernels (Add, Sub, Mul, RealDiv, ...) broadc
 different-shaped inputs through index tables of one 8-byte offset per output element per input,
 built at the first launch and kept for the graph's lifetime: 4x the fp32 output's size, resident,
 for every such kernel instance (measured: a [2, 16, 1024, 1024] fp32 `x * r` with r [2, 16, 1024, 1]
-keeps 512 MB beside its 128 MB output; one input of a single element is exempt). `ms_mm.ops.bcast`
-spells those ops without it on the portable path; this script finds the ones left, with the
-model source line each came from. Table bytes are the estimate 16 x output elements.
+keeps 512 MB beside its 128 MB output; one input of a single element is exempt).
+`ms_mm.ops.functional.broadcast_pair` (and its `mul` / `add` / `sub` / `div`) spells those ops without
+them on CPU; this script finds the ones left, with the model source line each came from. Table bytes
+are the estimate 16 x output elements.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import math
 import re
 import sys
 
@@ -47,17 +49,10 @@ def scan(path: str):
             ins, out = sig.split("->", 1)
             shapes = [tuple(int(v) for v in g.split(",") if v.strip()) for g in SHAPES.findall(ins)]
             outs = [tuple(int(v) for v in g.split(",") if v.strip()) for g in SHAPES.findall(out)]
-            sizes = [_numel(s) for s in shapes]
+            sizes = [math.prod(s) for s in shapes]
             if len(shapes) >= 2 and outs and len(set(shapes)) > 1 and min(sizes) > 1:
                 yield op, shapes, outs[0], src
         i = j
-
-
-def _numel(shape):
-    n = 1
-    for v in shape:
-        n *= v
-    return n
 
 
 def main(argv=None) -> int:
@@ -68,7 +63,7 @@ def main(argv=None) -> int:
     rows = collections.Counter()
     for path in a.ir:
         for op, shapes, out, src in scan(path):
-            rows[(op, str(shapes), str(out), src or "?")] += 16 * _numel(out)
+            rows[(op, str(shapes), str(out), src or "?")] += 16 * math.prod(out)
     total = sum(rows.values())
     print(f"{len(rows)} broadcasting kernel kinds, index tables ~{total / 2**20:.0f} MB in all")
     for (op, shapes, out, src), b in rows.most_common(a.top):

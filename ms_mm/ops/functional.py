@@ -9,7 +9,6 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 import mindspore.ops.auto_generate as _gen
-from mindspore import context
 from mindspore.ops import constexpr
 
 from ms_mm.ops.switch import sharded, use_fused
@@ -19,8 +18,7 @@ from ms_mm.ops.switch import sharded, use_fused
 def _tile_broadcasts() -> bool:
     """True where broadcasting element-wise kernels should get same-shaped inputs: MindSpore's CPU
     kernels, outside the parallel planner (whose strategies are for the plain primitives)."""
-    return (str(ms.get_context("device_target")).upper() == "CPU"
-            and context.get_auto_parallel_context("parallel_mode") not in ("semi_auto_parallel", "auto_parallel"))
+    return str(ms.get_context("device_target")).upper() == "CPU" and not sharded()
 
 
 @constexpr
@@ -43,15 +41,18 @@ def _differs(shape, target):
     return tuple(shape) != tuple(target)
 
 
-@constexpr
-def _rank_padded(shape, target):
+def _padded(shape, target):
     return (1,) * (len(target) - len(shape)) + tuple(shape)
 
 
 @constexpr
+def _rank_padded(shape, target):
+    return _padded(shape, target)
+
+
+@constexpr
 def _multiples(shape, target):
-    padded = (1,) * (len(target) - len(shape)) + tuple(shape)
-    return tuple(t // s if s == 1 else 1 for s, t in zip(padded, target))
+    return tuple(t // s if s == 1 else 1 for s, t in zip(_padded(shape, target), target))
 
 
 # The branches below test plain bools from constexprs. MindSpore 2.9's graph mode compiles a helper
