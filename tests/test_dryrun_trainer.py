@@ -22,6 +22,7 @@ from ms_mm.parallel.config import ParallelConfig
 from ms_mm.training import launch
 
 MOMENTS = ("exp_avg.", "exp_avg_sq.")
+EMA = "ema."
 
 
 def _dry_run(root, model_json, world, *flags, parallel=1):
@@ -128,12 +129,13 @@ class _Holder:
         return iter(self.params)
 
 
-def check_rank_blocks(work, world, pp, family, config, split, tmp_path, run_pc, dp_peers=(0, 1)):
+def check_rank_blocks(work, world, pp, family, config, split, tmp_path, run_pc, dp_peers=(0, 1), ema=False):
     """Every rank's blocks of an MM checkpoint (split by the converter as ``split``, and unsplit) equal
     MindSpore's cut for that rank; the trainer's sharded save of those blocks (in the converter's layout
     of the run's sizes ``run_pc``) gives the full tensors back bit-exactly, through ``mm-convert resplit``
     too, and loads again to the same blocks. ``work``: the dry run's rank dirs (the first rank of each
-    stage compiled)."""
+    stage compiled). ``ema``: the run kept the weights' EMA, whose blocks are checked as the moments are and
+    which is saved as the model dir ``ema/`` (frozen weights there as themselves)."""
     import mindspore as ms
     from mindspore.nn.utils import no_init_parameters
 
@@ -150,8 +152,10 @@ def check_rank_blocks(work, world, pp, family, config, split, tmp_path, run_pc, 
     full_shape = {n: stages[s][n].full_shape for s in stages for n in names[s]}
     rng = np.random.default_rng(0)
     full = {n: rng.standard_normal(shape).astype(np.float32) for n, shape in sorted(full_shape.items())}
-    model_names = sorted(n for n in full if not n.startswith(MOMENTS))
+    model_names = sorted(n for n in full if not n.startswith(MOMENTS + (EMA,)))
     moment_names = sorted(n for n in full if n.startswith(MOMENTS))
+    ema_names = sorted(n for n in full if n.startswith(EMA))    # the sharded step's EMA of the trainable weights
+    assert bool(ema_names) == ema, ema_names[:3]
     with no_init_parameters():
         every = {p.name: tuple(p.shape) for p in registry.get(family).build_model(config, ms.float32).get_parameters()}
     # the stages together hold the whole model; without pipeline stages, a weight the graph never uses
@@ -186,6 +190,7 @@ def check_rank_blocks(work, world, pp, family, config, split, tmp_path, run_pc, 
     model_state = {n: full[n] for n in model_names}
     sources = [mmc.save_model(tmp_path / "tp2pp2", model_state, split), mmc.save_model(tmp_path / "tp1", model_state)]
     mmc.write_safetensors(tmp_path / "optim.safetensors", {n: full[n] for n in moment_names})
+    ema_dir = mmc.save_model(tmp_path / "ema", {n: full.get(EMA + n, full[n]) for n in model_names}) if ema else None
     held = {}
     for rank in range(world):
         stage, lay = rank // size, stages[rank // size]
@@ -196,6 +201,9 @@ def check_rank_blocks(work, world, pp, family, config, split, tmp_path, run_pc, 
                 np.testing.assert_array_equal(got[n], expected[rank][n], err_msg=f"rank {rank} {n} from {src}")
         moments = shards.read_rank_slices(tmp_path / "optim.safetensors", lay, rank,
                                           names=[n for n in names[stage] if n.startswith(MOMENTS)])
+        if ema:     # the EMA's blocks out of an ema/ model dir, as a resumed run reads them
+            moments.update(shards.read_rank_slices(ema_dir, lay, rank, names=[n for n in names[stage] if n in ema_names],
+                                                   rename=lambda n: n[len(EMA):]))
         for n, arr in moments.items():
             np.testing.assert_array_equal(arr, expected[rank][n], err_msg=f"rank {rank} {n}")
         held[rank] = {**got, **moments}
@@ -213,14 +221,15 @@ def check_rank_blocks(work, world, pp, family, config, split, tmp_path, run_pc, 
         local = {n: fill(held[rank][n]) if n in held[rank] else np.full((1,), np.nan, np.float32) for n in full}
         return (_Holder([_Param(n, local[n]) for n in model_names]),
                 _Holder([_Param(n, local[n]) for n in moment_names + ["global_step"]
-                         if n != "global_step"] + [_Param("global_step", np.asarray([5], np.float32))]))
+                         if n != "global_step"] + [_Param("global_step", np.asarray([5], np.float32))]),
+                [_Param(n, local[n]) for n in ema_names])
 
     run_layout = ckpt.run_checkpoint_layout(registry.get(family), config, run_pc)
     for rank in reversed(range(world)):
-        model, optim = rank_objects(rank, lambda a: a)
+        model, optim, averages = rank_objects(rank, lambda a: a)
         ckpt.save_sharded_checkpoint(str(save), 5, model, optim, stages[rank // size], rank=rank, family=family,
                                      data_state={"per_rank": [{}]}, train_state={"iteration": 5}, save_rng=False,
-                                     pipeline=pp > 1, layout=run_layout)
+                                     pipeline=pp > 1, layout=run_layout, ema=averages)
     it = mmc.iteration_dir(save, 5)
     assert mmc.latest_iteration(save) == 5 and not list(save.glob(".shards_*"))
     # saved in the converter's mp_rank layout of the run's TP / PP / EP
@@ -242,12 +251,21 @@ def check_rank_blocks(work, world, pp, family, config, split, tmp_path, run_pc, 
     assert sorted(saved_moments) == sorted(moment_names + ["global_step"]) and saved_moments["global_step"][0] == 5
     for n in moment_names:
         np.testing.assert_array_equal(saved_moments[n], full[n], err_msg=n)
-    state = ckpt.LoadedState(weights_dir=it, optim_file=it / ckpt.OPTIM_FILE)
+    if ema:     # the EMA: a whole model dir beside the model, in the same layout; frozen weights as themselves
+        assert json.loads((it / ckpt.EMA_DIR / "parallel_layout.json").read_text()) == written
+        saved_ema = mmc.load_model(str(it / ckpt.EMA_DIR))
+        assert sorted(saved_ema) == model_names
+        for n in model_names:
+            np.testing.assert_array_equal(saved_ema[n], full.get(EMA + n, full[n]), err_msg=f"ema/ {n}")
+    else:
+        assert not (it / ckpt.EMA_DIR).exists()
+    state = ckpt.LoadedState(weights_dir=it, optim_file=it / ckpt.OPTIM_FILE, iter_dir=it, release=False)
     for rank in range(world):
-        model, optim = rank_objects(rank, lambda a: 0 * a)
-        n_set = ckpt.load_sharded_weights(state, model, optim, stages[rank // size], rank, pipeline=pp > 1)
+        model, optim, averages = rank_objects(rank, lambda a: 0 * a)
+        n_set = ckpt.load_sharded_weights(state, model, optim, stages[rank // size], rank, pipeline=pp > 1,
+                                          ema=averages)
         assert n_set == len(names[rank // size]) + 1       # + the optimizer's step, replicated
-        for p in list(model.params) + list(optim.params):
+        for p in list(model.params) + list(optim.params) + averages:
             if p.name in held[rank]:
                 np.testing.assert_array_equal(p.data, held[rank][p.name], err_msg=f"rank {rank} {p.name}")
             elif p.name != "global_step":               # another stage's: not read, not touched
@@ -268,7 +286,7 @@ def check_table_agrees(work, ranks, split, tp, ep):
         layouts = shards.layouts_from_json(json.loads((work / f"rank{rank}" / "parameter_layouts.json").read_text()))
         wrong = []
         for name, lay in layouts.items():
-            if name.startswith(MOMENTS + ("adam_m.", "adam_v.", "accu_grads.", "inputs")) or name == "global_step":
+            if name.startswith(MOMENTS + (EMA, "adam_m.", "adam_v.", "accu_grads.", "inputs")) or name == "global_step":
                 continue   # optimizer state and gradient accumulators follow their parameter; inputs are data
             region = lay.model_parallel_region(rank)
             got = tuple(full // (e - s) for full, (s, e) in zip(lay.full_shape, region))
@@ -353,10 +371,18 @@ def test_bagel_fsdp2_trains_one_packed_sequence_per_dp_rank(fake_cann_root, tmp_
     monkeypatch.setenv("MS_DEV_SAVE_GRAPHS", "1")
     monkeypatch.setenv("MS_DEV_SAVE_GRAPHS_PATH", str(tmp_path / "ir"))
     rc, out = _dry_run(tmp_path, {"model_id": "bagel", "preset": "tiny"}, 2, "--global-batch-size", "2",
-                       "--use-torch-fsdp2", "--ema", "0")
+                       "--use-torch-fsdp2")      # and the recipe's EMA (the family's default decay, 0.9999)
     assert rc == 0 and "rank 0 (pipeline stage 0): ok" in out, out
     log0 = (tmp_path / "msrun_log" / "dryrun" / "rank0" / "train.log").read_text()
     assert "1 read by each dp rank, weights, gradients and optimizer states sharded over dp" in log0, log0
+    assert "EMA of the weights: decay 0.9999, updated in the sharded step" in log0, log0
+    # the EMA of each trainable weight is laid out as the weight: sharded over dp by ZeRO, as the moments
+    layouts = json.loads((tmp_path / "msrun_log" / "dryrun" / "rank0" / "parameter_layouts.json").read_text())
+    averaged = [n for n in layouts if n.startswith(EMA)]
+    assert averaged and all(n[len(EMA):] in layouts for n in averaged)
+    assert all((layouts[n]["slice_shape"], layouts[n]["opt_shard_group"]) ==
+               (layouts[n[len(EMA):]]["slice_shape"], layouts[n[len(EMA):]]["opt_shard_group"]) for n in averaged)
+    assert sum(bool(layouts[n]["opt_shard_group"]) for n in averaged) > len(averaged) // 2
     config = BagelConfig.preset("tiny")
     batch = registry.get("bagel").synthetic_batch(config, 1, 64)
     S, n_vit = batch["token_budget"], batch["vit_pixels"].shape[0]
@@ -388,4 +414,4 @@ def test_bagel_fsdp2_trains_one_packed_sequence_per_dp_rank(fake_cann_root, tmp_
     from convert.framework import make_layout
 
     check_rank_blocks(tmp_path / "msrun_log" / "dryrun", 2, 1, "bagel", config, make_layout(SPEC, config),
-                      tmp_path / "ck", ParallelConfig(world_size=2))
+                      tmp_path / "ck", ParallelConfig(world_size=2), ema=True)

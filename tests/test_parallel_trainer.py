@@ -3,9 +3,11 @@ the recompute flags, and the micro-batch arithmetic (the compiled path: tests/te
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ms_mm import registry
+from ms_mm.parallel.config import ParallelConfig
 from ms_mm.parallel.training import apply_recompute, micro_batches_per_step, run_parallel_config
 from ms_mm.training.arguments import ArgumentError, parse_args
 from ms_mm.training.trainer import parallel_run_config, train
@@ -134,12 +136,61 @@ def test_a_family_without_a_plan_shards_only_the_optimizer():
         _check({"model_id": "lumina", "preset": "tiny"}, 4, "--tensor-model-parallel-size", "2")
 
 
-def test_the_weights_ema_is_refused_on_a_sharded_run_in_one_line(tmp_path, monkeypatch):
-    args = _launched_args(tmp_path, monkeypatch, 2, "Ascend", "--use-distributed-optimizer", "--ema", "0.999")
-    with pytest.raises(ArgumentError) as e:
-        train(args)
-    assert "the weights' EMA (decay 0.999) is kept by unsharded runs only" in str(e.value)
-    assert "pass --ema 0" in str(e.value) and "\n" not in str(e.value)
+def test_the_sharded_step_computes_what_the_plain_step_does_ema_included():
+    """The sharded train step's Cell (micro batches summed inside the graph, clipping, the update and the
+    weights' EMA kept inside the step), run here on one CPU process without a parallel context, gives the
+    losses, weights and EMA of ``TrainStep`` + ``WeightEMA`` on the same micro batches (fp32 noise); its EMA
+    covers the trainable weights only."""
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    from ms_mm.parallel.training import ParallelTrainStep
+    from ms_mm.training.ema import WeightEMA
+    from ms_mm.training.optimizer import FusedAdamW
+    from ms_mm.training.train_step import TrainStep
+
+    class Tiny(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            rng = np.random.default_rng(0)
+            self.w = ms.Parameter(ms.Tensor(rng.standard_normal((4, 3)).astype(np.float32)), name="w")
+            self.b = ms.Parameter(ms.Tensor(rng.standard_normal(3).astype(np.float32)), name="b")
+            self.frozen = ms.Parameter(ms.Tensor(np.full(3, 2.0, np.float32)), name="frozen", requires_grad=False)
+
+        def construct(self, x, y):
+            out = ops.matmul(x, self.w) + self.b * self.frozen
+            return (ops.reduce_mean((out - y) ** 2),)
+
+    rng = np.random.default_rng(1)
+    steps = [[(rng.standard_normal((2, 4)).astype(np.float32), rng.standard_normal((2, 3)).astype(np.float32))
+              for _ in range(2)] for _ in range(3)]
+    results = []
+    for sharded in (True, False):
+        model = Tiny()
+        optimizer = FusedAdamW([model.w, model.b], learning_rate=0.1, weight_decay=0.01)
+        if sharded:
+            step = ParallelTrainStep(model, optimizer, ParallelConfig(world_size=1), 2, clip_grad=0.5,
+                                     input_names=("x", "y"), ema_decay=0.9)
+            ema = None
+        else:
+            step = TrainStep(model, optimizer, accum_steps=2, clip_grad=0.5)
+            ema = WeightEMA(model, 0.9)
+        losses = []
+        for mbs in steps:
+            losses.append(step([tuple(ms.Tensor(a) for a in mb) for mb in mbs])[0])
+            if ema is not None:
+                ema.update()
+        averages = ({p.name[len("ema."):]: p.asnumpy() for p in step.ema_parameters} if sharded else
+                    {n: a for n, a in ema.state().items() if n != "frozen"})
+        results.append((losses, {p.name: p.asnumpy() for p in model.get_parameters()}, averages))
+    (l1, w1, e1), (l2, w2, e2) = results
+    assert sorted(e1) == sorted(e2) == ["b", "w"]
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for n in w2:
+        np.testing.assert_allclose(w1[n], w2[n], rtol=1e-6, atol=1e-7, err_msg=n)
+    for n in e2:
+        np.testing.assert_allclose(e1[n], e2[n], rtol=1e-6, atol=1e-7, err_msg=n)
+        assert not np.allclose(e1[n], w1[n])      # a real average, not the weights
 
 
 def test_every_ranks_whole_data_position_is_gathered():

@@ -220,10 +220,14 @@ def _build_cells():
         accu_grad = ops.depend(accu_grad, grad)
         return ops.assign(accu_grad, accu_grad * 0)
 
+    def _average(decay, avg, weight):
+        new = decay * ops.cast(avg, ms.float32) + (1.0 - decay) * ops.cast(weight, ms.float32)
+        return ops.assign(avg, ops.cast(new, avg.dtype))
+
     class ParallelTrainOneStepCell(nn.Cell):
         """forward + backward over the stacked micro batches, (un)scale, global norm, clip, update."""
 
-        def __init__(self, network, optimizer, micro_size, pipeline, clip_grad, loss_scaler):
+        def __init__(self, network, optimizer, micro_size, pipeline, clip_grad, loss_scaler, ema_decay=0.0):
             super().__init__(auto_prefix=False)
             self.network = network
             self.optimizer = optimizer
@@ -233,6 +237,12 @@ def _build_cells():
             self.pipeline = pipeline
             if pipeline:
                 self.accu_grads = self.weights.clone(prefix="accu_grads", init="zeros")
+            # the weights' EMA (``training.ema``'s update) inside the step: clones of the trainable weights,
+            # which MindSpore lays out as the weights they were cloned from (sharded as the optimizer states
+            # are under optimizer parallel), so the average costs each rank its share only
+            self.ema_decay = float(ema_decay)
+            if self.ema_decay:
+                self.ema = self.weights.clone(prefix="ema", init="same")
             self.micro_scale = 1.0 / micro_size
             self.clip = float(clip_grad)
             self.scaler = loss_scaler
@@ -256,6 +266,8 @@ def _build_cells():
                     loss = ops.depend(loss, self.optimizer(scaled))
             else:
                 loss = ops.depend(loss, self.optimizer(scaled))
+            if self.ema_decay:     # every step, after the update (as ``WeightEMA.update``)
+                loss = ops.depend(loss, self.hyper_map(ops.partial(_average, self.ema_decay), self.ema, self.weights))
             if self.pipeline:
                 loss = ops.depend(loss, self.hyper_map(_clear, self.accu_grads, scaled))
             loss = loss * self.micro_scale
@@ -280,12 +292,12 @@ class ParallelTrainStep:
 
     def __init__(self, model, optimizer, pc: ParallelConfig, micro_batches: int, clip_grad: float = 0.0,
                  loss_scaler=None, input_names: Sequence[str] = (), dry_run: bool = False,
-                 sample_axes: Optional[Sequence[int]] = None, check_shapes=None):
+                 sample_axes: Optional[Sequence[int]] = None, check_shapes=None, ema_decay: float = 0.0):
         LossOnly, SumOver, Stacked, StepCell = _build_cells()
         net = LossOnly(model, loss_scaler)
         pipeline = pc.pp > 1
         net = Stacked(net, micro_batches) if pipeline else SumOver(net, micro_batches)
-        self.cell = StepCell(net, optimizer, micro_batches, pipeline, clip_grad, loss_scaler)
+        self.cell = StepCell(net, optimizer, micro_batches, pipeline, clip_grad, loss_scaler, ema_decay)
         self.cell.set_train()
         self.micro_batches = micro_batches
         self.dry_run = dry_run
@@ -353,6 +365,11 @@ class ParallelTrainStep:
     @property
     def parameter_layout_dict(self):
         return self.cell.parameter_layout_dict
+
+    @property
+    def ema_parameters(self) -> list:
+        """The weights' EMA (``ema.<weight>``, trainable weights only), or [] without one."""
+        return list(self.cell.ema) if self.cell.ema_decay else []
 
     def write_parameter_layouts(self, path) -> None:
         """MindSpore's compiled layout of every parameter (device matrix, tensor map, slice shape) as json."""

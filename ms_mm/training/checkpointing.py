@@ -36,6 +36,7 @@ RNG_FILE = "rng.json"
 DATA_STATE_FILE = "data_state.json"
 TRAIN_STATE_FILE = "train_state.json"
 EMA_DIR = "ema"
+EMA_PREFIX = "ema."           # the sharded step's EMA Parameters: ema.<weight>
 # Test hook: "<iteration>:<marker file>" makes the save of that iteration create the marker and
 # stall inside the staged write (before the commit), so a test can kill the process there.
 STALL_ENV = "MS_MM_TEST_STALL_IN_SAVE"
@@ -240,14 +241,15 @@ def _layout_of(layouts, name, shape):
     return layouts.get(name) or ParamLayout(full_shape=tuple(shape), dev_matrix=(), tensor_map=())
 
 
-def sharded_state(model, optimizer, layouts, pipeline: bool = False) -> Dict[str, Any]:
-    """{name: Parameter} of this rank's part of a sharded checkpoint: the model's weights and the
-    optimizer's own state (moments, step), without the pipeline's gradient accumulators. Under pipeline
-    parallel every rank builds the whole model but compiles only its stage: a weight (and its moments,
-    ``<prefix>.<weight>``) without a compiled layout belongs to another stage and is left out."""
+def sharded_state(model, optimizer, layouts, pipeline: bool = False, ema=()) -> Dict[str, Any]:
+    """{name: Parameter} of this rank's part of a sharded checkpoint: the model's weights, the
+    optimizer's own state (moments, step) and the weights' EMA (``ema``: the step's ``ema.<weight>``
+    Parameters), without the pipeline's gradient accumulators. Under pipeline parallel every rank builds
+    the whole model but compiles only its stage: a weight (and its moments and EMA, ``<prefix>.<weight>``)
+    without a compiled layout belongs to another stage and is left out."""
     model_params = {p.name: p for p in model.get_parameters()}
     out = {n: p for n, p in model_params.items() if n in layouts or not pipeline}
-    for p in optimizer.get_parameters():
+    for p in list(optimizer.get_parameters()) + list(ema):
         if p.name in model_params or p.name.startswith("accu_grads."):
             continue
         weight = p.name.split(".", 1)[-1]
@@ -256,22 +258,34 @@ def sharded_state(model, optimizer, layouts, pipeline: bool = False) -> Dict[str
     return out
 
 
-def load_sharded_weights(state: LoadedState, model, optimizer, layouts, rank: int, pipeline: bool = False) -> int:
+def _is_ema(name: str) -> bool:
+    return name.startswith(EMA_PREFIX)
+
+
+def load_sharded_weights(state: LoadedState, model, optimizer, layouts, rank: int, pipeline: bool = False,
+                         ema=()) -> int:
     """Set each parameter to this rank's block of the checkpoint `state` names (deferred load): model
     weights out of its MM dir (any TP / PP / EP split, re-sliced), optimizer moments out of its
-    optim.safetensors. Returns the number of tensors set; a missing or misshapen tensor names itself."""
+    optim.safetensors, the weights' EMA (``ema``) out of its ``ema/`` (a resumed iteration that has one;
+    otherwise the EMA starts at the loaded weights, as ``WeightEMA`` does). Returns the number of tensors
+    set; a missing or misshapen tensor names itself."""
     from ms_mm.parallel import checkpoint as shards
 
     model_names = {p.name for p in model.get_parameters()}
-    params = sharded_state(model, optimizer, layouts, pipeline)
-    sources = [(state.weights_dir, sorted(n for n in params if n in model_names))]
+    params = sharded_state(model, optimizer, layouts, pipeline, ema)
+    averaged = sorted(n for n in params if _is_ema(n))
+    sources = [(state.weights_dir, sorted(n for n in params if n in model_names), None)]
     if state.optim_file is not None:
-        sources.append((state.optim_file, sorted(n for n in params if n not in model_names)))
+        sources.append((state.optim_file, sorted(n for n in params if n not in model_names and not _is_ema(n)), None))
+    if averaged:
+        saved = state.iter_dir / EMA_DIR if state.iter_dir is not None and not state.release else None
+        sources.append((saved if saved is not None and saved.is_dir() else state.weights_dir, averaged,
+                        lambda n: n[len(EMA_PREFIX):]))
     done = 0
-    for where, names in sources:
+    for where, names, rename in sources:
         lays = {n: _layout_of(layouts, n, params[n].shape) for n in names}
         try:
-            blocks = shards.read_rank_slices(where, lays, rank)
+            blocks = shards.read_rank_slices(where, lays, rank, rename=rename)
         except (shards.ShardedCheckpointError, mmc.CheckpointError) as e:
             raise TrainCheckpointError(f"--load {where}: {e}") from e
         for name, arr in blocks.items():
@@ -287,20 +301,22 @@ def load_sharded_weights(state: LoadedState, model, optimizer, layouts, rank: in
 def save_sharded_checkpoint(save_dir: str, iteration: int, model, optimizer, layouts, *, rank: int, family: str,
                             data_state, train_state, save_optim: bool = True, save_rng: bool = True,
                             barrier=None, pipeline: bool = False,
-                            layout: Optional["mmc.ParallelLayout"] = None) -> Optional[Path]:
+                            layout: Optional["mmc.ParallelLayout"] = None, ema=()) -> Optional[Path]:
     """Every rank writes the blocks it owns into `SAVE/.shards_iter_N/`; after `barrier()` rank 0
     streams the full tensors out of them into an ordinary iteration dir (one tensor in memory at a
     time: model in the mp_rank layout `layout` - the run's TP / PP / EP split, `run_checkpoint_layout` -
-    or unsplit when None, moments in optim.safetensors), commits it as `save_checkpoint` does, and
-    removes the blocks. Returns the iteration dir on rank 0."""
+    or unsplit when None, moments in optim.safetensors, the weights' EMA (``ema``, the step's
+    ``ema.<weight>`` Parameters) as the model dir ``ema/`` in the same layout, frozen weights there as
+    themselves), commits it as `save_checkpoint` does, and removes the blocks. Returns the iteration dir
+    on rank 0."""
     import shutil
 
     from ms_mm.parallel import checkpoint as shards
 
     model_names = [p.name for p in model.get_parameters()]
-    params = sharded_state(model, optimizer, layouts, pipeline)
+    params = sharded_state(model, optimizer, layouts, pipeline, ema)
     if not save_optim:
-        params = {n: p for n, p in params.items() if n in set(model_names)}
+        params = {n: p for n, p in params.items() if n in set(model_names) or _is_ema(n)}
     shard_dir = Path(save_dir) / f".shards_{mmc.iteration_dir(save_dir, iteration).name}"
     lays = {n: _layout_of(layouts, n, p.shape) for n, p in params.items()}
     shards.write_rank_shard(shard_dir, rank, {n: p.asnumpy() for n, p in params.items()}, lays)
@@ -314,8 +330,11 @@ def save_sharded_checkpoint(save_dir: str, iteration: int, model, optimizer, lay
     layout = layout or mmc.ParallelLayout(family=family)
     with mmc.staged_iteration(save_dir, iteration) as stage:
         mmc.write_model_files(stage, {n: full[n] for n in model_names}, layout)
+        if any(_is_ema(n) for n in full):
+            mmc.write_model_files(stage / EMA_DIR, {n: full.get(EMA_PREFIX + n, full[n]) for n in model_names}, layout)
         if save_optim:
-            mmc.write_safetensors(stage / OPTIM_FILE, {n: t for n, t in full.items() if n not in set(model_names)})
+            mmc.write_safetensors(stage / OPTIM_FILE, {n: t for n, t in full.items()
+                                                       if n not in set(model_names) and not _is_ema(n)})
         if save_rng:
             _write_json(stage / RNG_FILE, rng_state())
         _write_json(stage / DATA_STATE_FILE, data_state)

@@ -363,10 +363,6 @@ def train(args: TrainArgs, stream=None) -> List[float]:
                                    int(os.environ.get("MS_MM_DRY_RUN_SEQ_LEN", "0") or 0))
     pc, micro_per_step = parallel or (None, None)
     ema_decay = family.ema_decay if args.ema is None else args.ema
-    if pc is not None and ema_decay:
-        raise ArgumentError(f"the weights' EMA (decay {ema_decay}{', the ' + family.name + ' default' if args.ema is None else ''})"
-                            f" is kept by unsharded runs only; this run is sharded (tp {pc.tp}, pp {pc.pp}, ep {pc.ep}, "
-                            f"distributed optimizer {args.use_distributed_optimizer}): pass --ema 0")
     device, rank, world = setup_runtime(args, pc)
     # the loss lives on the last pipeline stage: its first rank logs
     log_rank = (pc.pp - 1) * (world // pc.pp) if pc is not None and pc.pp > 1 else 0
@@ -430,7 +426,8 @@ def train(args: TrainArgs, stream=None) -> List[float]:
                                     sample_axes=([family.sample_axes.get(n, 0) for n in family.input_names]
                                                  if per_rank else None),
                                     check_shapes=(None if dry_run or not per_rank or pc.dp == 1 else
-                                                  lambda sig: _check_same_shapes(sig, family.input_names, world)))
+                                                  lambda sig: _check_same_shapes(sig, family.input_names, world)),
+                                    ema_decay=ema_decay)
     else:
         step_fn = TrainStep(model, optimizer, accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad,
                             loss_scaler=loss_scaler, data_parallel=world > 1,
@@ -456,7 +453,7 @@ def train(args: TrainArgs, stream=None) -> List[float]:
                 from ms_mm.parallel.checkpoint import layouts_from_mindspore
 
                 n = ckpt.load_sharded_weights(state, model, optimizer, layouts_from_mindspore(layout_dict), rank,
-                                              pipeline=pc.pp > 1)
+                                              pipeline=pc.pp > 1, ema=step_fn.ema_parameters)
                 log(f"read this rank's blocks of {n} tensor(s) from {state.weights_dir}"
                     + (f" and {state.optim_file}" if state.optim_file else ""))
             step_fn.on_compiled = load_blocks
@@ -469,7 +466,11 @@ def train(args: TrainArgs, stream=None) -> List[float]:
                 loss_scaler.counter.set_data(ms.Tensor(state.train_state["loss_scale_counter"], ms.int32))
 
     ema = None
-    if ema_decay:
+    if ema_decay and pc is not None:    # inside the sharded step, laid out as the weights (read with them)
+        restored = (state.iter_dir is not None and not state.release and (state.iter_dir / ckpt.EMA_DIR).is_dir())
+        log(f"EMA of the weights: decay {ema_decay}, updated in the sharded step (each rank its share), saved as "
+            f"{ckpt.EMA_DIR}/ in each checkpoint" + (" (restored)" if restored else ""))
+    elif ema_decay:
         from ms_mm.training.ema import WeightEMA
 
         ema = WeightEMA(model, ema_decay)
@@ -545,7 +546,8 @@ def train(args: TrainArgs, stream=None) -> List[float]:
                                                 family=family.name, data_state=data_state, train_state=train_state,
                                                 save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
                                                 barrier=barrier, pipeline=pc.pp > 1,
-                                                layout=ckpt.run_checkpoint_layout(family, config, pc))
+                                                layout=ckpt.run_checkpoint_layout(family, config, pc),
+                                                ema=step_fn.ema_parameters)
             if rank == 0:
                 write_model_json(args.save, model_json)
                 print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] saved checkpoint {path} (blocks of {world} ranks) "
