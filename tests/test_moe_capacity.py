@@ -150,7 +150,7 @@ def test_family_flags_set_the_capacity():
     assert (lc.moe_expert_capacity_factor, lc.moe_token_drop_policy) == (1.25, "position")
     layer = MoELayer(lc)
     assert layer.experts.dispatch == "capacity" and layer.experts.capacity.drop_policy == "position"
-    assert MoELayer(DeepseekVL2Config.preset("tiny").language_config).experts.dispatch == "portable"
+    assert MoELayer(DeepseekVL2Config.preset("tiny").language_config).experts.dispatch == "blocked"
     with pytest.raises(ValueError, match="moe_token_drop_policy='first'"):
         family.apply_flags(DeepseekVL2Config.preset("tiny"), {"moe_token_drop_policy": "first"})
     with pytest.raises(ValueError, match="moe_expert_capacity_factor=-1.0"):

@@ -6,12 +6,19 @@ checkpoint stores them: ``linear_fc1.weight [E, 2I, H]`` (per expert the rows [g
 ``linear_fc2.weight [E, H, I]``. Dim 0 is the expert axis, which expert parallel splits: an EP rank
 holds whole experts (the converter's EP split cuts the same dim, ``mm_checkpoint.EXPERT_PATTERN``).
 
-Four dispatch paths (``RoutedExperts.dispatch``), the default chosen once from ``kernels()`` (or
+Five dispatch paths (``RoutedExperts.dispatch``), the default chosen once from ``kernels()`` (or
 "capacity" when a capacity factor is given):
-- portable (CPU and anything else): every expert runs on every token and the outputs are combined
-  with a dense ``[T, E]`` weight matrix scattered from the top-k (zero where not chosen). Shapes stay
-  static, so graph mode compiles one graph for any routing; the price is E/k times the expert FLOPs,
-  which is the right trade for the small shapes the portable path exists for (tests, parity, demos).
+- blocked (the portable default: CPU and anything without grouped matmul): the T * k (token, expert)
+  choices sorted by expert into rows of a static buffer, each expert's rows padded up to whole blocks
+  of B rows, so that every block belongs to one expert; the experts then run as batch matmuls over the
+  blocks (each block against its expert's weights) and each token gathers back its k outputs. Only
+  the chosen pairs (plus at most B - 1 padding rows per expert) are computed, and shapes stay static
+  (the buffer's size is the bound ``T * k + E * (B - 1)``), so graph mode compiles one graph for any
+  routing. ``_BlockMatmul`` takes each block's expert weights in its backward again instead of keeping
+  the gathered copies. MegaBlocks' block-sparse layout, written with batch matmuls.
+- portable (the fallback where the token count is unknown at compile time): every expert runs on every
+  token and the outputs are combined with a dense ``[T, E]`` weight matrix scattered from the top-k
+  (zero where not chosen): E / k times the expert FLOPs.
 - ascend: sort tokens by expert (``moe_token_permute``), one grouped matmul per projection over the
   stacked expert weights (``gmm`` with per-expert row counts), and ``moe_token_unpermute`` to scatter
   back with the routing weights. It runs only the chosen (token, expert) pairs.
@@ -77,7 +84,9 @@ class RoutedExperts(nn.Cell):
         self.intermediate_size = intermediate_size
         self.linear_fc1 = StackedWeight((num_experts, 2 * intermediate_size, hidden_size))
         self.linear_fc2 = StackedWeight((num_experts, hidden_size, intermediate_size))
-        self.dispatch = "grouped" if use_fused() else "portable"
+        self.dispatch = "grouped" if use_fused() else "blocked"
+        self.block_fc1 = _BlockMatmul(num_experts)
+        self.block_fc2 = _BlockMatmul(num_experts)
         self.unstack = ops.Unstack(axis=0)                 # [E, ...] -> E tensors (backward: one Stack)
         self.matmul = ops.MatMul(transpose_b=True)
         self.split = ops.Split(axis=-1, output_num=2)      # [T, 2I] -> gate, up
@@ -101,6 +110,8 @@ class RoutedExperts(nn.Cell):
             return self._batched(x, topk_idx, topk_weight)
         if self.dispatch == "capacity":
             return self._capacity(x, topk_idx, topk_weight)
+        if self.dispatch == "blocked" and x.shape[0] > 0:
+            return self._blocked(x, topk_idx, topk_weight)
         combine = dense_combine_weights(topk_idx, topk_weight, self.num_experts).astype(x.dtype)  # [T, E]
         w1 = self.unstack(self.linear_fc1.weight.astype(x.dtype))
         w2 = self.unstack(self.linear_fc2.weight.astype(x.dtype))
@@ -109,6 +120,34 @@ class RoutedExperts(nn.Cell):
             gate, up = self.split(self.matmul(x, w1[e]))
             out = out + mul(combine[:, e:e + 1], self.matmul(ops.silu(gate) * up, w2[e]))
         return out
+
+    def _blocked(self, x, topk_idx, topk_weight):
+        t, hidden = x.shape
+        k, e = topk_idx.shape[-1], self.num_experts
+        n = t * k
+        b = block_rows(n, e)
+        rows = -(-(n + e * (b - 1)) // b) * b                 # every expert's rows padded to whole blocks
+        f32 = ms.float32
+        flat = ops.stop_gradient(topk_idx.reshape(-1).astype(ms.int32))                     # [n] token-major
+        hot = ops.one_hot(flat, e, ops.ones((), f32), ops.zeros((), f32))                    # [n, E]
+        counts = hot.sum(axis=0)
+        padded = ops.floor((counts + float(b - 1)) / float(b)) * float(b)
+        ends = ops.cumsum(padded, 0)                                                         # [E]
+        rank = (ops.cumsum(hot, 0) * hot).sum(axis=1) - 1.0                                  # among its expert's
+        dest = ops.stop_gradient((ops.gather(ends - padded, flat, 0) + rank).astype(ms.int32))  # [n] its row
+        # each row's token (+ 1; 0: the zero row in front, for padding), each block's expert
+        token = ops.arange(1, t + 1, dtype=ms.int32).reshape(t, 1).tile((1, k)).reshape(n, 1)
+        src = ops.stop_gradient(ops.scatter_nd(ops.expand_dims(dest, -1), token.reshape(n), (rows,)))
+        starts = ops.arange(0, rows, b, dtype=f32).reshape(rows // b, 1).tile((1, e))
+        owner = (starts >= ends.reshape(1, e).tile((rows // b, 1))).astype(f32).sum(axis=1)
+        block_expert = ops.stop_gradient(ops.minimum(owner, float(e - 1)).astype(ms.int32))  # [rows / b]
+        xin = ops.gather(ops.concat((ops.zeros((1, hidden), x.dtype), x), 0), src, 0).reshape(rows // b, b, hidden)
+        h = self.block_fc1(xin, self.linear_fc1.weight.astype(x.dtype), block_expert)         # [blocks, b, 2I]
+        gate, up = self.split_gate_up(h)
+        y = self.block_fc2(self.swiglu_mul(self.silu(gate), up), self.linear_fc2.weight.astype(x.dtype),
+                           block_expert).reshape(rows, hidden)
+        yk = ops.gather(y, dest, 0).reshape(t, k, hidden)
+        return mul(yk, ops.expand_dims(topk_weight.astype(x.dtype), -1)).sum(axis=1)
 
     def _batched(self, x, topk_idx, topk_weight):
         combine = dense_combine_weights(topk_idx, topk_weight, self.num_experts).astype(x.dtype)  # [T, E]
@@ -154,6 +193,36 @@ class RoutedExperts(nn.Cell):
         h = ops.silu(h[:, :self.intermediate_size]) * h[:, self.intermediate_size:]
         y = gmm([h], [w2], group_list=counts, group_type=0, group_list_type=1)[0]
         return ops.moe_token_unpermute(y, sorted_indices, probs=topk_weight.astype(x.dtype))
+
+
+def block_rows(choices: int, num_experts: int) -> int:
+    """Rows per block of the blocked dispatch: a power of two near half an expert's mean share of the
+    ``choices`` (token, expert) pairs, in [8, 256] (padding costs at most B - 1 rows per expert)."""
+    mean = max(1, choices // (2 * num_experts))
+    return int(min(256, max(8, 2 ** int(math.floor(math.log2(mean))))))
+
+
+class _BlockMatmul(nn.Cell):
+    """``construct(x [blocks, B, in], w [E, out, in], block_expert [blocks]) -> [blocks, B, out]``: each
+    block times its expert's weight. Its backward takes the blocks' weights out of ``w`` again rather
+    than keeping the gathered [blocks, out, in] copy alive, and sums the blocks' weight gradients into
+    their experts."""
+
+    def __init__(self, num_experts):
+        super().__init__()
+        self.num_experts = num_experts
+        self.bmm = ops.BatchMatMul(transpose_b=True)
+        self.bmm_dx = ops.BatchMatMul()
+        self.bmm_dw = ops.BatchMatMul(transpose_a=True)
+        self.segment_sum = ops.UnsortedSegmentSum()
+
+    def construct(self, x, w, block_expert):
+        return self.bmm(x, ops.gather(w, block_expert, 0))
+
+    def bprop(self, x, w, block_expert, out, dout):
+        dx = self.bmm_dx(dout, ops.gather(w, block_expert, 0))          # [blocks, B, in]
+        dw = self.segment_sum(self.bmm_dw(dout, x), block_expert, self.num_experts)   # [E, out, in]
+        return dx, dw, ops.zeros_like(block_expert)
 
 
 class CapacityDispatch(nn.Cell):

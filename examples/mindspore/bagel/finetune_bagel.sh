@@ -86,8 +86,8 @@ GPT_ARGS="
     --finetune-from-ema True \
     --ema 0.9999
 "
-# --use-torch-fsdp2 (MindSpeed-MM's memory switch; append it with --ema 0, sharded runs keep no EMA): weights, gradients and
-# optimizer states sharded over the cards (ZeRO-3), one packed sequence per card (docs/bagel.md; what fits: README.md).
+# --use-torch-fsdp2 (MindSpeed-MM's memory switch; append it): weights, gradients, optimizer states and the
+# EMA sharded over the cards (ZeRO-3), one packed sequence per card (docs/bagel.md; what fits: README.md).
 
 MM_ARGS="
     --mm-data $MM_DATA \
