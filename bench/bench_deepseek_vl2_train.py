@@ -16,14 +16,14 @@ The PyTorch reference is what the fixture README validated against the official 
 layout + `DeepseekV2ForCausalLM` on `inputs_embeds`. ms-mm loads the checkpoint through its own
 converter (`convert.load_hf_as_mm`). The transformers port has no MoE auxiliary loss, so the
 first-step sanity check compares the cross-entropy; ms-mm's objective adds the seq-aux loss
-(alpha 0.001, printed). ms-mm's portable MoE runs every expert on every token (static shapes,
-the CPU path); the Ascend path dispatches with grouped matmul instead — keep that in mind when
-reading the time ratio. `--shape big`: LLM 8 layers, hidden 512, 1024 tokens per sample.
+(alpha 0.001, printed). ms-mm's CPU MoE is the blocked dispatch (the chosen pairs sorted by expert
+into padded blocks: static shapes, up to B - 1 padding rows per expert computed too); the Ascend path
+dispatches with grouped matmul instead. `--shape big`: LLM 8 layers, hidden 512, 1024 tokens per sample.
 
 Also reported: a breakdown (host input preparation, forward + backward, update), each timed to
 completion, and model FLOPs/s as a share of the fp32 matmul peak measured here (2048^3 GEMM, the
 best of PyTorch's and MindSpore's). Model FLOPs count the top-k routed experts a token needs
-(ms-mm's portable MoE computes all of them) and attention in full. Not part of the test suite.
+(ms-mm's blocked dispatch computes its padding rows too) and attention in full. Not part of the test suite.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 optimizer states, from the parameter counts of the model json and the parallel sizes.
 
     python scripts/analytic_floor.py examples/mindspore/qwen2.5vl/model_7b.json --world 8 --tp 1 --pp 4 \
-        [--ep 1] [--no-distributed-optimizer]
+        [--ep 1] [--no-distributed-optimizer] [--ema]
 
 The model is built from the json with uninitialised weights (shapes only), the family's freeze
 switches are applied and, under pp, the family's plan assigns each parameter its pipeline stage (the
@@ -19,6 +19,9 @@ parameter (fp32 weight = master, fp32 gradient, 2 fp32 moments), 4 per frozen on
 a parameter whose first axis does not divide by dp_opt stays whole, as MindSpore's optimizer
 parallel leaves it ("does not satisfy the conditions, thus not apply optimizer shard": Lumina's
 vocabulary of 171385 rows on 8 cards).
+
+``--ema``: the weights' EMA (BAGEL's recipe) adds one fp32 copy of each trainable parameter, laid out as
+the parameter: 4 / dp_opt bytes to both figures (the sharded step keeps it as it keeps the moments).
 
 Every parameter is counted as split by tp (the few replicated ones -- norms, row-parallel biases, the
 router, the patch embedding -- make the real figure slightly higher). Activations, communication
@@ -61,7 +64,8 @@ def stage_of_params(model, plan, pc) -> Dict[str, int]:
     return out
 
 
-def floors(model_json_path: str, world: int, tp: int, pp: int, ep: int = 1, distributed_optimizer: bool = True):
+def floors(model_json_path: str, world: int, tp: int, pp: int, ep: int = 1, distributed_optimizer: bool = True,
+           ema: bool = False):
     import numpy as np
     from mindspore.nn.utils import no_init_parameters
 
@@ -86,11 +90,11 @@ def floors(model_json_path: str, world: int, tp: int, pp: int, ep: int = 1, dist
         expert = _is_routed_expert(p.name)
         shard = tp * (ep if expert else 1)
         dp_opt = max(1, (dp // ep if expert else dp) if distributed_optimizer else 1)
-        per_param = 2.0 + ((4.0 + 12.0 / dp_opt) if p.requires_grad else 0.0)
+        per_param = 2.0 + ((4.0 + (12.0 + 4.0 * ema) / dp_opt) if p.requires_grad else 0.0)
         # ms-mm: fp32 parameters are the master copy; the optimizer parallel shards them with the moments
         # (MindSpore shards a parameter over dp only when its first axis divides: else it stays whole)
         zero_dp = dp_opt if p.shape and p.shape[0] % dp_opt == 0 else 1
-        per_param_zero = (16.0 / zero_dp) if p.requires_grad else 4.0
+        per_param_zero = ((16.0 + 4.0 * ema) / zero_dp) if p.requires_grad else 4.0
         row = rows[stages[p.name]]
         row["params"] += n
         row["trainable"] += n if p.requires_grad else 0
@@ -120,10 +124,11 @@ def main(argv=None) -> int:
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--no-distributed-optimizer", action="store_true")
+    ap.add_argument("--ema", action="store_true", help="the run keeps the weights' EMA (fp32, sharded as the moments)")
     a = ap.parse_args(argv)
-    r = floors(a.model_json, a.world, a.tp, a.pp, a.ep, not a.no_distributed_optimizer)
+    r = floors(a.model_json, a.world, a.tp, a.pp, a.ep, not a.no_distributed_optimizer, a.ema)
     print(f"{r['family']}: {r['total_params']:,} parameters; world {a.world} = tp {a.tp} x pp {a.pp} x dp {r['dp']}"
-          f" (ep {a.ep}), distributed optimizer {not a.no_distributed_optimizer}")
+          f" (ep {a.ep}), distributed optimizer {not a.no_distributed_optimizer}" + (", EMA" if a.ema else ""))
     for row in r["stages"]:
         print(f"  stage {row['stage']}: {row['params']:,} parameters ({row['trainable']:,} trainable), "
               f"floor {row['bytes'] / GB:.1f} GB per rank (fully sharded: {row['bytes_sharded'] / GB:.1f} GB)")
