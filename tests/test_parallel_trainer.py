@@ -231,3 +231,14 @@ def test_every_ranks_whole_data_position_is_gathered():
     assert results[0] == results[1] == {"per_rank": states}
 
 
+
+
+def test_zero3_with_recompute_switches_off_the_fusion_that_makes_a_graph_cycle():
+    """MindSpore 2.9's AddRmsNorm fusion gives a graph cycle under ZeRO-3 with recompute (BAGEL-7B, DryRun);
+    the trainer then switches the pass off, after the user's own graph_kernel_flags, and only then."""
+    from ms_mm.parallel.context import fusion_flags
+
+    assert fusion_flags(True, True) == "--disable_pass=add_rms_norm_fusion"
+    assert fusion_flags(True, True, "--opt_level=1") == "--opt_level=1 --disable_pass=add_rms_norm_fusion"
+    assert fusion_flags(True, True, "--disable_pass=add_rms_norm_fusion") is None
+    assert fusion_flags(True, False) is None and fusion_flags(False, True) is None

@@ -68,3 +68,19 @@ def set_dataset_strategy(pc: ParallelConfig, axes) -> None:
     import mindspore as ms
 
     ms.set_auto_parallel_context(full_batch=False, dataset_strategy=dataset_strategy(pc, axes))
+
+
+# MindSpore 2.9.0, Ascend backend: with optimizer level3 (ZeRO-3) and recomputed layers, its AddRmsNorm
+# fusion joins a residual add of the forward with one of the recomputed copy and the graph gets a cycle
+# ("Graph cycle exists ... PrimFunc_AddRmsNorm"; BAGEL-7B at 11520 rows under DryRun, 3 Dec 2026). The pass
+# switched off (MindSpore's graph_kernel_flags --disable_pass), the same run compiles.
+ZERO3_RECOMPUTE_DISABLED_PASSES = ("add_rms_norm_fusion",)
+
+
+def fusion_flags(zero3: bool, recompute: bool, user_flags: str = "") -> Optional[str]:
+    """The ``graph_kernel_flags`` a run needs (None: leave MindSpore's default): the fusion passes that
+    break ZeRO-3 with recompute switched off, after whatever the user gave (``MS_DEV_GRAPH_KERNEL_FLAGS``)."""
+    if not (zero3 and recompute):
+        return None
+    flag = "--disable_pass=" + ",".join(ZERO3_RECOMPUTE_DISABLED_PASSES)
+    return f"{user_flags} {flag}".strip() if flag not in (user_flags or "") else None

@@ -399,6 +399,15 @@ def train(args: TrainArgs, stream=None) -> List[float]:
             raise ArgumentError(str(e)) from None
         log(f"recomputing {len(recomputed)} layer(s) in the backward pass (--recompute-granularity "
             f"{args.recompute_granularity})")
+        if pc is not None and device.upper() == "ASCEND":
+            from ms_mm.parallel.context import fusion_flags
+
+            flags = fusion_flags(args.use_torch_fsdp2 and pc.pp == 1, True,
+                                 os.environ.get("MS_DEV_GRAPH_KERNEL_FLAGS", ""))
+            if flags:
+                ms.set_context(graph_kernel_flags=flags)
+                log(f"graph_kernel_flags {flags!r}: MindSpore 2.9's AddRmsNorm fusion makes a graph cycle under "
+                    f"ZeRO-3 (--use-torch-fsdp2) with recompute")
     if pc is not None:
         from ms_mm.parallel import parallelize
 
