@@ -73,7 +73,9 @@ def set_dataset_strategy(pc: ParallelConfig, axes) -> None:
 # MindSpore 2.9.0, Ascend backend: with optimizer level3 (ZeRO-3) and recomputed layers, its AddRmsNorm
 # fusion joins a residual add of the forward with one of the recomputed copy and the graph gets a cycle
 # ("Graph cycle exists ... PrimFunc_AddRmsNorm"; BAGEL-7B at 11520 rows under DryRun, 3 Dec 2026). The pass
-# switched off (MindSpore's graph_kernel_flags --disable_pass), the same run compiles.
+# switched off (MindSpore's graph_kernel_flags --disable_pass), the same run compiles. MindSpore 2.9 warns that the
+# set_context form is deprecated in favour of the MS_DEV_GRAPH_KERNEL_FLAGS variable (read at start-up, so a
+# user's own value is kept and extended here); both switched the pass off in the BAGEL-7B runs.
 ZERO3_RECOMPUTE_DISABLED_PASSES = ("add_rms_norm_fusion",)
 
 
