@@ -179,6 +179,7 @@ def _build_cells():
     from mindspore import nn, ops
 
     from ms_mm.parallel.pipeline import StackedPipelineCell, _TakeMicroBatch
+    from ms_mm.training.ema import average_into
 
     class LossOnly(nn.Cell):
         """The model's loss alone (output 0), optionally times the loss scale (fp16)."""
@@ -219,10 +220,6 @@ def _build_cells():
     def _clear(accu_grad, grad):
         accu_grad = ops.depend(accu_grad, grad)
         return ops.assign(accu_grad, accu_grad * 0)
-
-    def _average(decay, avg, weight):
-        new = decay * ops.cast(avg, ms.float32) + (1.0 - decay) * ops.cast(weight, ms.float32)
-        return ops.assign(avg, ops.cast(new, avg.dtype))
 
     class ParallelTrainOneStepCell(nn.Cell):
         """forward + backward over the stacked micro batches, (un)scale, global norm, clip, update."""
@@ -267,7 +264,7 @@ def _build_cells():
             else:
                 loss = ops.depend(loss, self.optimizer(scaled))
             if self.ema_decay:     # every step, after the update (as ``WeightEMA.update``)
-                loss = ops.depend(loss, self.hyper_map(ops.partial(_average, self.ema_decay), self.ema, self.weights))
+                loss = ops.depend(loss, self.hyper_map(ops.partial(average_into, self.ema_decay), self.ema, self.weights))
             if self.pipeline:
                 loss = ops.depend(loss, self.hyper_map(_clear, self.accu_grads, scaled))
             loss = loss * self.micro_scale

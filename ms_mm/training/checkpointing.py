@@ -278,9 +278,7 @@ def load_sharded_weights(state: LoadedState, model, optimizer, layouts, rank: in
     if state.optim_file is not None:
         sources.append((state.optim_file, sorted(n for n in params if n not in model_names and not _is_ema(n)), None))
     if averaged:
-        saved = state.iter_dir / EMA_DIR if state.iter_dir is not None and not state.release else None
-        sources.append((saved if saved is not None and saved.is_dir() else state.weights_dir, averaged,
-                        lambda n: n[len(EMA_PREFIX):]))
+        sources.append((saved_ema_dir(state) or state.weights_dir, averaged, lambda n: n[len(EMA_PREFIX):]))
     done = 0
     for where, names, rename in sources:
         lays = {n: _layout_of(layouts, n, params[n].shape) for n in names}
@@ -358,6 +356,14 @@ def run_checkpoint_layout(family, config, pc) -> "mmc.ParallelLayout":
         for key, (count_key, _) in spec.pp_modules.items():
             pp_layers[key] = pc.stage_layers(f"{key}_pp_layers", counts[count_key], default_all_first=key == "vit")
     return make_layout(spec, config, tp_size=pc.tp, pp_layers=pp_layers, ep_size=pc.ep)
+
+
+def saved_ema_dir(state: LoadedState) -> Optional[Path]:
+    """The ``ema/`` of the iteration ``state`` resumes, or None (a release, a finetune start, none saved):
+    the EMA then starts at the loaded weights."""
+    if state.iter_dir is None or state.release or not (state.iter_dir / EMA_DIR).is_dir():
+        return None
+    return state.iter_dir / EMA_DIR
 
 
 def read_extra_model(iter_dir, name: str) -> Optional[Dict[str, np.ndarray]]:

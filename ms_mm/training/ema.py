@@ -18,6 +18,12 @@ import mindspore as ms
 from mindspore import nn, ops
 
 
+def average_into(decay, avg, weight):
+    """``avg <- decay * avg + (1 - decay) * weight`` in fp32 (one parameter's step; also the sharded step's)."""
+    new = decay * ops.cast(avg, ms.float32) + (1.0 - decay) * ops.cast(weight, ms.float32)
+    return ops.assign(avg, ops.cast(new, avg.dtype))
+
+
 class _EMAUpdate(nn.Cell):
     """Holds both parameter tuples (as an optimizer does), so one graph updates every average."""
 
@@ -27,12 +33,8 @@ class _EMAUpdate(nn.Cell):
         self.decay = float(decay)
         self.hyper_map = ops.HyperMap()
 
-    def _one(self, avg, p):
-        new = self.decay * ops.cast(avg, ms.float32) + (1.0 - self.decay) * ops.cast(p, ms.float32)
-        return ops.assign(avg, ops.cast(new, avg.dtype))
-
     def construct(self):
-        return self.hyper_map(self._one, self.averages, self.weights)
+        return self.hyper_map(ops.partial(average_into, self.decay), self.averages, self.weights)
 
 
 class WeightEMA:

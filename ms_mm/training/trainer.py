@@ -476,16 +476,16 @@ def train(args: TrainArgs, stream=None) -> List[float]:
 
     ema = None
     if ema_decay and pc is not None:    # inside the sharded step, laid out as the weights (read with them)
-        restored = (state.iter_dir is not None and not state.release and (state.iter_dir / ckpt.EMA_DIR).is_dir())
         log(f"EMA of the weights: decay {ema_decay}, updated in the sharded step (each rank its share), saved as "
-            f"{ckpt.EMA_DIR}/ in each checkpoint" + (" (restored)" if restored else ""))
+            f"{ckpt.EMA_DIR}/ in each checkpoint" + (" (restored)" if ckpt.saved_ema_dir(state) else ""))
     elif ema_decay:
         from ms_mm.training.ema import WeightEMA
 
         ema = WeightEMA(model, ema_decay)
-        saved_ema = ckpt.read_extra_model(state.iter_dir, ckpt.EMA_DIR) if not state.release else None
+        ema_dir = ckpt.saved_ema_dir(state)
+        saved_ema = ckpt.read_extra_model(state.iter_dir, ckpt.EMA_DIR) if ema_dir is not None else None
         if saved_ema is not None:
-            ema.load(saved_ema, str(state.iter_dir / ckpt.EMA_DIR))
+            ema.load(saved_ema, str(ema_dir))
         log(f"EMA of the weights: decay {ema_decay}, saved as {ckpt.EMA_DIR}/ in each checkpoint"
             + (" (restored)" if saved_ema is not None else ""))
 
