@@ -137,7 +137,8 @@ def test_a_family_without_a_plan_shards_only_the_optimizer():
 
 
 def test_the_sharded_step_computes_what_the_plain_step_does_ema_included():
-    """The sharded train step's Cell (micro batches summed inside the graph, clipping, the update and the
+    """The sharded train step's Cell (three micro batches run one after the other inside the graph, their
+    gradients summed, clipping, the update and the
     weights' EMA kept inside the step), run here on one CPU process without a parallel context, gives the
     losses, weights and EMA of ``TrainStep`` + ``WeightEMA`` on the same micro batches (fp32 noise); its EMA
     covers the trainable weights only."""
@@ -163,17 +164,17 @@ def test_the_sharded_step_computes_what_the_plain_step_does_ema_included():
 
     rng = np.random.default_rng(1)
     steps = [[(rng.standard_normal((2, 4)).astype(np.float32), rng.standard_normal((2, 3)).astype(np.float32))
-              for _ in range(2)] for _ in range(3)]
+              for _ in range(3)] for _ in range(3)]
     results = []
     for sharded in (True, False):
         model = Tiny()
         optimizer = FusedAdamW([model.w, model.b], learning_rate=0.1, weight_decay=0.01)
         if sharded:
-            step = ParallelTrainStep(model, optimizer, ParallelConfig(world_size=1), 2, clip_grad=0.5,
+            step = ParallelTrainStep(model, optimizer, ParallelConfig(world_size=1), 3, clip_grad=0.5,
                                      input_names=("x", "y"), ema_decay=0.9)
             ema = None
         else:
-            step = TrainStep(model, optimizer, accum_steps=2, clip_grad=0.5)
+            step = TrainStep(model, optimizer, accum_steps=3, clip_grad=0.5)
             ema = WeightEMA(model, 0.9)
         losses = []
         for mbs in steps:

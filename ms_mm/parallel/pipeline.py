@@ -24,16 +24,23 @@ class _TakeMicroBatch(nn.Cell):
     strategy of per-rank data: the sample axis over dp). Without it MindSpore's default strategy for the
     slice cannot split the stacked inputs' sample axis and gathers every rank's inputs onto every rank."""
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, grad_accu_num: int = 0):
         super().__init__()
         self.index = index
-        self.strided_slice = ops.StridedSlice()
+        # ``grad_accu_num``: MindSpore's gradient-accumulation tag (as ``parallel.nn.GradAccumulation`` sets it)
+        self.attrs = {"grad_accu_num": grad_accu_num} if grad_accu_num else {}
+        self.strided_slice = self._tagged(ops.StridedSlice())
         self.slices = None
         self.reshape = ops.Reshape()
         self.shape = ops.Shape()
 
     def shard_inputs(self, strategies) -> None:
-        self.slices = tuple(ops.StridedSlice().shard((strategy,)) for strategy in strategies)
+        self.slices = tuple(self._tagged(ops.StridedSlice().shard((strategy,))) for strategy in strategies)
+
+    def _tagged(self, prim):
+        for key, value in self.attrs.items():
+            prim.add_prim_attr(key, value)
+        return prim
 
     def construct(self, *inputs):
         out = ()

@@ -196,19 +196,28 @@ def _build_cells():
             return loss
 
     class SumOverMicroBatches(nn.Cell):
-        """pp == 1: the network once per stacked micro batch, losses summed (gradient accumulation)."""
+        """pp == 1: the network once per stacked micro batch, losses summed: gradient accumulation tagged as
+        MindSpore's ``parallel.nn.GradAccumulation`` tags it (``grad_accu_num`` on each micro batch's slice,
+        ``forward_end`` on the sums), so that its gradient-accumulation pass runs each micro batch's forward
+        and backward before the next one's and adds the gradients into ``accu_grads``. Untagged, the
+        differentiated sum keeps every micro batch's activations until the backward (``tagged=False``:
+        under ZeRO-3, where MindSpore 2.9 refuses the pass without ``@lazy_inline``)."""
 
-        def __init__(self, network, micro_size):
+        def __init__(self, network, micro_size, tagged=True):
             super().__init__(auto_prefix=False)
             self.network = network
             self.micro_size = micro_size
-            self.micro_inputs = nn.CellList([_TakeMicroBatch(i) for i in range(micro_size)])
+            self.tagged = tagged and micro_size > 1
+            tag = micro_size if self.tagged else 0
+            self.micro_inputs = nn.CellList([_TakeMicroBatch(i, tag) for i in range(micro_size)])
+            self.add_list = [ops.Add().add_prim_attr("forward_end", i) if self.tagged else ops.Add()
+                             for i in range(micro_size)]
 
         def construct(self, *inputs):
             ret = None
             for i in range(self.micro_size):
                 out = self.network(*self.micro_inputs[i](*inputs))
-                ret = out if ret is None else ret + out
+                ret = out if ret is None else self.add_list[i](ret, out)
             return ret
 
     def _square_sum(g):
@@ -224,7 +233,8 @@ def _build_cells():
     class ParallelTrainOneStepCell(nn.Cell):
         """forward + backward over the stacked micro batches, (un)scale, global norm, clip, update."""
 
-        def __init__(self, network, optimizer, micro_size, pipeline, clip_grad, loss_scaler, ema_decay=0.0):
+        def __init__(self, network, optimizer, micro_size, pipeline, clip_grad, loss_scaler, ema_decay=0.0,
+                     accumulate=False):
             super().__init__(auto_prefix=False)
             self.network = network
             self.optimizer = optimizer
@@ -232,8 +242,14 @@ def _build_cells():
             self.grad = ops.GradOperation(get_by_list=True)
             self.hyper_map = ops.HyperMap()
             self.pipeline = pipeline
-            if pipeline:
+            # MindSpore's pipeline and gradient-accumulation passes add the micro batches' gradients into these
+            self.accumulate = pipeline or accumulate
+            if self.accumulate:
                 self.accu_grads = self.weights.clone(prefix="accu_grads", init="zeros")
+            # under optimizer parallel the gradient-accumulation pass hands the step the accumulated
+            # gradient shards themselves (as mindformers' wrapper reads them); the pipeline pass does not
+            from mindspore.parallel._utils import _get_enable_parallel_optimizer
+            self.shard_accumulated = (not pipeline) and accumulate and bool(_get_enable_parallel_optimizer())
             # the weights' EMA (``training.ema``'s update) inside the step: clones of the trainable weights,
             # which MindSpore lays out as the weights they were cloned from (sharded as the optimizer states
             # are under optimizer parallel), so the average costs each rank its share only
@@ -247,8 +263,8 @@ def _build_cells():
         def construct(self, *inputs):
             loss = self.network(*inputs)
             grads = self.grad(self.network, self.weights)(*inputs)
-            if self.pipeline:    # MindSpore's pipeline pass accumulated the micro batches into accu_grads
-                grads = ops.depend(self.accu_grads, grads)
+            if self.accumulate and not self.shard_accumulated:
+                grads = ops.depend(self.accu_grads, grads)   # the pass accumulated the micro batches there
             coef = ms.Tensor(self.micro_scale, ms.float32)
             if self.scaler is not None:
                 coef = coef / self.scaler.scale_value
@@ -265,7 +281,7 @@ def _build_cells():
                 loss = ops.depend(loss, self.optimizer(scaled))
             if self.ema_decay:     # every step, after the update (as ``WeightEMA.update``)
                 loss = ops.depend(loss, self.hyper_map(ops.partial(average_into, self.ema_decay), self.ema, self.weights))
-            if self.pipeline:
+            if self.accumulate:
                 loss = ops.depend(loss, self.hyper_map(_clear, self.accu_grads, scaled))
             loss = loss * self.micro_scale
             if self.scaler is not None:
@@ -289,12 +305,20 @@ class ParallelTrainStep:
 
     def __init__(self, model, optimizer, pc: ParallelConfig, micro_batches: int, clip_grad: float = 0.0,
                  loss_scaler=None, input_names: Sequence[str] = (), dry_run: bool = False,
-                 sample_axes: Optional[Sequence[int]] = None, check_shapes=None, ema_decay: float = 0.0):
+                 sample_axes: Optional[Sequence[int]] = None, check_shapes=None, ema_decay: float = 0.0,
+                 zero3: bool = False):
         LossOnly, SumOver, Stacked, StepCell = _build_cells()
         net = LossOnly(model, loss_scaler)
         pipeline = pc.pp > 1
-        net = Stacked(net, micro_batches) if pipeline else SumOver(net, micro_batches)
-        self.cell = StepCell(net, optimizer, micro_batches, pipeline, clip_grad, loss_scaler, ema_decay)
+        net = Stacked(net, micro_batches) if pipeline else SumOver(net, micro_batches, tagged=not zero3)
+        import mindspore as ms
+
+        # the gradient-accumulation pass runs under semi-auto parallel only (one plain process: the plain sum)
+        passes = ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel")
+        self.cell = StepCell(net, optimizer, micro_batches, pipeline, clip_grad, loss_scaler, ema_decay,
+                             accumulate=not pipeline and net.tagged and passes)
+        # pp = 1, several micro batches: "tagged" (one micro batch's activations live at a time) or "summed"
+        self.accumulation = "" if pipeline or micro_batches == 1 else ("tagged" if net.tagged else "summed")
         self.cell.set_train()
         self.micro_batches = micro_batches
         self.dry_run = dry_run
