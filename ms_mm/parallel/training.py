@@ -301,18 +301,20 @@ class ParallelTrainStep:
 
     Under pipeline parallel the loss and norm are those the rank's stage sees (the last stage holds
     the loss). ``dry_run``: DryRun's simulated ranks, whose outputs hold no values (nan is reported).
+    ``zero3``: MindSpore's optimizer level 3 (``--use-torch-fsdp2``), under which pp = 1 micro batches stay
+    summed in one graph (``accumulation`` says how they run: "tagged", "summed", or "" for one).
     """
 
     def __init__(self, model, optimizer, pc: ParallelConfig, micro_batches: int, clip_grad: float = 0.0,
                  loss_scaler=None, input_names: Sequence[str] = (), dry_run: bool = False,
                  sample_axes: Optional[Sequence[int]] = None, check_shapes=None, ema_decay: float = 0.0,
                  zero3: bool = False):
+        import mindspore as ms
+
         LossOnly, SumOver, Stacked, StepCell = _build_cells()
         net = LossOnly(model, loss_scaler)
         pipeline = pc.pp > 1
         net = Stacked(net, micro_batches) if pipeline else SumOver(net, micro_batches, tagged=not zero3)
-        import mindspore as ms
-
         # the gradient-accumulation pass runs under semi-auto parallel only (one plain process: the plain sum)
         passes = ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel")
         self.cell = StepCell(net, optimizer, micro_batches, pipeline, clip_grad, loss_scaler, ema_decay,
