@@ -137,9 +137,9 @@ def test_a_family_without_a_plan_shards_only_the_optimizer():
 
 
 def test_the_sharded_step_computes_what_the_plain_step_does_ema_included():
-    """The sharded train step's Cell (three micro batches run one after the other inside the graph, their
-    gradients summed, clipping, the update and the
-    weights' EMA kept inside the step), run here on one CPU process without a parallel context, gives the
+    """The sharded train step's Cell (three micro batches summed inside the graph: without a parallel
+    context MindSpore's gradient-accumulation pass does not run, so this is the plain sum; clipping, the
+    update and the weights' EMA kept inside the step), run here on one CPU process, gives the
     losses, weights and EMA of ``TrainStep`` + ``WeightEMA`` on the same micro batches (fp32 noise); its EMA
     covers the trainable weights only."""
     import mindspore as ms

@@ -178,6 +178,8 @@ def _build_cells():
     import mindspore as ms
     from mindspore import nn, ops
 
+    from mindspore.parallel._utils import _get_enable_parallel_optimizer, _get_parallel_mode
+
     from ms_mm.parallel.pipeline import StackedPipelineCell, _TakeMicroBatch
     from ms_mm.training.ema import average_into
 
@@ -199,7 +201,8 @@ def _build_cells():
         """pp == 1: the network once per stacked micro batch, losses summed: gradient accumulation tagged as
         MindSpore's ``parallel.nn.GradAccumulation`` tags it (``grad_accu_num`` on each micro batch's slice,
         ``forward_end`` on the sums), so that its gradient-accumulation pass runs each micro batch's forward
-        and backward before the next one's and adds the gradients into ``accu_grads``. Untagged, the
+        and backward before the next one's and accumulates their gradients (in ``accu_grads``, or in the
+        gradient shards under optimizer parallel). Untagged, the
         differentiated sum keeps every micro batch's activations until the backward (``tagged=False``:
         under ZeRO-3, where MindSpore 2.9 refuses the pass without ``@lazy_inline``)."""
 
@@ -242,13 +245,14 @@ def _build_cells():
             self.grad = ops.GradOperation(get_by_list=True)
             self.hyper_map = ops.HyperMap()
             self.pipeline = pipeline
-            # MindSpore's pipeline and gradient-accumulation passes add the micro batches' gradients into these
+            # MindSpore's pipeline and gradient-accumulation passes add the micro batches' gradients into these;
+            # the passes run under semi-auto parallel only (in one plain process the tagged sum is a plain sum)
+            accumulate = accumulate and _get_parallel_mode() in ("semi_auto_parallel", "auto_parallel")
             self.accumulate = pipeline or accumulate
             if self.accumulate:
                 self.accu_grads = self.weights.clone(prefix="accu_grads", init="zeros")
             # under optimizer parallel the gradient-accumulation pass hands the step the accumulated
             # gradient shards themselves (as mindformers' wrapper reads them); the pipeline pass does not
-            from mindspore.parallel._utils import _get_enable_parallel_optimizer
             self.shard_accumulated = (not pipeline) and accumulate and bool(_get_enable_parallel_optimizer())
             # the weights' EMA (``training.ema``'s update) inside the step: clones of the trainable weights,
             # which MindSpore lays out as the weights they were cloned from (sharded as the optimizer states
@@ -309,16 +313,12 @@ class ParallelTrainStep:
                  loss_scaler=None, input_names: Sequence[str] = (), dry_run: bool = False,
                  sample_axes: Optional[Sequence[int]] = None, check_shapes=None, ema_decay: float = 0.0,
                  zero3: bool = False):
-        import mindspore as ms
-
         LossOnly, SumOver, Stacked, StepCell = _build_cells()
         net = LossOnly(model, loss_scaler)
         pipeline = pc.pp > 1
         net = Stacked(net, micro_batches) if pipeline else SumOver(net, micro_batches, tagged=not zero3)
-        # the gradient-accumulation pass runs under semi-auto parallel only (one plain process: the plain sum)
-        passes = ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel")
         self.cell = StepCell(net, optimizer, micro_batches, pipeline, clip_grad, loss_scaler, ema_decay,
-                             accumulate=not pipeline and net.tagged and passes)
+                             accumulate=not pipeline and net.tagged)
         # pp = 1, several micro batches: "tagged" (one micro batch's activations live at a time) or "summed"
         self.accumulation = "" if pipeline or micro_batches == 1 else ("tagged" if net.tagged else "summed")
         self.cell.set_train()
