@@ -123,8 +123,9 @@ class _Param:
 
 
 class _Holder:
-    def __init__(self, params):
+    def __init__(self, params, graph_unused_prefixes=()):
         self.params = params
+        self.graph_unused_prefixes = graph_unused_prefixes
 
     def get_parameters(self):
         return iter(self.params)
@@ -158,11 +159,14 @@ def check_rank_blocks(work, world, pp, family, config, split, tmp_path, run_pc, 
     ema_names = sorted(n for n in full if n.startswith(EMA))    # the sharded step's EMA of the trainable weights
     assert bool(ema_names) == ema, ema_names[:3]
     with no_init_parameters():
-        every = {p.name: tuple(p.shape) for p in registry.get(family).build_model(config, ms.float32).get_parameters()}
-    # the stages together hold the whole model; without pipeline stages, a weight the graph never uses
-    # (SigLIP's attention-pool head) has no compiled layout and is whole on every rank
+        built = registry.get(family).build_model(config, ms.float32)
+    every = {p.name: tuple(p.shape) for p in built.get_parameters()}
+    unused_prefixes = getattr(built, "graph_unused_prefixes", ())
+    # the stages together hold the whole model but the weights the graph never uses (SigLIP's attention-pool
+    # head), which have no compiled layout: whole on every rank, or under pipeline stages on the first stage's
     unused = sorted(set(every) - set(model_names))
-    assert set(model_names) <= set(every) and moment_names and (pp == 1 or not unused), unused
+    assert set(model_names) <= set(every) and moment_names, model_names
+    assert unused == sorted(ckpt.graph_unused(built)), unused
     for n in unused:
         full[n] = rng.standard_normal(every[n]).astype(np.float32)
         stages[0][n] = shards.ParamLayout(full_shape=every[n], dev_matrix=(), tensor_map=())
@@ -220,7 +224,7 @@ def check_rank_blocks(work, world, pp, family, config, split, tmp_path, run_pc, 
 
     def rank_objects(rank, fill):
         local = {n: fill(held[rank][n]) if n in held[rank] else np.full((1,), np.nan, np.float32) for n in full}
-        return (_Holder([_Param(n, local[n]) for n in model_names]),
+        return (_Holder([_Param(n, local[n]) for n in model_names], unused_prefixes),
                 _Holder([_Param(n, local[n]) for n in moment_names + ["global_step"]
                          if n != "global_step"] + [_Param("global_step", np.asarray([5], np.float32))]),
                 [_Param(n, local[n]) for n in ema_names])
@@ -230,7 +234,7 @@ def check_rank_blocks(work, world, pp, family, config, split, tmp_path, run_pc, 
         model, optim, averages = rank_objects(rank, lambda a: a)
         ckpt.save_sharded_checkpoint(str(save), 5, model, optim, stages[rank // size], rank=rank, family=family,
                                      data_state={"per_rank": [{}]}, train_state={"iteration": 5}, save_rng=False,
-                                     pipeline=pp > 1, layout=run_layout, ema=averages)
+                                     pipeline=pp > 1, layout=run_layout, ema=averages, first_stage=rank < size)
     it = mmc.iteration_dir(save, 5)
     assert mmc.latest_iteration(save) == 5 and not list(save.glob(".shards_*"))
     # saved in the converter's mp_rank layout of the run's TP / PP / EP
@@ -264,7 +268,7 @@ def check_rank_blocks(work, world, pp, family, config, split, tmp_path, run_pc, 
     for rank in range(world):
         model, optim, averages = rank_objects(rank, lambda a: 0 * a)
         n_set = ckpt.load_sharded_weights(state, model, optim, stages[rank // size], rank, pipeline=pp > 1,
-                                          ema=averages)
+                                          ema=averages, first_stage=rank < size)
         assert n_set == len(names[rank // size]) + 1       # + the optimizer's step, replicated
         for p in list(model.params) + list(optim.params) + averages:
             if p.name in held[rank]:
@@ -319,11 +323,13 @@ def test_each_rank_holds_mindspores_cut_and_save_load_is_bit_exact(tp2_pp2_dp2, 
                       ParallelConfig(world_size=8, tp=2, pp=2))
 
 
-def test_deepseek_tp2_ep2_blocks_are_mindspores_cut(fake_cann_root, tmp_path, monkeypatch):
-    """DeepSeek-VL2 tiny, TP 2 x EP 2 on 8 ranks (dp 4) with the distributed optimizer and the MoE capacity
-    dispatch (``--moe-expert-capacity-factor``, tokens to the experts by all-to-all); the converter's
-    checkpoint split TP 2 x EP 2 (the stacked experts cut on the expert axis, whole experts per EP rank) is
-    re-sliced to the run's blocks."""
+def test_deepseek_tp2_pp2_ep2_blocks_are_mindspores_cut(fake_cann_root, tmp_path, monkeypatch):
+    """DeepSeek-VL2 tiny, TP 2 x PP 2 x DP 2 with EP 2 on 8 ranks, the distributed optimizer and the MoE
+    capacity dispatch (``--moe-expert-capacity-factor``, tokens to the experts by all-to-all); the
+    converter's checkpoint split TP 2 x EP 2 (the stacked experts cut on the expert axis, whole experts per
+    EP rank; one pipeline stage) is re-sliced to the run's blocks. Stage 0 holds the SigLIP tower, projector,
+    image newline / view separator, word embeddings and the dense layer 0; stage 1 the MoE layer 1, the
+    final norm and the output layer, and nothing of stage 0."""
     from adapters.deepseek_vl2 import SPEC
     from convert.framework import make_layout
     from ms_mm.models.deepseek_vl2.config import DeepseekVL2Config
@@ -332,19 +338,27 @@ def test_deepseek_tp2_ep2_blocks_are_mindspores_cut(fake_cann_root, tmp_path, mo
     monkeypatch.setenv("MS_DEV_SAVE_GRAPHS", "1")
     monkeypatch.setenv("MS_DEV_SAVE_GRAPHS_PATH", str(tmp_path / "ir"))
     rc, out = _dry_run(tmp_path, {"model_id": "deepseekvl2", "preset": "tiny"}, 8, "--tensor-model-parallel-size", "2",
-                       "--expert-model-parallel-size", "2", "--global-batch-size", "4", "--use-distributed-optimizer",
-                       "--moe-expert-capacity-factor", "1.5")
-    assert rc == 0 and "rank 0 (pipeline stage 0): ok" in out, out
+                       "--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2",
+                       "--global-batch-size", "4", "--use-distributed-optimizer", "--moe-expert-capacity-factor", "1.5",
+                       parallel=2)
+    assert rc == 0 and "rank 0 (pipeline stage 0): ok" in out and "rank 4 (pipeline stage 1): ok" in out, out
     config = DeepseekVL2Config.preset("tiny")
+    work = tmp_path / "msrun_log" / "dryrun"
+    held = {r: {n for n in json.loads((work / f"rank{r}" / "parameter_layouts.json").read_text())
+                if not n.startswith(MOMENTS + ("accu_grads.", "inputs"))} for r in (0, 4)}
+    assert {"image_newline", "view_seperator", "text_decoder.embedding.word_embeddings.weight"} <= held[0]
+    assert all(n.startswith(("text_decoder.decoder.layers.1.", "text_decoder.decoder.final_layernorm.",
+                             "text_decoder.output_layer.")) for n in held[4]), held[4]
     # the family flag reached the model: its tokens move to the experts as the capacity buffer, by all-to-all
+    # (the MoE layer is on stage 1: rank 4's graph), two each way per micro batch, two micro batches
     lc = config.language_config
     slots = expert_capacity(64, lc.num_experts_per_tok, lc.n_routed_experts, 1.5)
-    moves = [c for c in collectives(tmp_path / "ir") if c[0] == "AllToAll" and "experts-RoutedExperts" in c[3]]
-    assert len(moves) == 4 and all(np.prod(c[1]) == lc.n_routed_experts * slots * lc.hidden_size for c in moves), moves
+    moves = [c for c in collectives(tmp_path / "ir" / "rank_4") if c[0] == "AllToAll" and "experts-RoutedExperts" in c[3]]
+    assert len(moves) == 4 * 2 and all(np.prod(c[1]) == lc.n_routed_experts * slots * lc.hidden_size for c in moves), moves
     split = make_layout(SPEC, config, tp_size=2, ep_size=2)
-    check_table_agrees(tmp_path / "msrun_log" / "dryrun", (0,), split, tp=2, ep=2)
-    check_rank_blocks(tmp_path / "msrun_log" / "dryrun", 8, 1, "deepseek_vl2", config, split, tmp_path / "ck",
-                      ParallelConfig(world_size=8, tp=2, ep=2))
+    check_table_agrees(work, (0, 4), split, tp=2, ep=2)
+    check_rank_blocks(work, 8, 2, "deepseek_vl2", config, split, tmp_path / "ck",
+                      ParallelConfig(world_size=8, tp=2, pp=2, ep=2))
 
 
 def test_lumina_fsdp1_compiles_as_the_distributed_optimizer(fake_cann_root, tmp_path, monkeypatch):

@@ -55,9 +55,27 @@ def test_tp_must_divide_heads_and_widths():
         _check(narrow, world_size=8, tp=4)
 
 
+def test_pipeline_stages():
+    """pp > 1: the layer lists are checked against the model, EP stays inside a stage's dp ranks, and the
+    stages follow the converter's table: the tower, projector and image scatter on the vision's last stage
+    (stage 0 by default), the LLM layers by ``llm_pp_layers``, the final norm and output layer last."""
+    layers = TINY.language_config.num_hidden_layers
+    _check(TINY, world_size=8, tp=2, pp=2, ep=2)
+    with pytest.raises(ParallelConfigError, match=rf"llm_pp_layers=\[1, 2\] sums to 3 layers but the model has {layers}"):
+        _check(TINY, world_size=8, pp=2, llm_pp_layers=[1, 2])
+    with pytest.raises(ParallelConfigError, match=r"ep=4 does not divide the data-parallel size dp=2"):
+        _check(TINY, world_size=8, tp=2, pp=2, ep=4)
+    model = DeepseekVL2ForCausalLM(TINY)
+    parallelize(model, ParallelConfig(world_size=8, tp=2, pp=2, ep=2, llm_pp_layers=[1, layers - 1]))
+    image, text = model.image_encoder, model.text_decoder
+    assert {c.pipeline_stage for c in [image.encoder, image.encoder.patch_embed, *image.encoder.blocks,
+                                       image.encoder.norm, image.projector, model.image_scatter,
+                                       text.embedding, text.embedding.word_embeddings]} == {0}
+    assert [layer.pipeline_stage for layer in text.decoder.layers] == [0] + [1] * (layers - 1)
+    assert text.decoder.final_layernorm.pipeline_stage == text.output_layer.pipeline_stage == 1
+
+
 def test_unsupported_sizes_are_refused():
-    with pytest.raises(ParallelConfigError, match=r"pp=2: pipeline parallel is not implemented for DeepSeek-VL2"):
-        _check(TINY, world_size=8, pp=2)
     with pytest.raises(ParallelConfigError, match=r"cp=2: context parallel is not implemented"):
         _check(TINY, world_size=8, cp=2)
     dense = DeepseekVL2Config.from_dict({**TINY.to_dict(), "language_config": {

@@ -241,19 +241,29 @@ def _layout_of(layouts, name, shape):
     return layouts.get(name) or ParamLayout(full_shape=tuple(shape), dev_matrix=(), tensor_map=())
 
 
-def sharded_state(model, optimizer, layouts, pipeline: bool = False, ema=()) -> Dict[str, Any]:
+def graph_unused(model) -> set:
+    """Names of the model's weights its compiled graph never uses (``model.graph_unused_prefixes``, e.g.
+    DeepSeek-VL2's SigLIP attention-pool head, kept for the checkpoint): no stage compiles them."""
+    prefixes = tuple(getattr(model, "graph_unused_prefixes", ()))
+    return {p.name for p in model.get_parameters() if prefixes and p.name.startswith(prefixes)}
+
+
+def sharded_state(model, optimizer, layouts, pipeline: bool = False, ema=(), first_stage: bool = True) -> Dict[str, Any]:
     """{name: Parameter} of this rank's part of a sharded checkpoint: the model's weights, the
     optimizer's own state (moments, step) and the weights' EMA (``ema``: the step's ``ema.<weight>``
     Parameters), without the pipeline's gradient accumulators. Under pipeline parallel every rank builds
     the whole model but compiles only its stage: a weight (and its moments and EMA, ``<prefix>.<weight>``)
-    without a compiled layout belongs to another stage and is left out."""
+    without a compiled layout belongs to another stage and is left out, except the weights no stage's
+    graph uses (``graph_unused``), which the first stage's ranks hold whole (``first_stage``)."""
     model_params = {p.name: p for p in model.get_parameters()}
-    out = {n: p for n, p in model_params.items() if n in layouts or not pipeline}
+    kept = graph_unused(model) if pipeline and first_stage else set()
+    mine = lambda name: name in layouts or not pipeline or name in kept
+    out = {n: p for n, p in model_params.items() if mine(n)}
     for p in list(optimizer.get_parameters()) + list(ema):
         if p.name in model_params or p.name.startswith("accu_grads."):
             continue
         weight = p.name.split(".", 1)[-1]
-        if p.name in layouts or not pipeline or weight not in model_params:
+        if mine(p.name) or weight in kept or weight not in model_params:
             out[p.name] = p
     return out
 
@@ -263,7 +273,7 @@ def _is_ema(name: str) -> bool:
 
 
 def load_sharded_weights(state: LoadedState, model, optimizer, layouts, rank: int, pipeline: bool = False,
-                         ema=()) -> int:
+                         ema=(), first_stage: bool = True) -> int:
     """Set each parameter to this rank's block of the checkpoint `state` names (deferred load): model
     weights out of its MM dir (any TP / PP / EP split, re-sliced), optimizer moments out of its
     optim.safetensors, the weights' EMA (``ema``) out of its ``ema/`` (a resumed iteration that has one;
@@ -272,7 +282,7 @@ def load_sharded_weights(state: LoadedState, model, optimizer, layouts, rank: in
     from ms_mm.parallel import checkpoint as shards
 
     model_names = {p.name for p in model.get_parameters()}
-    params = sharded_state(model, optimizer, layouts, pipeline, ema)
+    params = sharded_state(model, optimizer, layouts, pipeline, ema, first_stage)
     averaged = sorted(n for n in params if _is_ema(n))
     sources = [(state.weights_dir, sorted(n for n in params if n in model_names), None)]
     if state.optim_file is not None:
@@ -299,7 +309,8 @@ def load_sharded_weights(state: LoadedState, model, optimizer, layouts, rank: in
 def save_sharded_checkpoint(save_dir: str, iteration: int, model, optimizer, layouts, *, rank: int, family: str,
                             data_state, train_state, save_optim: bool = True, save_rng: bool = True,
                             barrier=None, pipeline: bool = False,
-                            layout: Optional["mmc.ParallelLayout"] = None, ema=()) -> Optional[Path]:
+                            layout: Optional["mmc.ParallelLayout"] = None, ema=(),
+                            first_stage: bool = True) -> Optional[Path]:
     """Every rank writes the blocks it owns into `SAVE/.shards_iter_N/`; after `barrier()` rank 0
     streams the full tensors out of them into an ordinary iteration dir (one tensor in memory at a
     time: model in the mp_rank layout `layout` - the run's TP / PP / EP split, `run_checkpoint_layout` -
@@ -312,7 +323,7 @@ def save_sharded_checkpoint(save_dir: str, iteration: int, model, optimizer, lay
     from ms_mm.parallel import checkpoint as shards
 
     model_names = [p.name for p in model.get_parameters()]
-    params = sharded_state(model, optimizer, layouts, pipeline, ema)
+    params = sharded_state(model, optimizer, layouts, pipeline, ema, first_stage)
     if not save_optim:
         params = {n: p for n, p in params.items() if n in set(model_names) or _is_ema(n)}
     shard_dir = Path(save_dir) / f".shards_{mmc.iteration_dir(save_dir, iteration).name}"

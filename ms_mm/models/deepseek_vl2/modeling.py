@@ -476,6 +476,28 @@ class TextDecoder(nn.Cell):
 
 # ----------------------------------------------------------------------------- the whole model
 
+class ImageTokenScatter(nn.Cell):
+    """Image features into the image-token positions of the text embeddings, over one gather table
+    [tile tokens of all tiles; image_newline; view_seperator] (the host-side ``image_token_index`` already
+    encodes the 2D tile layout). A Cell of its own, so that a pipeline plan can place it with the tile
+    features; the two tensors stay the model's (their MM names are top-level) and come in as inputs."""
+
+    def __init__(self, pad_token_id=None):
+        super().__init__()
+        self.pad_token_id = pad_token_id
+
+    def construct(self, text, input_ids, tiles, image_newline, view_seperator, image_token_index, images_seq_mask):
+        if self.pad_token_id is not None:
+            # upstream nn.Embedding(padding_idx=pad_token_id): the pad row is used but never trained
+            is_pad = expand_to(ops.expand_dims(input_ids == self.pad_token_id, -1), text.shape)
+            text = ops.where(is_pad, ops.stop_gradient(text), text)
+        b, s, d = text.shape
+        table = ops.cat((tiles.reshape(-1, d), ops.expand_dims(image_newline.astype(text.dtype), 0),
+                         ops.expand_dims(view_seperator.astype(text.dtype), 0)), 0)
+        image = ops.gather(table, image_token_index.reshape(-1), 0).reshape(b, s, d)
+        return ops.where(expand_to(ops.expand_dims(images_seq_mask, -1), text.shape), image, text)
+
+
 class DeepseekVL2ForCausalLM(nn.Cell):
     """``construct(*[inputs[k] for k in MODEL_INPUT_NAMES])`` ->
     ``(loss, logits, ce_loss, aux_losses, routing, routing_weights)``:
@@ -488,34 +510,28 @@ class DeepseekVL2ForCausalLM(nn.Cell):
     The first two follow the model-API contract ``(loss, logits)``.
     """
 
+    # SigLIP's attention-pool head: in the checkpoint, never used (ignore_head), so in no compiled graph
+    graph_unused_prefixes = ("image_encoder.encoder.attn_pool.",)
+
     def __init__(self, config: DeepseekVL2Config, compute_dtype=ms.float32):
         super().__init__()
         config.validate()
         self.config = config
         self.compute_dtype = compute_dtype  # activations; parameters stay fp32 (cast on use)
-        d = config.projector_config.n_embed
         self.image_encoder = ImageEncoder(config)
+        d = config.projector_config.n_embed
         std = 1.0 / math.sqrt(d)
         self.image_newline = Parameter(initializer(Normal(std), (d,), ms.float32), name="image_newline")
         self.view_seperator = Parameter(initializer(Normal(std), (d,), ms.float32), name="view_seperator")
+        self.image_scatter = ImageTokenScatter(config.language_config.pad_token_id)
         self.text_decoder = TextDecoder(config.language_config)
-        self.pad_token_id = config.language_config.pad_token_id
 
     def embed(self, input_ids, pixel_values, image_token_index, images_seq_mask):
-        """Text embeddings with image features scattered into the image-token positions. The
-        gather table is [tile tokens of all tiles; image_newline; view_seperator]; the host-side
-        ``image_token_index`` already encodes the 2D tile layout."""
+        """Text embeddings with image features scattered into the image-token positions."""
         text = self.text_decoder.embedding.word_embeddings(input_ids).astype(self.compute_dtype)
-        if self.pad_token_id is not None:
-            # upstream nn.Embedding(padding_idx=pad_token_id): the pad row is used but never trained
-            is_pad = expand_to(ops.expand_dims(input_ids == self.pad_token_id, -1), text.shape)
-            text = ops.where(is_pad, ops.stop_gradient(text), text)
-        b, s, d = text.shape
         tiles = self.image_encoder(pixel_values.astype(text.dtype))
-        table = ops.cat((tiles.reshape(-1, d), ops.expand_dims(self.image_newline.astype(text.dtype), 0),
-                         ops.expand_dims(self.view_seperator.astype(text.dtype), 0)), 0)
-        image = ops.gather(table, image_token_index.reshape(-1), 0).reshape(b, s, d)
-        return ops.where(expand_to(ops.expand_dims(images_seq_mask, -1), text.shape), image, text)
+        return self.image_scatter(text, input_ids, tiles, self.image_newline, self.view_seperator, image_token_index,
+                                  images_seq_mask)
 
     def construct(self, input_ids, position_ids, attention_bias, pixel_values, image_token_index,
                   images_seq_mask, labels):

@@ -34,7 +34,13 @@ Without one (dropless, the default) the batched dispatch is dense (static shapes
 its experts on every token of its EP group, with zero combine weights where a token did not choose
 the expert, so the tokens reach the experts as an all-gather within the EP group and the combine as a
 reduce-scatter (a dropless all-to-all needs the grouped matmul with per-expert token counts, Ascend's
-``gmm``, under dynamic shapes). Pipeline parallel is not planned for DeepSeek-VL2.
+``gmm``, under dynamic shapes).
+
+Pipeline (pp > 1), by the converter's stage table (``adapters.deepseek_vl2.PP_STAGES``): the SigLIP
+blocks go to stages by ``vit_pp_layers`` (default: all on stage 0; the patch embedding and position table
+on the first), the tower's norm, attention pool and projector on the stage of its last block (and with them the image newline and view separator: ``ImageTokenScatter``); LLM layers by
+``llm_pp_layers`` (default: an even split), the word embeddings on stage 0, the final norm and output
+layer on the last stage. EP groups stay inside a stage's dp ranks (ep divides dp = world / (tp x pp)).
 """
 from __future__ import annotations
 
@@ -122,10 +128,9 @@ class DeepseekVL2Plan:
     def check(self, pc: ParallelConfig, config) -> None:
         if pc.cp != 1:
             raise ParallelConfigError(f"cp={pc.cp}: context parallel is not implemented for DeepSeek-VL2")
-        if pc.pp != 1:
-            raise ParallelConfigError(f"pp={pc.pp}: pipeline parallel is not implemented for DeepSeek-VL2 "
-                                      f"(use tp, ep and dp)")
         lc = config.language_config
+        pc.stage_layers("llm_pp_layers", lc.num_hidden_layers)
+        pc.stage_layers("vit_pp_layers", config.vision_config.layers, default_all_first=True)
         has_experts = any(lc.is_moe_layer(i) for i in range(lc.num_hidden_layers))
         if pc.ep > 1 and not has_experts:
             raise ParallelConfigError(
@@ -141,7 +146,37 @@ class DeepseekVL2Plan:
 
     # ----------------------------------------------------------------------------------- apply
     def apply(self, model, pc: ParallelConfig):
-        return self.shard(model, pc)
+        self.shard(model, pc)
+        if pc.pp > 1:
+            self.assign_stages(model, pc)
+        return model
+
+    def stage_of_layers(self, pc: ParallelConfig, config):
+        """(vision stage per block, LLM stage per layer)."""
+        vit = pc.stage_layers("vit_pp_layers", config.vision_config.layers, default_all_first=True)
+        llm = pc.stage_layers("llm_pp_layers", config.language_config.num_hidden_layers)
+        expand = lambda counts: [stage for stage, n in enumerate(counts) for _ in range(n)]
+        return expand(vit), expand(llm)
+
+    def assign_stages(self, model, pc: ParallelConfig):
+        vit_stages, llm_stages = self.stage_of_layers(pc, model.config)
+        last, last_vit = pc.pp - 1, (max(vit_stages) if vit_stages else 0)
+        image = model.image_encoder
+        image.encoder.pipeline_stage = 0          # its own ops: the patch embedding and position table
+        image.encoder.patch_embed.pipeline_stage = 0
+        for block, stage in zip(image.encoder.blocks, vit_stages):
+            block.pipeline_stage = stage
+        for cell in (image.encoder.norm, image.encoder.attn_pool, image.projector, model.image_scatter):
+            cell.pipeline_stage = last_vit
+        text = model.text_decoder
+        text.embedding.pipeline_stage = 0
+        text.embedding.word_embeddings.pipeline_stage = 0     # the model calls it directly (``embed``)
+        for layer, stage in zip(text.decoder.layers, llm_stages):
+            layer.pipeline_stage = stage
+        text.decoder.final_layernorm.pipeline_stage = last
+        if not text.tie:
+            text.output_layer.pipeline_stage = last
+        return model
 
     def shard(self, model, pc: ParallelConfig):
         dp, tp, ep = pc.dp, pc.tp, pc.ep
