@@ -15,10 +15,11 @@ over dp; the model-parallel peers of a dp rank are fed the same ones); without `
 is fed the whole global micro batches (``full_batch=True``) and the plan's strategies cut the rows by
 dp. Either way the plan's strategies describe the global batch. The ``GBS / (MBS x DP)`` micro
 batches of a step are stacked on a leading axis and run in one graph: under pipeline parallel by
-``StackedPipelineCell`` (MindSpore's pipeline schedule), otherwise by a loop over them tagged for MindSpore's
-gradient-accumulation pass (each micro batch's forward and backward before the next one's); with more
-than one micro batch the model's loss is one ``@lazy_inline`` subgraph the micro batches share. The step then unscales the loss
-scale (fp16), takes the global gradient norm, clips and updates, as ``training.TrainStep`` does.
+``StackedPipelineCell`` (MindSpore's pipeline schedule), otherwise by a loop over them tagged for
+MindSpore's gradient-accumulation pass (each micro batch's forward and backward before the next one's);
+with more than one micro batch the model's loss is one ``@lazy_inline`` subgraph the micro batches share.
+The step then unscales the loss scale (fp16), takes the global gradient norm, clips and updates, as
+``training.TrainStep`` does.
 """
 from __future__ import annotations
 
@@ -200,10 +201,11 @@ def _build_cells():
 
     class SharedLossOnly(LossOnly):
         """``LossOnly`` compiled once, as a subgraph each micro batch's call reuses (``@lazy_inline``), instead
-        of one inlined copy of the model per micro batch: compile time and host memory stay those of one
-        micro batch, and MindSpore's gradient-accumulation pass then shards ``accu_grads`` under optimizer
-        parallel (and runs under ZeRO-3), which it does only so. Ascend's graph compiler (DryRun's too) takes
-        it; the CPU backend refuses it, so a plain (one-process) step keeps ``LossOnly``."""
+        of one inlined copy of the model per micro batch: less compile time and host memory (the tiny
+        Qwen2.5-VL at 16 micro batches: 71 s and 1.9 GB instead of 173 s and 3.9 GB), and MindSpore's
+        gradient-accumulation pass then shards ``accu_grads`` under optimizer parallel and runs under ZeRO-3,
+        which it does only so. Ascend's graph compiler (DryRun's too) takes it; the CPU backend refuses it,
+        so a plain (one-process) step keeps ``LossOnly``."""
 
         @ms.lazy_inline
         def __init__(self, model, loss_scaler=None):

@@ -38,7 +38,8 @@ reduce-scatter (a dropless all-to-all needs the grouped matmul with per-expert t
 
 Pipeline (pp > 1), by the converter's stage table (``adapters.deepseek_vl2.PP_STAGES``): the SigLIP
 blocks go to stages by ``vit_pp_layers`` (default: all on stage 0; the patch embedding and position table
-on the first), the tower's norm, attention pool and projector on the stage of its last block (and with them the image newline and view separator: ``ImageTokenScatter``); LLM layers by
+on the first), the tower's norm, attention pool and projector on the stage of its last block, and with
+them the image scatter (``ImageTokenScatter``: image newline and view separator); LLM layers by
 ``llm_pp_layers`` (default: an even split), the word embeddings on stage 0, the final norm and output
 layer on the last stage. EP groups stay inside a stage's dp ranks (ep divides dp = world / (tp x pp)).
 """
