@@ -35,7 +35,7 @@ def parallel_context_kwargs(pc: ParallelConfig, optimizer_parallel: bool = False
         kwargs["strategy_ckpt_config"] = {"save_file": str(strategy_file), "only_trainable_params": False}
     if optimizer_parallel and pc.dp > 1:
         kwargs["enable_parallel_optimizer"] = True
-        kwargs["parallel_optimizer_config"] = {"gradient_accumulation_shard": True,
+        kwargs["parallel_optimizer_config"] = {"gradient_accumulation_shard": pc.pp > 1,
                                                "parallel_optimizer_threshold": 0}
         if zero3:   # FSDP (--use-torch-fsdp2): a weight gathered for the forward is not kept for the backward
             kwargs["parallel_optimizer_config"] = {"optimizer_level": "level3", "parallel_optimizer_threshold": 0}

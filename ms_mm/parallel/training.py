@@ -15,11 +15,9 @@ over dp; the model-parallel peers of a dp rank are fed the same ones); without `
 is fed the whole global micro batches (``full_batch=True``) and the plan's strategies cut the rows by
 dp. Either way the plan's strategies describe the global batch. The ``GBS / (MBS x DP)`` micro
 batches of a step are stacked on a leading axis and run in one graph: under pipeline parallel by
-``StackedPipelineCell`` (MindSpore's pipeline schedule), otherwise by a loop over them tagged for
-MindSpore's gradient-accumulation pass (each micro batch's forward and backward before the next one's);
-with more than one micro batch the model's loss is one ``@lazy_inline`` subgraph the micro batches share.
-The step then unscales the loss scale (fp16), takes the global gradient norm, clips and updates, as
-``training.TrainStep`` does.
+``StackedPipelineCell`` (MindSpore's pipeline schedule; the micro batches share one ``@lazy_inline`` loss
+subgraph), otherwise by a loop over them tagged for MindSpore's gradient-accumulation pass. The step then unscales the loss
+scale (fp16), takes the global gradient norm, clips and updates, as ``training.TrainStep`` does.
 """
 from __future__ import annotations
 
@@ -180,7 +178,7 @@ def _build_cells():
     import mindspore as ms
     from mindspore import nn, ops
 
-    from mindspore.parallel._utils import _get_parallel_mode
+    from mindspore.parallel._utils import _get_enable_parallel_optimizer, _get_parallel_mode
 
     from ms_mm.parallel.pipeline import StackedPipelineCell, _TakeMicroBatch
     from ms_mm.training.ema import average_into
@@ -200,12 +198,13 @@ def _build_cells():
             return loss
 
     class SharedLossOnly(LossOnly):
-        """``LossOnly`` compiled once, as a subgraph each micro batch's call reuses (``@lazy_inline``), instead
-        of one inlined copy of the model per micro batch: less compile time and host memory (the tiny
-        Qwen2.5-VL at 16 micro batches: 71 s and 1.9 GB instead of 173 s and 3.9 GB), and MindSpore's
-        gradient-accumulation pass then shards ``accu_grads`` under optimizer parallel and runs under ZeRO-3,
-        which it does only so. Ascend's graph compiler (DryRun's too) takes it; the CPU backend refuses it,
-        so a plain (one-process) step keeps ``LossOnly``."""
+        """``LossOnly`` compiled once, as a subgraph each pipeline micro batch's call reuses (``@lazy_inline``,
+        as mindformers wraps its models), instead of one inlined copy of the stage per micro batch: the 7B's
+        stage 1 at 4 micro batches compiles in 77 s instead of 243 s under DryRun, to the same predicted peak.
+        Under pp = 1 the loss stays inlined: there the real-size 3B's compile with it (and the
+        ``gradient_accumulation_shard`` it requires under optimizer parallel) passed 17.6 GiB of host memory
+        at 4 micro batches, where the inlined one compiles. Ascend's graph compiler (DryRun's too) takes it;
+        the CPU backend refuses it."""
 
         @ms.lazy_inline
         def __init__(self, model, loss_scaler=None):
@@ -215,17 +214,20 @@ def _build_cells():
         """pp == 1: the network once per stacked micro batch, losses summed: gradient accumulation tagged as
         MindSpore's ``parallel.nn.GradAccumulation`` tags it (``grad_accu_num`` on each micro batch's slice,
         ``forward_end`` on the sums), so that its gradient-accumulation pass runs each micro batch's forward
-        and backward before the next one's and accumulates their gradients in ``accu_grads`` (sharded over dp
-        under optimizer parallel). Untagged, the differentiated sum would keep every micro batch's activations
-        until the backward. In one plain process (no parallel context) the tagged sum is a plain sum."""
+        and backward before the next one's and accumulates their gradients (in ``accu_grads``, or in the
+        gradient shards under optimizer parallel). Untagged, the
+        differentiated sum keeps every micro batch's activations until the backward (``tagged=False``:
+        under ZeRO-3, where MindSpore 2.9 refuses the pass without ``@lazy_inline``)."""
 
-        def __init__(self, network, micro_size):
+        def __init__(self, network, micro_size, tagged=True):
             super().__init__(auto_prefix=False)
             self.network = network
             self.micro_size = micro_size
-            tag = micro_size if micro_size > 1 else 0
+            self.tagged = tagged and micro_size > 1
+            tag = micro_size if self.tagged else 0
             self.micro_inputs = nn.CellList([_TakeMicroBatch(i, tag) for i in range(micro_size)])
-            self.add_list = [ops.Add().add_prim_attr("forward_end", i) for i in range(micro_size)]
+            self.add_list = [ops.Add().add_prim_attr("forward_end", i) if self.tagged else ops.Add()
+                             for i in range(micro_size)]
 
         def construct(self, *inputs):
             ret = None
@@ -262,6 +264,9 @@ def _build_cells():
             self.accumulate = pipeline or accumulate
             if self.accumulate:
                 self.accu_grads = self.weights.clone(prefix="accu_grads", init="zeros")
+            # under optimizer parallel the gradient-accumulation pass hands the step the accumulated
+            # gradient shards themselves (as mindformers' wrapper reads them); the pipeline pass does not
+            self.shard_accumulated = (not pipeline) and accumulate and bool(_get_enable_parallel_optimizer())
             # the weights' EMA (``training.ema``'s update) inside the step: clones of the trainable weights,
             # which MindSpore lays out as the weights they were cloned from (sharded as the optimizer states
             # are under optimizer parallel), so the average costs each rank its share only
@@ -275,7 +280,7 @@ def _build_cells():
         def construct(self, *inputs):
             loss = self.network(*inputs)
             grads = self.grad(self.network, self.weights)(*inputs)
-            if self.accumulate:
+            if self.accumulate and not self.shard_accumulated:
                 grads = ops.depend(self.accu_grads, grads)   # the pass accumulated the micro batches there
             coef = ms.Tensor(self.micro_scale, ms.float32)
             if self.scaler is not None:
@@ -313,26 +318,27 @@ class ParallelTrainStep:
 
     Under pipeline parallel the loss and norm are those the rank's stage sees (the last stage holds
     the loss). ``dry_run``: DryRun's simulated ranks, whose outputs hold no values (nan is reported).
-    ``accumulation``: "tagged" when pp = 1 and several micro batches run through MindSpore's
-    gradient-accumulation pass, else "". Under a parallel context with several micro batches the model's loss
-    is one shared subgraph (``shared``: ``SharedLossOnly``).
+    ``shared``: the pipeline's micro batches share one compiled loss subgraph (``SharedLossOnly``).
+    ``zero3``: MindSpore's optimizer level 3 (``--use-torch-fsdp2``), under which pp = 1 micro batches stay
+    summed in one graph (``accumulation`` says how they run: "tagged", "summed", or "" for one).
     """
 
     def __init__(self, model, optimizer, pc: ParallelConfig, micro_batches: int, clip_grad: float = 0.0,
                  loss_scaler=None, input_names: Sequence[str] = (), dry_run: bool = False,
-                 sample_axes: Optional[Sequence[int]] = None, check_shapes=None, ema_decay: float = 0.0):
+                 sample_axes: Optional[Sequence[int]] = None, check_shapes=None, ema_decay: float = 0.0,
+                 zero3: bool = False):
         from mindspore.parallel._utils import _get_parallel_mode
 
         LossOnly, SharedLossOnly, SumOver, Stacked, StepCell = _build_cells()
-        # one micro batch has nothing to share (and MindSpore 2.9's backend fails on a lazy-inlined loss whose
-        # gradients go to the optimizer parallel's update unaccumulated: "The pointer[new_cnode] is null")
-        self.shared = micro_batches > 1 and _get_parallel_mode() in ("semi_auto_parallel", "auto_parallel")
-        net = (SharedLossOnly if self.shared else LossOnly)(model, loss_scaler)
         pipeline = pc.pp > 1
-        net = Stacked(net, micro_batches) if pipeline else SumOver(net, micro_batches)
+        # the pipeline's micro batches (at least pp of them) share one compiled loss subgraph
+        self.shared = pipeline and _get_parallel_mode() in ("semi_auto_parallel", "auto_parallel")
+        net = (SharedLossOnly if self.shared else LossOnly)(model, loss_scaler)
+        net = Stacked(net, micro_batches) if pipeline else SumOver(net, micro_batches, tagged=not zero3)
         self.cell = StepCell(net, optimizer, micro_batches, pipeline, clip_grad, loss_scaler, ema_decay,
-                             accumulate=not pipeline and micro_batches > 1)
-        self.accumulation = "tagged" if not pipeline and micro_batches > 1 else ""
+                             accumulate=not pipeline and net.tagged)
+        # pp = 1, several micro batches: "tagged" (one micro batch's activations live at a time) or "summed"
+        self.accumulation = "" if pipeline or micro_batches == 1 else ("tagged" if net.tagged else "summed")
         self.cell.set_train()
         self.micro_batches = micro_batches
         self.dry_run = dry_run

@@ -436,13 +436,19 @@ def train(args: TrainArgs, stream=None) -> List[float]:
                                                  if per_rank else None),
                                     check_shapes=(None if dry_run or not per_rank or pc.dp == 1 else
                                                   lambda sig: _check_same_shapes(sig, family.input_names, world)),
-                                    ema_decay=ema_decay)
+                                    ema_decay=ema_decay, zero3=args.use_torch_fsdp2 and pc.pp == 1)
         if step_fn.accumulation == "tagged":
             log(f"gradient accumulation over {micro_per_step} micro batches: each one's forward and backward runs "
                 f"before the next (MindSpore's gradient-accumulation pass), so one micro batch's activations are "
                 f"live at a time")
+        elif step_fn.accumulation == "summed":
+            log(f"gradient accumulation over {micro_per_step} micro batches under ZeRO-3 (--use-torch-fsdp2): "
+                f"their losses are summed in one graph and differentiated together, so every micro batch's "
+                f"activations are kept until the backward (MindSpore 2.9 runs its gradient-accumulation pass "
+                f"with optimizer level 3 only under @lazy_inline); a larger --micro-batch-size costs the same")
         if step_fn.shared:
-            log(f"the model's loss is compiled once and shared by the {micro_per_step} micro batches (@lazy_inline)")
+            log(f"the model's loss is compiled once and shared by the {micro_per_step} pipeline micro batches "
+                f"(@lazy_inline)")
     else:
         step_fn = TrainStep(model, optimizer, accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad,
                             loss_scaler=loss_scaler, data_parallel=world > 1,
