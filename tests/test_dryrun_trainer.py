@@ -168,7 +168,7 @@ def check_rank_blocks(work, world, pp, family, config, split, tmp_path, run_pc, 
     # head), which have no compiled layout: whole on every rank, or under pipeline stages on the first stage's
     unused = sorted(set(every) - set(model_names))
     assert set(model_names) <= set(every) and moment_names, model_names
-    assert unused == sorted(ckpt.graph_unused(built)), unused
+    assert pp == 1 or unused == sorted(ckpt.graph_unused(built)), unused
     for n in unused:
         full[n] = rng.standard_normal(every[n]).astype(np.float32)
         stages[0][n] = shards.ParamLayout(full_shape=every[n], dev_matrix=(), tensor_map=())
