@@ -156,6 +156,14 @@ class ParallelConfig:
                 f"{name}={layers} sums to {sum(layers)} layers but the model has {total}")
         return list(layers)
 
+    def vlm_layer_stages(self, vit_layers: int, llm_layers: int):
+        """(pipeline stage of each vision block, of each LLM layer): ``vit_pp_layers`` (default: all on
+        stage 0) and ``llm_pp_layers`` (default: an even split) expanded layer by layer."""
+        vit = self.stage_layers("vit_pp_layers", vit_layers, default_all_first=True)
+        llm = self.stage_layers("llm_pp_layers", llm_layers)
+        expand = lambda counts: [stage for stage, n in enumerate(counts) for _ in range(n)]
+        return expand(vit), expand(llm)
+
     def check_model(self, model_config) -> "ParallelConfig":
         """Check the sizes against ``model_config`` with its family's plan; returns self."""
         from ms_mm.parallel.plans import plan_for_config

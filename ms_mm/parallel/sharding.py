@@ -116,3 +116,15 @@ def check_batch_rows(pc, batch_size: int, seq_len: int) -> None:
     if batch_size % pc.dp:
         raise ParallelConfigError(f"dp={pc.dp} does not divide the global batch size {batch_size} "
                                   f"(input_ids has shape [{batch_size}, {seq_len}])")
+
+
+def place_text_decoder(text, llm_stages, last: int, tied: bool) -> None:
+    """Pipeline stages of an MM text decoder (``embedding``, ``decoder.layers``, ``decoder.final_layernorm``,
+    ``output_layer``): the embedding on stage 0, each layer on its stage, the final norm and (untied) output
+    layer on the last one, ``last`` (``llm_stages``: the stage of each layer)."""
+    text.embedding.pipeline_stage = 0
+    for layer, stage in zip(text.decoder.layers, llm_stages):
+        layer.pipeline_stage = stage
+    text.decoder.final_layernorm.pipeline_stage = last
+    if not tied:
+        text.output_layer.pipeline_stage = last

@@ -154,14 +154,11 @@ class DeepseekVL2Plan:
 
     def stage_of_layers(self, pc: ParallelConfig, config):
         """(vision stage per block, LLM stage per layer)."""
-        vit = pc.stage_layers("vit_pp_layers", config.vision_config.layers, default_all_first=True)
-        llm = pc.stage_layers("llm_pp_layers", config.language_config.num_hidden_layers)
-        expand = lambda counts: [stage for stage, n in enumerate(counts) for _ in range(n)]
-        return expand(vit), expand(llm)
+        return pc.vlm_layer_stages(config.vision_config.layers, config.language_config.num_hidden_layers)
 
     def assign_stages(self, model, pc: ParallelConfig):
         vit_stages, llm_stages = self.stage_of_layers(pc, model.config)
-        last, last_vit = pc.pp - 1, (max(vit_stages) if vit_stages else 0)
+        last_vit = max(vit_stages) if vit_stages else 0
         image = model.image_encoder
         image.encoder.pipeline_stage = 0          # its own ops: the patch embedding and position table
         image.encoder.patch_embed.pipeline_stage = 0
@@ -170,13 +167,8 @@ class DeepseekVL2Plan:
         for cell in (image.encoder.norm, image.encoder.attn_pool, image.projector, model.image_scatter):
             cell.pipeline_stage = last_vit
         text = model.text_decoder
-        text.embedding.pipeline_stage = 0
+        sharding.place_text_decoder(text, llm_stages, pc.pp - 1, tied=text.tie)
         text.embedding.word_embeddings.pipeline_stage = 0     # the model calls it directly (``embed``)
-        for layer, stage in zip(text.decoder.layers, llm_stages):
-            layer.pipeline_stage = stage
-        text.decoder.final_layernorm.pipeline_stage = last
-        if not text.tie:
-            text.output_layer.pipeline_stage = last
         return model
 
     def shard(self, model, pc: ParallelConfig):

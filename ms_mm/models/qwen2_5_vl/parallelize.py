@@ -136,10 +136,7 @@ class Qwen2_5_VLPlan:
 
     def stage_of_layers(self, pc: ParallelConfig, config):
         """(vision stage per block, LLM stage per layer)."""
-        vit = pc.stage_layers("vit_pp_layers", config.vision.depth, default_all_first=True)
-        llm = pc.stage_layers("llm_pp_layers", config.text.num_hidden_layers)
-        expand = lambda counts: [stage for stage, n in enumerate(counts) for _ in range(n)]
-        return expand(vit), expand(llm)
+        return pc.vlm_layer_stages(config.vision.depth, config.text.num_hidden_layers)
 
     def assign_stages(self, model, pc: ParallelConfig):
         vit_stages, llm_stages = self.stage_of_layers(pc, model.config)
@@ -150,12 +147,7 @@ class Qwen2_5_VLPlan:
             block.pipeline_stage = stage
         image.projector.pipeline_stage = max(vit_stages) if vit_stages else 0
         text = model.text_decoder
-        text.embedding.pipeline_stage = 0
-        for layer, stage in zip(text.decoder.layers, llm_stages):
-            layer.pipeline_stage = stage
-        text.decoder.final_layernorm.pipeline_stage = last
-        if not text.tie_word_embeddings:
-            text.output_layer.pipeline_stage = last
+        sharding.place_text_decoder(text, llm_stages, last, tied=text.tie_word_embeddings)
         return model
 
 
