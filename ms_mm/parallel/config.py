@@ -113,6 +113,10 @@ class ParallelConfig:
         per_stage = self.world_size // self.pp
         return (rank % per_stage) // (per_stage // self.dp)
 
+    def stage_of_rank(self, rank: int) -> int:
+        """The pipeline stage of global ``rank`` (a stage holds ``world_size / pp`` consecutive ranks)."""
+        return rank // (self.world_size // self.pp)
+
     def _positive(self, name):
         value = getattr(self, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -16,8 +16,9 @@ is fed the whole global micro batches (``full_batch=True``) and the plan's strat
 dp. Either way the plan's strategies describe the global batch. The ``GBS / (MBS x DP)`` micro
 batches of a step are stacked on a leading axis and run in one graph: under pipeline parallel by
 ``StackedPipelineCell`` (MindSpore's pipeline schedule; the micro batches share one ``@lazy_inline`` loss
-subgraph), otherwise by a loop over them tagged for MindSpore's gradient-accumulation pass. The step then unscales the loss
-scale (fp16), takes the global gradient norm, clips and updates, as ``training.TrainStep`` does.
+subgraph), otherwise by a loop over them tagged for MindSpore's gradient-accumulation pass. The step then
+unscales the loss scale (fp16), takes the global gradient norm, clips and updates, as ``training.TrainStep``
+does.
 """
 from __future__ import annotations
 

@@ -475,7 +475,7 @@ def train(args: TrainArgs, stream=None) -> List[float]:
 
                 n = ckpt.load_sharded_weights(state, model, optimizer, layouts_from_mindspore(layout_dict), rank,
                                               pipeline=pc.pp > 1, ema=step_fn.ema_parameters,
-                                              first_stage=rank < pc.world_size // pc.pp)
+                                              first_stage=pc.stage_of_rank(rank) == 0)
                 log(f"read this rank's blocks of {n} tensor(s) from {state.weights_dir}"
                     + (f" and {state.optim_file}" if state.optim_file else ""))
             step_fn.on_compiled = load_blocks
@@ -569,7 +569,7 @@ def train(args: TrainArgs, stream=None) -> List[float]:
                                                 save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
                                                 barrier=barrier, pipeline=pc.pp > 1,
                                                 layout=ckpt.run_checkpoint_layout(family, config, pc),
-                                                ema=step_fn.ema_parameters, first_stage=rank < pc.world_size // pc.pp)
+                                                ema=step_fn.ema_parameters, first_stage=pc.stage_of_rank(rank) == 0)
             if rank == 0:
                 write_model_json(args.save, model_json)
                 print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] saved checkpoint {path} (blocks of {world} ranks) "
