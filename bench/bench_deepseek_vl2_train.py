@@ -291,14 +291,12 @@ def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     config, state = load_hf_as_mm(str(ckpt), "deepseek_vl2")
     model = load_state_dict(DeepseekVL2ForCausalLM(config), state)
-    host = build_model_inputs(batch, config)
-    inputs = [ms.Tensor(host[k]) for k in MODEL_INPUT_NAMES]
-    # first-step CE and aux losses, from a forward before any update (compiled separately, not timed)
-    out = model(*inputs)
-    ce0, aux0 = float(out[2].asnumpy()), float(out[3].asnumpy().sum())
     model.set_train(True)
     opt = FusedAdamW(model.trainable_params(), learning_rate=LR, betas=BETAS, eps=EPS, weight_decay=WD)
-    step = TrainStep(model, opt)
+    # the CE and aux losses (model outputs 2 and 3) come out of the train step itself, as in the trainer:
+    # the first step's are those of the weights before any update (no separate forward graph to compile)
+    step = TrainStep(model, opt, extra_outputs=(2, 3))
+    ce0 = aux0 = None
     base = rss_mb()
     times, cpu, losses, host_t, fwd_bwd, update = [], [], [], [], [], []
     profile = OpProfile()  # MS_MM_BENCH_PROFILE=DIR: op-type shares of the steps after the first two
@@ -311,6 +309,8 @@ def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
         t1 = time.perf_counter()
         out, grads = step._micro_step(*inputs)
         loss = float(out[0].asnumpy())
+        if ce0 is None:   # out: (loss, CE, aux)
+            ce0, aux0 = float(out[1].asnumpy()), float(out[2].asnumpy().sum())
         for g in grads:   # the loss is ready before the backward ends: wait for every gradient too
             g.asnumpy()
         t2 = time.perf_counter()

@@ -45,6 +45,8 @@ DISTRIBUTED_ARGS="
 "
 
 # model hyper-parameters live in model_32b.json (freeze switches included); training ones here
+# Full activation recompute (the three --recompute-* flags, not in MindSpeed-MM's script): without it
+# DryRun predicts 77.8 GB on a middle pipeline stage of these 16 cards, with it 52.2 GB (docs/parallel.md)
 GPT_ARGS="
     --use-mcore-models \
     --tensor-model-parallel-size ${TP} \
@@ -79,6 +81,9 @@ GPT_ARGS="
     --no-load-rng \
     --no-save-optim \
     --no-save-rng \
+    --recompute-granularity full \
+    --recompute-method uniform \
+    --recompute-num-layers 1 \
     --num-workers 8
 "
 

@@ -26,7 +26,7 @@ LOAD_PATH="ckpt/mm_path/Qwen2.5-VL-72B-Instruct"
 SAVE_PATH="save_dir"
 LOG_PATH="msrun_log"
 
-TP=2
+TP=4
 PP=8
 CP=1
 MBS=1
@@ -45,6 +45,11 @@ DISTRIBUTED_ARGS="
 "
 
 # model hyper-parameters live in model_72b.json (freeze switches included); training ones here
+# TP 4 (MindSpeed-MM's script: TP 2) and full activation recompute (the three --recompute-* flags): at
+# TP 2 x PP 8 on these 32 cards a middle stage holds 4.8 B parameters per card, whose weights, gradients
+# and AdamW states take 53.9 GB even in Megatron's accounting (more in MindSpore's, with fp32 weights and
+# gradient accumulators); at TP 4 with recompute DryRun predicts 56.4 GB there (docs/parallel.md).
+# Convert the checkpoint with --cfg.parallel_config.tp_size 4.
 GPT_ARGS="
     --use-mcore-models \
     --tensor-model-parallel-size ${TP} \
@@ -79,6 +84,9 @@ GPT_ARGS="
     --no-load-rng \
     --no-save-optim \
     --no-save-rng \
+    --recompute-granularity full \
+    --recompute-method uniform \
+    --recompute-num-layers 1 \
     --num-workers 8
 "
 
