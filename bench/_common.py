@@ -14,6 +14,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -135,11 +136,17 @@ def report(title: str, res: Dict[str, Dict], warmup: int, tokens: int, flops: fl
     print(f"(step s: median wall time per step; cpu s: process CPU time per step, less sensitive to other load; "
           f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     parts = [("host input prep", "host"), ("forward+backward", "fwd_bwd"), ("update (norm, clip, AdamW)", "update")]
-    print(f"{'breakdown, median s':24}{'PyTorch':>10}{'ms-mm':>10}")
+    pieces = "ms_pieces" in res
+    print(f"{'breakdown, median s':24}{'PyTorch':>10}{'ms-mm':>10}"
+          + ("   (ms-mm: a separate run of its step as two graphs, micro batch then update)" if pieces else ""))
     for label, key in parts:
         vals = [statistics.median(res[side][key][warmup:]) if res[side].get(key) else float("nan")
-                for side in ("torch", "ms")]
+                for side in ("torch", "ms_pieces" if pieces else "ms")]
         print(f"{label:24}{vals[0]:10.4f}{vals[1]:10.4f}")
+    if pieces:
+        t_two = statistics.median(res["ms_pieces"]["times"][warmup:])
+        print(f"{'total, two graphs':24}{'':10}{t_two:10.4f}   (one graph, as the trainer runs it: {t_ms:.4f}; "
+              f"the two-graph run's peak RSS {res['ms_pieces']['peak_rss_mb']:.0f} MB)")
     if flops and peak_gflops:
         print(f"model FLOPs per step {flops / 1e9:.2f} G; fp32 matmul peak measured here {peak_gflops:.0f} GFLOP/s "
               f"(best of PyTorch {res['torch'].get('matmul_gflops', float('nan')):.0f} / MindSpore "
@@ -148,6 +155,48 @@ def report(title: str, res: Dict[str, Dict], warmup: int, tokens: int, flops: fl
             rate = flops / t / 1e9
             print(f"  {side:8} {rate:7.1f} GFLOP/s = {100.0 * rate / peak_gflops:5.1f} % of the matmul peak")
     return {"time_ratio": t_ms / t_pt, "peak_ratio": peak_ms / peak_pt}
+
+
+def ms_timed_steps(step, prepare, steps: int, pieces: bool) -> Dict:
+    """Run and time ``steps`` train steps of a ms-mm ``TrainStep`` (one micro batch each), every one to
+    completion. ``prepare()`` builds the step's input Tensors (host input preparation, timed apart).
+
+    ``pieces=False``: the step the trainer runs, forward + backward + update in one graph (TrainStep's
+    fused path); ``pieces=True``: the same step as two graphs (micro batch, then update; a TrainStep
+    built with ``fuse_update=False``), which is what the forward + backward / update breakdown is
+    timed on. Returns the per-step lists and ``first_outputs`` (the first step's model outputs:
+    loss and extra outputs, as numpy, computed with the weights before any update)."""
+    import mindspore as ms
+
+    times, cpu, losses, host, fwd_bwd, update, first = [], [], [], [], [], [], None
+    profile = OpProfile()  # MS_MM_BENCH_PROFILE=DIR: op-type shares of the steps after the first two
+    for i in range(steps):
+        profile.step(i)
+        t0, c0 = time.perf_counter(), time.process_time()
+        inputs = prepare()
+        t1 = time.perf_counter()
+        if pieces:
+            out, grads = step._micro_step(*inputs)
+            for g in grads:   # the loss is ready before the backward ends: wait for every gradient too
+                g.asnumpy()
+            t2 = time.perf_counter()
+            norm, _ = step._apply(ms.mutable(grads))
+        else:
+            out, norm, _ = step._fused_step(*inputs)
+        norm.asnumpy()   # (the next step's graph starts after this one's updates: the medians include them)
+        t3 = time.perf_counter()
+        outputs = [o.asnumpy() for o in out]
+        first = outputs if first is None else first
+        losses.append(float(outputs[0]))
+        times.append(t3 - t0)
+        cpu.append(time.process_time() - c0)
+        host.append(t1 - t0)
+        if pieces:
+            fwd_bwd.append(t2 - t1)
+            update.append(t3 - t2)
+    profile.finish()
+    return {"times": times, "cpu_times": cpu, "losses": losses, "host": host, "fwd_bwd": fwd_bwd,
+            "update": update, "first_outputs": [o.tolist() for o in first]}
 
 
 PROFILE_ENV = "MS_MM_BENCH_PROFILE"

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import (OpProfile, attention_flops, linear_flops, ms_matmul_gflops, peak_mb, report, rss_mb,  # noqa: E402
+from bench._common import (attention_flops, linear_flops, ms_matmul_gflops, ms_timed_steps, peak_mb, report, rss_mb,  # noqa: E402
                            run_worker, torch_available, torch_matmul_gflops)
 
 SEQ_LEN = 256
@@ -279,7 +279,7 @@ def worker_torch(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
 # ms-mm
 # ---------------------------------------------------------------------------------------------
 
-def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
+def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int, pieces: bool = False) -> dict:
     import mindspore as ms
 
     from convert import load_hf_as_mm
@@ -295,38 +295,17 @@ def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
     opt = FusedAdamW(model.trainable_params(), learning_rate=LR, betas=BETAS, eps=EPS, weight_decay=WD)
     # the CE and aux losses (model outputs 2 and 3) come out of the train step itself, as in the trainer:
     # the first step's are those of the weights before any update (no separate forward graph to compile)
-    step = TrainStep(model, opt, extra_outputs=(2, 3))
-    ce0 = aux0 = None
+    step = TrainStep(model, opt, extra_outputs=(2, 3), fuse_update=not pieces)
     base = rss_mb()
-    times, cpu, losses, host_t, fwd_bwd, update = [], [], [], [], [], []
-    profile = OpProfile()  # MS_MM_BENCH_PROFILE=DIR: op-type shares of the steps after the first two
-    for i in range(steps):
-        profile.step(i)
-        # the pieces of TrainStep.__call__ (one micro batch), each run to completion
-        t0, c0 = time.perf_counter(), time.process_time()
+
+    def prepare():
         prepared = build_model_inputs(batch, config)
-        inputs = [ms.Tensor(prepared[k]) for k in MODEL_INPUT_NAMES]
-        t1 = time.perf_counter()
-        out, grads = step._micro_step(*inputs)
-        loss = float(out[0].asnumpy())
-        if ce0 is None:   # out: (loss, CE, aux)
-            ce0, aux0 = float(out[1].asnumpy()), float(out[2].asnumpy().sum())
-        for g in grads:   # the loss is ready before the backward ends: wait for every gradient too
-            g.asnumpy()
-        t2 = time.perf_counter()
-        norm, _ = step._apply(ms.mutable(grads))
-        norm.asnumpy()
-        t3 = time.perf_counter()
-        losses.append(loss)
-        times.append(t3 - t0)
-        cpu.append(time.process_time() - c0)
-        host_t.append(t1 - t0)
-        fwd_bwd.append(t2 - t1)
-        update.append(t3 - t2)
-    profile.finish()
-    return {"times": times, "cpu_times": cpu, "losses": losses, "base_rss_mb": base, "peak_rss_mb": peak_mb(),
-            "first_ce": ce0, "first_aux": aux0, "host": host_t, "fwd_bwd": fwd_bwd, "update": update,
-            "matmul_gflops": ms_matmul_gflops()}
+        return [ms.Tensor(prepared[k]) for k in MODEL_INPUT_NAMES]
+
+    res = ms_timed_steps(step, prepare, steps, pieces)
+    _, ce0, aux0 = res["first_outputs"]          # (loss, CE, aux per MoE layer)
+    return {**res, "base_rss_mb": base, "peak_rss_mb": peak_mb(), "first_ce": float(ce0),
+            "first_aux": float(np.sum(aux0)), "matmul_gflops": ms_matmul_gflops()}
 
 
 def main(argv=None) -> int:
@@ -337,7 +316,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--shape", choices=["bench", "big"], default="bench",
                    help="big: LLM 8 layers, hidden 512, 1024 tokens per sample")
-    p.add_argument("--worker", choices=["torch", "ms"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["torch", "ms", "ms_pieces"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--batch-file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -346,8 +325,11 @@ def main(argv=None) -> int:
 
     if a.worker:
         batch = dict(np.load(a.batch_file))
-        fn = worker_torch if a.worker == "torch" else worker_ms
-        a.out.write_text(json.dumps(fn(a.ckpt, batch, a.steps, a.threads)))
+        if a.worker == "torch":
+            out = worker_torch(a.ckpt, batch, a.steps, a.threads)
+        else:
+            out = worker_ms(a.ckpt, batch, a.steps, a.threads, pieces=a.worker == "ms_pieces")
+        a.out.write_text(json.dumps(out))
         return 0
 
     if not torch_available():
@@ -360,7 +342,7 @@ def main(argv=None) -> int:
         np.savez(tmp / "batch.npz", **make_batch(a.batch))
         ckpt = write_random_hf(tmp / "hf", HF_CONFIG, "deepseek_vl2", seed=0)
         res = {}
-        for side in ("torch", "ms"):
+        for side in ("torch", "ms", "ms_pieces"):
             res[side] = run_worker(__file__, side, ["--ckpt", str(ckpt), "--batch-file", str(tmp / "batch.npz"),
                                                     "--steps", str(total), "--shape", a.shape], a.threads,
                                    tmp / f"{side}.json")

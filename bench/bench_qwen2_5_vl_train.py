@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import (OpProfile, attention_flops, linear_flops, ms_matmul_gflops, peak_mb, report, rss_mb,  # noqa: E402
+from bench._common import (attention_flops, linear_flops, ms_matmul_gflops, ms_timed_steps, peak_mb, report, rss_mb,  # noqa: E402
                            run_worker, torch_available, torch_matmul_gflops)
 
 IMAGE_PAD, VISION_START, VISION_END = 2040, 2038, 2039
@@ -156,7 +156,7 @@ def worker_torch(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
             "host": host, "fwd_bwd": fwd_bwd, "update": update, "matmul_gflops": torch_matmul_gflops(threads)}
 
 
-def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
+def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int, pieces: bool = False) -> dict:
     import mindspore as ms
 
     from convert import load_hf_as_mm
@@ -171,34 +171,15 @@ def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
     load_state_dict(model, state)  # checks every name and shape before loading
     model.set_train(True)
     opt = FusedAdamW(model.trainable_params(), learning_rate=LR, betas=BETAS, eps=EPS, weight_decay=WD)
-    step = TrainStep(model, opt)
+    step = TrainStep(model, opt, fuse_update=not pieces)
     base = rss_mb()
-    times, cpu, losses, host, fwd_bwd, update = [], [], [], [], [], []
-    profile = OpProfile()  # MS_MM_BENCH_PROFILE=DIR: op-type shares of the steps after the first two
-    for i in range(steps):
-        profile.step(i)
-        # the pieces of TrainStep.__call__ (one micro batch), each run to completion
-        t0, c0 = time.perf_counter(), time.process_time()
+
+    def prepare():
         prepared = build_model_inputs(batch, config)
-        inputs = [ms.Tensor(prepared[k]) for k in MODEL_INPUT_NAMES]
-        t1 = time.perf_counter()
-        out, grads = step._micro_step(*inputs)
-        loss = float(out[0].asnumpy())
-        for g in grads:   # the loss is ready before the backward ends: wait for every gradient too
-            g.asnumpy()
-        t2 = time.perf_counter()
-        norm, _ = step._apply(ms.mutable(grads))
-        norm.asnumpy()
-        t3 = time.perf_counter()
-        times.append(t3 - t0)
-        cpu.append(time.process_time() - c0)
-        losses.append(loss)
-        host.append(t1 - t0)
-        fwd_bwd.append(t2 - t1)
-        update.append(t3 - t2)
-    profile.finish()
-    return {"times": times, "cpu_times": cpu, "losses": losses, "base_rss_mb": base, "peak_rss_mb": peak_mb(),
-            "host": host, "fwd_bwd": fwd_bwd, "update": update, "matmul_gflops": ms_matmul_gflops(),
+        return [ms.Tensor(prepared[k]) for k in MODEL_INPUT_NAMES]
+
+    res = ms_timed_steps(step, prepare, steps, pieces)
+    return {**res, "base_rss_mb": base, "peak_rss_mb": peak_mb(), "matmul_gflops": ms_matmul_gflops(),
             "graphs": len(step.graph_shapes)}
 
 
@@ -210,7 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--shape", choices=["bench", "big"], default="bench",
                    help="big: LLM 8 layers, hidden 512, 1024 tokens per sample")
-    p.add_argument("--worker", choices=["torch", "ms"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["torch", "ms", "ms_pieces"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--batch-file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -219,8 +200,11 @@ def main(argv=None) -> int:
 
     if a.worker:
         batch = dict(np.load(a.batch_file))
-        fn = worker_torch if a.worker == "torch" else worker_ms
-        a.out.write_text(json.dumps(fn(a.ckpt, batch, a.steps, a.threads)))
+        if a.worker == "torch":
+            out = worker_torch(a.ckpt, batch, a.steps, a.threads)
+        else:
+            out = worker_ms(a.ckpt, batch, a.steps, a.threads, pieces=a.worker == "ms_pieces")
+        a.out.write_text(json.dumps(out))
         return 0
 
     if not torch_available():
@@ -231,7 +215,7 @@ def main(argv=None) -> int:
         np.savez(tmp / "batch.npz", **make_batch(a.batch))
         ckpt = tmp / "hf"
         res = {}
-        for side in ("torch", "ms"):
+        for side in ("torch", "ms", "ms_pieces"):
             res[side] = run_worker(__file__, side, ["--ckpt", str(ckpt), "--batch-file", str(tmp / "batch.npz"),
                                                     "--steps", str(total), "--shape", a.shape], a.threads,
                                    tmp / f"{side}.json")

@@ -166,3 +166,56 @@ def _torch_adamw_nowd(params, grads, clip):
         return _torch_adamw(params, [grads], lambda t: LR, clip)
     finally:
         WD = saved
+
+
+class _TinyLM(nn.Cell):
+    """Two dense layers and a CE-like loss; outputs (loss, logits' mean) so extra outputs are exercised."""
+
+    def __init__(self, seed):
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self.w1 = Parameter(Tensor(rng.standard_normal((12, 16)).astype(np.float32) * 0.3), name="w1")
+        self.b1 = Parameter(Tensor(np.zeros(16, np.float32)), name="b1")
+        self.w2 = Parameter(Tensor(rng.standard_normal((16, 5)).astype(np.float32) * 0.3), name="w2")
+
+    def construct(self, x, y):
+        h = ms.ops.tanh(ms.ops.matmul(x, self.w1) + self.b1)
+        logits = ms.ops.matmul(h, self.w2)
+        logp = logits - ms.ops.logsumexp(logits, -1, True)
+        loss = -(logp * y).sum() / x.shape[0]
+        return loss, logits.mean()
+
+
+@pytest.mark.parametrize("fp16_scale", [None, 2.0 ** 65])
+def test_fused_step_equals_the_two_graph_step(fp16_scale):
+    """accum 1 runs forward, backward and update in one graph: the same losses, norms, extra outputs,
+    weights and loss scale as the separate micro-batch and update graphs, step for step; with a loss
+    scale that overflows, both skip the same steps and halve the scale alike."""
+    rng = np.random.default_rng(7)
+    batches = []
+    for _ in range(4):
+        x = rng.standard_normal((6, 12)).astype(np.float32)
+        y = np.eye(5, dtype=np.float32)[rng.integers(0, 5, 6)]
+        batches.append((Tensor(x), Tensor(y)))
+    results = []
+    for fuse in (True, False):
+        net = _TinyLM(3)
+        opt = FusedAdamW(split_decay_groups(list(net.get_parameters()), WD), learning_rate=LR, betas=BETAS,
+                         eps=EPS, weight_decay=WD)
+        scaler = ms.amp.DynamicLossScaler(fp16_scale, 2, 1000) if fp16_scale else None
+        step = TrainStep(net, opt, clip_grad=0.05, extra_outputs=(1,), loss_scaler=scaler, fuse_update=fuse)
+        assert step.fused is fuse
+        trace = [step([b]) + (float(step.last_extra_outputs[0][0]),) for b in batches]
+        results.append((trace, [p.asnumpy() for p in net.get_parameters()],
+                        float(scaler.scale_value.asnumpy()) if scaler else None))
+    (fused, fused_p, fused_scale), (two, two_p, two_scale) = results
+    np.testing.assert_allclose(np.array(fused, np.float64), np.array(two, np.float64), rtol=1e-6, atol=1e-7)
+    assert [t[2] for t in fused] == [t[2] for t in two]          # same steps finite / skipped
+    for a, b in zip(fused_p, two_p):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert fused_scale == two_scale
+    if fp16_scale:
+        assert [t[2] for t in fused] == [False, False, True, True] and fused_scale == 2.0 ** 63  # 2^65 and 2^64 overflow
+    else:
+        assert all(t[2] for t in fused) and max(t[1] for t in fused) > 0.05   # clipping was active
+    assert not np.allclose(fused_p[0], _TinyLM(3).w1.asnumpy())  # the weights did move
