@@ -134,7 +134,7 @@ class TrainStep:
         # declares every dim unknown on the first call instead (one graph, slower steps).
         self._micro_cell = _MicroStep(grad_fn)
         self._dynamic_shapes = dynamic_shapes
-        self._inputs_declared = False
+        self._inputs_declared = set()   # ids of the cells whose dynamic inputs are declared
         # input-shape signature -> micro-batches run with it; each new one costs one compile
         self.graph_shapes: dict = {}
         self.new_shapes: list = []      # signatures first seen in the last call
@@ -172,8 +172,8 @@ class TrainStep:
             return norm, finite
 
         self._accumulate, self._apply = accumulate, ms.jit(apply_update)
-        # accum 1: forward, backward and update in one graph (the gradients never leave it; on CPU this
-        # saves ~20 % of a small model's step against two graphs with the gradients handed between them)
+        # accum 1: forward, backward and update in one graph (the gradients never leave it as outputs; the
+        # CPU benches ran 0-27 % faster than with two graphs, docs/performance.md)
         self.fused = self.accum_steps == 1 and fuse_update
         self._fused_cell = _FusedStep(grad_fn, apply_update) if self.fused else None
         self._data_parallel = data_parallel
@@ -202,9 +202,9 @@ class TrainStep:
             self.graph_shapes[signature] = 0
             self.new_shapes.append(signature)
         self.graph_shapes[signature] += 1
-        if self._dynamic_shapes and not self._inputs_declared:
+        if self._dynamic_shapes and id(cell) not in self._inputs_declared:
             cell.set_inputs(*[ms.Tensor(shape=[None] * t.ndim, dtype=t.dtype) for t in inputs])
-            self._inputs_declared = True
+            self._inputs_declared.add(id(cell))
         return cell(*inputs)
 
     def __call__(self, micro_batches: Sequence[Sequence[ms.Tensor]]):
