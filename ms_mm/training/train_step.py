@@ -172,8 +172,8 @@ class TrainStep:
             return norm, finite
 
         self._accumulate, self._apply = accumulate, ms.jit(apply_update)
-        # accum 1: forward, backward and update in one graph (the gradients never leave it as outputs; the
-        # CPU benches ran 0-27 % faster than with two graphs, docs/performance.md)
+        # accum 1: forward, backward and update in one graph (the gradients never leave it as outputs; on
+        # the CPU benches 6-27 % faster than two graphs in four runs of six, docs/performance.md)
         self.fused = self.accum_steps == 1 and fuse_update
         self._fused_cell = _FusedStep(grad_fn, apply_update) if self.fused else None
         self._data_parallel = data_parallel
