@@ -165,9 +165,7 @@ class TrainStep:
                 coef = clip_coef if coef is None else coef * clip_coef
             if coef is not None:
                 grads = _hyper_map(ops.partial(_scale_grad, coef), grads)
-            if scaler is None:
-                optimizer(grads)         # no branch on a tensor (a graph switch over every gradient)
-            elif finite:
+            if finite:
                 optimizer(grads)
             return norm, finite
 
@@ -214,16 +212,16 @@ class TrainStep:
         self.new_shapes = []
         if self.fused:
             out, norm, finite = self._fused_step(*micro_batches[0])
-            self.last_extra_outputs = [tuple(t.asnumpy() for t in out[1:])]
-            loss = self._dp_mean(out[0]) if self._data_parallel else out[0]
-            return float(loss.asnumpy()), float(norm.asnumpy()), bool(finite.asnumpy())
-        for inputs in micro_batches:
-            out, grads = self._micro_step(*inputs)
             losses.append(out[0])
             extras.append(tuple(t.asnumpy() for t in out[1:]))
-            acc = grads if acc is None else self._accumulate(ms.mutable(acc), ms.mutable(grads))
-        # mutable: a tuple of tensors passed to a jit function is otherwise a constant (recompiles)
-        norm, finite = self._apply(ms.mutable(acc))
+        else:
+            for inputs in micro_batches:
+                out, grads = self._micro_step(*inputs)
+                losses.append(out[0])
+                extras.append(tuple(t.asnumpy() for t in out[1:]))
+                acc = grads if acc is None else self._accumulate(ms.mutable(acc), ms.mutable(grads))
+            # mutable: a tuple of tensors passed to a jit function is otherwise a constant (recompiles)
+            norm, finite = self._apply(ms.mutable(acc))
         self.last_extra_outputs = extras
         mean_loss = sum(losses) / len(losses)
         if self._data_parallel:  # log the global-batch loss, as Megatron does
