@@ -164,11 +164,12 @@ def ms_timed_steps(step, prepare, steps: int, pieces: bool) -> Dict:
     ``pieces=False``: the step the trainer runs, forward + backward + update in one graph (TrainStep's
     fused path); ``pieces=True``: the same step as two graphs (micro batch, then update; a TrainStep
     built with ``fuse_update=False``), which is what the forward + backward / update breakdown is
-    timed on. Returns the per-step lists and ``first_outputs`` (the first step's model outputs:
-    loss and extra outputs, as numpy, computed with the weights before any update)."""
+    timed on. Returns the per-step lists (``outputs``: each step's model outputs, loss then extra
+    outputs, as floats) and ``first_outputs`` (the first step's model outputs as lists, computed with the
+    weights before any update)."""
     import mindspore as ms
 
-    times, cpu, losses, host, fwd_bwd, update, first = [], [], [], [], [], [], None
+    times, cpu, losses, host, fwd_bwd, update, first, every = [], [], [], [], [], [], None, []
     profile = OpProfile()  # MS_MM_BENCH_PROFILE=DIR: op-type shares of the steps after the first two
     for i in range(steps):
         profile.step(i)
@@ -188,6 +189,7 @@ def ms_timed_steps(step, prepare, steps: int, pieces: bool) -> Dict:
         outputs = [o.asnumpy() for o in out]
         first = outputs if first is None else first
         losses.append(float(outputs[0]))
+        every.append([float(o) if o.size == 1 else float("nan") for o in outputs])
         times.append(t3 - t0)
         cpu.append(time.process_time() - c0)
         host.append(t1 - t0)
@@ -196,7 +198,7 @@ def ms_timed_steps(step, prepare, steps: int, pieces: bool) -> Dict:
             update.append(t3 - t2)
     profile.finish()
     return {"times": times, "cpu_times": cpu, "losses": losses, "host": host, "fwd_bwd": fwd_bwd,
-            "update": update, "first_outputs": [o.tolist() for o in first]}
+            "update": update, "outputs": every, "first_outputs": [o.tolist() for o in first]}
 
 
 PROFILE_ENV = "MS_MM_BENCH_PROFILE"

@@ -6,8 +6,10 @@
 1. feature extraction: images/s of MoVQGAN encode + prompt tokenization + feature write (tiny
    MoVQGAN, the bundled tokenizer, demo images of `--side` px; compile excluded by a warm-up image);
 2. train step: ms-mm's LuminaMGPT2ForCausalLM (graph mode, FusedAdamW + clipping through the
-   trainer's TrainStep) against transformers' ChameleonForConditionalGeneration (PyTorch CPU eager,
-   eager attention, torch.optim.AdamW + clip_grad_norm_), same config, same random checkpoint
+   trainer's TrainStep, timed as the one graph the trainer runs; the forward + backward / update
+   breakdown comes from a second ms-mm run of the same step as two graphs) against transformers'
+   ChameleonForConditionalGeneration (PyTorch CPU eager, eager attention, torch.optim.AdamW +
+   clip_grad_norm_), same config, same random checkpoint
    (written once in the HF layout; ms-mm loads it through `convert.load_hf_as_mm`, PyTorch with
    the q/k-norm rows repeat-interleaved to (heads, head_dim)), same batch, same objective
    (CE + z_loss_weight * z-loss: HF's forward returns the CE, the z-loss is added from its logits).
@@ -174,10 +176,12 @@ def worker_torch(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
             "matmul_gflops": torch_matmul_gflops(threads)}
 
 
-def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
+def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int, pieces: bool = False) -> dict:
+    """``pieces``: the same step as two graphs (micro batch, then update), for the breakdown; else the
+    one graph the trainer runs (see ``bench._common.ms_timed_steps``)."""
     import mindspore as ms
 
-    from bench._common import ms_matmul_gflops, peak_mb, rss_mb
+    from bench._common import ms_matmul_gflops, ms_timed_steps, peak_mb, rss_mb
     from convert import load_hf_as_mm
     from ms_mm.models.lumina_mgpt2.inputs import MODEL_INPUT_NAMES
     from ms_mm.models.lumina_mgpt2.modeling import LuminaMGPT2ForCausalLM
@@ -192,32 +196,14 @@ def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
     load_state_dict(model, state)   # checks every name and shape
     model.set_train(True)
     opt = FusedAdamW(model.trainable_params(), learning_rate=LR, betas=BETAS, eps=EPS, weight_decay=WD)
-    step = TrainStep(model, opt, accum_steps=1, clip_grad=CLIP, extra_outputs=(2, 3))   # + (ce, z)
+    step = TrainStep(model, opt, accum_steps=1, clip_grad=CLIP, extra_outputs=(2, 3),   # + (ce, z)
+                     fuse_update=not pieces)
     assert MODEL_INPUT_NAMES == ("input_ids", "labels", "position_ids")
     base = rss_mb()
-    times, cpu, losses, ces, zs, host, fwd_bwd, update = [], [], [], [], [], [], [], []
-    for _ in range(steps):
-        # the pieces of TrainStep.__call__ (one micro batch), each run to completion
-        t0, c0 = time.perf_counter(), time.process_time()
-        inputs = [ms.Tensor(batch[k].astype(np.int32)) for k in MODEL_INPUT_NAMES]
-        t1 = time.perf_counter()
-        out, grads = step._micro_step(*inputs)
-        loss, ce, z = (float(t.asnumpy()) for t in out)
-        t2 = time.perf_counter()
-        norm, _ = step._apply(ms.mutable(grads))
-        norm.asnumpy()
-        t3 = time.perf_counter()
-        times.append(t3 - t0)
-        cpu.append(time.process_time() - c0)
-        losses.append(loss)
-        ces.append(ce)
-        zs.append(z)
-        host.append(t1 - t0)
-        fwd_bwd.append(t2 - t1)
-        update.append(t3 - t2)
-    return {"times": times, "cpu_times": cpu, "losses": losses, "ce": ces, "z": zs, "base_rss_mb": base,
-            "peak_rss_mb": peak_mb(), "host": host, "fwd_bwd": fwd_bwd, "update": update,
-            "matmul_gflops": ms_matmul_gflops(), "graphs": len(step.graph_shapes)}
+    res = ms_timed_steps(step, lambda: [ms.Tensor(batch[k].astype(np.int32)) for k in MODEL_INPUT_NAMES],
+                         steps, pieces)
+    return {**res, "ce": [o[1] for o in res["outputs"]], "z": [o[2] for o in res["outputs"]], "base_rss_mb": base,
+            "peak_rss_mb": peak_mb(), "matmul_gflops": ms_matmul_gflops(), "graphs": len(step.graph_shapes)}
 
 
 def bench_train(tmp: Path, layers: int, hidden: int, seq: int, batch: int, steps: int, warmup: int,
@@ -235,7 +221,7 @@ def bench_train(tmp: Path, layers: int, hidden: int, seq: int, batch: int, steps
     ids = rng.integers(0, cfg["vocab_size"], (batch, seq)).astype(np.int64)
     pos = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
     np.savez(tmp / "batch.npz", input_ids=ids, labels=ids, position_ids=pos)
-    sides = ["torch", "ms"] if torch_available() else ["ms"]
+    sides = ["torch", "ms", "ms_pieces"] if torch_available() else ["ms"]
     common = ["--ckpt", str(ckpt), "--batch-file", str(tmp / "batch.npz"), "--steps", str(warmup + steps)]
     res = {side: run_worker(__file__, side, common, threads, tmp / f"{side}.json") for side in sides}
     load = os.getloadavg()[0]
@@ -274,7 +260,8 @@ def bench_train(tmp: Path, layers: int, hidden: int, seq: int, batch: int, steps
           "affine, RoPE, SiLU MLP); differs in the q/k-norm affine layout ((mp, head_dim) shared rows vs "
           "(heads, head_dim) copies), the loss (HF: CE only; z-loss added by hand on the PyTorch side), "
           "HF's VQ-VAE (deleted before training) and HF's IMGIMG logit mask (no such tokens here)")
-    print(f"(figures taken under load: 1-minute load average {load:.2f} on {os.cpu_count()} cores, shared machine)")
+    print(f"(1-minute load average {load:.2f} on {os.cpu_count()} cores after the workers: check it before "
+          f"quoting a ratio; the workers' own load is up to {threads})")
     return out
 
 
@@ -328,7 +315,7 @@ def main(argv=None) -> int:
     p.add_argument("--mp", type=int, default=1, help="model_parallel_size (q/k-norm rows) of the train model")
     p.add_argument("--sample-side", type=int, default=128)
     p.add_argument("--json")
-    p.add_argument("--worker", choices=["torch", "ms"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["torch", "ms", "ms_pieces"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--batch-file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -336,8 +323,11 @@ def main(argv=None) -> int:
 
     if a.worker:
         batch = dict(np.load(a.batch_file))
-        fn = worker_torch if a.worker == "torch" else worker_ms
-        a.out.write_text(json.dumps(fn(a.ckpt, batch, a.steps, a.threads)))
+        if a.worker == "torch":
+            out = worker_torch(a.ckpt, batch, a.steps, a.threads)
+        else:
+            out = worker_ms(a.ckpt, batch, a.steps, a.threads, pieces=a.worker == "ms_pieces")
+        a.out.write_text(json.dumps(out))
         return 0
 
     import mindspore as ms
