@@ -1,4 +1,5 @@
-"""List the broadcasting element-wise kernels of a compiled MindSpore graph, biggest first.
+"""List the broadcasting element-wise kernels (and the other kernels that keep index tables) of a
+compiled MindSpore graph, biggest first.
 
     MS_DEV_SAVE_GRAPHS=1 MS_DEV_SAVE_GRAPHS_PATH=DIR python <anything that compiles a graph>
     python scripts/cpu_broadcasts.py DIR/graph_build_0_*.ir [--top 30]
@@ -11,6 +12,11 @@ keeps 512 MB beside its 128 MB output; one input of a single element is exempt).
 `ms_mm.ops.functional.broadcast_pair` (and its `mul` / `add` / `sub` / `div`) spells those ops without
 them on CPU; this script finds the ones left, with the model source line each came from. Table bytes
 are the estimate 16 x output elements.
+
+The same holds for two data-movement kernels, whatever their inputs: ``Transpose`` keeps one 8-byte
+source offset per output element (built with the graph) and ``StridedSliceGrad`` (the gradient of a
+slice, and of ``ops.split`` with unequal sizes) about 4 bytes. ``ms_mm.ops.functional.permute`` and
+``SplitSizes`` spell them without; they are listed below the broadcasts (``TABLE_BYTES``).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import sys
 ELEMENTWISE = {"Add", "Sub", "Mul", "RealDiv", "Div", "Maximum", "Minimum", "Pow", "Equal", "NotEqual",
                "Less", "LessEqual", "Greater", "GreaterEqual", "LogicalAnd", "LogicalOr", "Select",
                "SquaredDifference", "FloorDiv", "Atan2", "Xdivy", "DivNoNan", "BitwiseAnd", "BitwiseOr"}
+TABLE_BYTES = {"Transpose": 8, "StridedSliceGrad": 4}   # kept bytes per output element (measured)
 NODE = re.compile(r"^\s+%\d+\([^)]*\) = (?:PrimFunc_)?(\w+)\(")
 SHAPES = re.compile(r"<Tensor\[\w+\], \(([0-9, ]*)\)>")
 SOURCE = re.compile(r"# In file (\S*ms_mm/\S+?:\d+)")
@@ -55,6 +62,29 @@ def scan(path: str):
         i = j
 
 
+def scan_tables(path: str):
+    """Yield (op, output shape, ms_mm source line) of each ``TABLE_BYTES`` kernel."""
+    lines = open(path).read().splitlines()
+    i = 0
+    while i < len(lines):
+        m = NODE.match(lines[i])
+        if not m or m.group(1) not in TABLE_BYTES:
+            i += 1
+            continue
+        op, j, src = m.group(1), i + 1, None
+        sig = lines[j] if j < len(lines) else ""
+        j += 1
+        while j < len(lines) and not NODE.match(lines[j]):
+            s = SOURCE.search(lines[j])
+            if s and "training/" not in s.group(1):
+                src = s.group(1).split("ms_mm/", 1)[1]
+            j += 1
+        outs = [tuple(int(v) for v in g.split(",") if v.strip()) for g in SHAPES.findall(sig.split("->", 1)[-1])]
+        if outs:
+            yield op, outs[0], src
+        i = j
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ir", nargs="+")
@@ -68,6 +98,13 @@ def main(argv=None) -> int:
     print(f"{len(rows)} broadcasting kernel kinds, index tables ~{total / 2**20:.0f} MB in all")
     for (op, shapes, out, src), b in rows.most_common(a.top):
         print(f"{b / 2**20:9.1f} MB  {op:8s} {shapes} -> {out}  {src}")
+    tables = collections.Counter()
+    for path in a.ir:
+        for op, out, src in scan_tables(path):
+            tables[(op, str(out), src or "?")] += TABLE_BYTES[op] * math.prod(out)
+    print(f"{len(tables)} Transpose / StridedSliceGrad kinds, index tables ~{sum(tables.values()) / 2**20:.0f} MB in all")
+    for (op, out, src), b in tables.most_common(a.top):
+        print(f"{b / 2**20:9.1f} MB  {op:16s} -> {out}  {src}")
     return 0
 
 

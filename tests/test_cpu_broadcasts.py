@@ -1,11 +1,16 @@
-"""Issue 9, point 4 (memory): no element-wise kernel broadcasts on CPU.
+"""Issue 9, point 4 (memory): no element-wise kernel broadcasts on CPU, and no Transpose kernel.
 
 MindSpore 2.9's CPU arithmetic kernels broadcast two different-shaped inputs through index tables
 (one 8-byte offset per output element per input) built at the first launch and kept for the graph's
 life: at Qwen2.5-VL's bench shape they were ~430 MB of the step's resident memory, at 1024 tokens
 gigabytes. `ms_mm.ops.functional.broadcast_pair` tiles the smaller operand first. Here: the helpers
 give numpy's values and gradients, and every family's tiny train step compiles without a
-broadcasting kernel of any size that matters (`scripts/cpu_broadcasts.py` reads the graph)."""
+broadcasting kernel of any size that matters (`scripts/cpu_broadcasts.py` reads the graph).
+
+The CPU `Transpose` kernel keeps a table of one 8-byte offset per output element the same way (built
+with the graph); `ms_mm.ops.functional.permute` moves the data by row Gathers or Unstack + Stack
+instead. Here: its values and gradients are numpy's for every plan it picks, and no tiny train step
+has a Transpose of activation size left."""
 import os
 import subprocess
 import sys
@@ -74,6 +79,47 @@ def test_helpers_give_numpy_values_and_gradients(mode, x_shape, y_shape):
         ms.set_context(mode=ms.GRAPH_MODE)
 
 
+PERMUTES = [((2, 5, 3, 4), (0, 2, 1, 3)),            # [B, S, N, D] -> [B, N, S, D]: rows
+            ((2, 3, 5, 4), (0, 2, 1, 3)),            # and back
+            ((3, 4, 3, 2, 5), (2, 0, 3, 1, 4)),      # the vision qkv split: rows
+            ((2, 3, 2, 4, 2, 3), (0, 2, 4, 1, 3, 5)),  # the patch unfold: rows
+            ((2, 1, 7, 3, 2), (0, 1, 2, 4, 3)),      # the last axis moves: Unstack + Stack
+            ((2, 2, 3, 2, 3, 5), (0, 1, 3, 5, 2, 4)),  # the projector's unfold: two Unstack + Stack
+            ((3, 1, 2, 4), (1, 2, 0, 3)),            # size-1 axes among the rows
+            ((2, 1, 3), (1, 0, 2)),                  # only a size-1 axis moves: a reshape
+            ((70, 80), (1, 0))]                      # no plan (both axes > 64): the Transpose kernel
+PLANS = ["rows", "rows", "rows", "rows", "stack", "stack", "rows", "reshape", None]
+
+
+class _Permuted(nn.Cell):
+    def __init__(self, perm, w):
+        super().__init__()
+        self.perm, self.w = perm, ms.Tensor(w)
+
+    def construct(self, x):
+        return (F.permute(x, self.perm) * self.w).sum(), F.permute(x, self.perm)
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+@pytest.mark.parametrize("case", range(len(PERMUTES)))
+def test_permute_gives_numpy_values_and_gradients(mode, case):
+    shape, perm = PERMUTES[case]
+    plan = F._permute_plan(shape, perm)
+    assert (plan[0] if plan else None) == PLANS[case]
+    ms.set_context(mode=mode)
+    try:
+        x = RNG.standard_normal(shape).astype(np.float32)
+        w = RNG.standard_normal(np.transpose(x, perm).shape).astype(np.float32)
+        (loss, out), dx = ms.value_and_grad(_Permuted(perm, w), has_aux=True)(ms.Tensor(x))
+        np.testing.assert_array_equal(out[0].asnumpy() if isinstance(out, tuple) else out.asnumpy(),
+                                      np.transpose(x, perm))
+        np.testing.assert_array_equal(dx.asnumpy(), np.transpose(w, np.argsort(perm)))
+        np.testing.assert_allclose(float(loss.asnumpy()), float((np.transpose(x, perm) * w).sum()),
+                                   rtol=1e-5, atol=1e-5)
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+
+
 @pytest.mark.parametrize("family,preset", [("qwen2_5_vl", "tiny"), ("deepseek_vl2", "tiny-deepseek"),
                                            ("bagel", "bagel-tiny"), ("lumina_mgpt2", "lumina-tiny")])
 def test_tiny_train_step_compiles_without_broadcasting_kernels(tmp_path, family, preset):
@@ -90,3 +136,7 @@ def test_tiny_train_step_compiles_without_broadcasting_kernels(tmp_path, family,
     # own bprop); nothing of the size of an activation or attention scores
     big = [(op, shapes, out, src) for op, shapes, out, src in found if np.prod(out) > 4096]
     assert not big, "\n".join(f"{op} {shapes} -> {out} at {src}" for op, shapes, out, src in big)
+    # no Transpose of an activation's size either (permute); weights' transposes may stay
+    moved = [(op, out, src) for g in graphs for op, out, src in cpu_broadcasts.scan_tables(str(g))
+             if op == "Transpose" and np.prod(out) > 4096]
+    assert not moved, "\n".join(f"{op} -> {out} at {src}" for op, out, src in moved)

@@ -220,3 +220,122 @@ def cross_entropy_sum(logits, labels, ignore_index=-100):
         # logits (measured under DryRun: 17 GB for DeepSeek-VL2 on 8 ranks, a bad_alloc of 68 GB on 32)
         return -(ops.log_softmax(logits, -1) * one_hot).sum(), count
     return (_softmax_ce(logits, one_hot)[0] * valid).sum(), count
+
+
+# ----------------------------------------------------------------------------- data movement on CPU
+# MindSpore 2.9's CPU ``Transpose`` kernel builds, when the graph is built, a table of one 8-byte source
+# offset per output element and keeps it for the graph's life (measured: 10 transposes of a [2, 8, 1024,
+# 64] fp32 tensor, forward and backward, keep +257 MB of host memory against +93 MB for the same moves as
+# row Gathers, and +90 MB as Unstack + Stack; every permutation and rank tried). ``permute`` spells the
+# moves without it. (The ``StridedSliceGrad`` behind ``ops.split`` with unequal sizes keeps ~4 bytes per
+# element too, but both replacements tried, ``Slice`` + a ``Concat`` bprop and plain ``Slice``s, made
+# DeepSeek-VL2's compiled graph ~190 MB bigger than the tables they saved: docs/performance.md, 5 Dec.)
+
+_MAX_PIECES = 64    # an axis moved by Unstack + Stack is cut into this many pieces at most
+
+
+@constexpr
+def _permute_plan(shape, perm):
+    """How ``permute`` moves ``x`` of ``shape`` to ``perm`` (None: the ``Transpose`` kernel, for other
+    devices, the parallel planner and unknown dims), else ``(kind, data, out_shape)``:
+    ``("reshape", ...)`` when only size-1 axes move; ``("rows", rows, ...)`` when the trailing axes stay
+    in place, so that whole rows move: ``x`` as ``[R, D]`` gathered by a row index (``_row_index``);
+    ``("stack", (reduced_shape, moves), ...)`` otherwise: the (from, to) axis moves of Unstack + Stack
+    pairs on ``x`` without its size-1 axes, each along an axis of at most ``_MAX_PIECES`` entries
+    (None when there is no such plan)."""
+    import heapq
+
+    shape, perm = tuple(int(d) if d is not None else -1 for d in shape), tuple(int(p) for p in perm)
+    if not _tile_broadcasts() or any(d < 0 for d in shape):
+        return None
+    out_shape = tuple(shape[p] for p in perm)
+    kept = [p for p in perm if shape[p] != 1]            # the source axes that carry data, in output order
+    if kept == sorted(kept):
+        return "reshape", (), out_shape
+    order = sorted(kept)
+    first = _row_block(shape, perm)
+    if first is not None:
+        return "rows", (int(np.prod(shape[:first])), int(np.prod(shape[first:]))), out_shape
+    reduced = tuple(shape[a] for a in order)
+    start, goal = tuple(range(len(order))), tuple(order.index(a) for a in kept)
+    best, queue = {start: (0, 0)}, [(0, 0, start, ())]
+    while queue:
+        n_moves, pieces, state, moves = heapq.heappop(queue)
+        if state == goal:
+            return "stack", (reduced, moves), out_shape
+        if (n_moves, pieces) > best.get(state, (n_moves, pieces)):
+            continue
+        for src in range(len(state)):
+            size = reduced[state[src]]
+            if size > _MAX_PIECES:
+                continue
+            for dst in range(len(state)):
+                if dst == src:
+                    continue
+                nxt = list(state)
+                nxt.insert(dst, nxt.pop(src))
+                nxt, cost = tuple(nxt), (n_moves + 1, pieces + size)
+                if cost < best.get(nxt, (len(state) + 1, 0)):
+                    best[nxt] = cost
+                    heapq.heappush(queue, (cost[0], cost[1], nxt, moves + ((src, dst),)))
+    return None
+
+
+def _row_block(shape, perm):
+    """The first source axis of the trailing axes that stay in place and in order in ``perm`` (size-1
+    axes aside), or None when the last data axis moves. Rows are everything before it."""
+    kept = [p for p in perm if shape[p] != 1]
+    order = sorted(kept)
+    tail = 0
+    while tail < len(kept) and kept[len(kept) - 1 - tail] == order[len(order) - 1 - tail]:
+        tail += 1
+    return order[len(order) - tail] if tail else None
+
+
+@constexpr
+def _row_index(shape, perm, inverse):
+    """int32 [R]: the source row of each output row of ``permute``'s "rows" plan (``inverse``: the
+    output row of each source row, for the backward)."""
+    shape, perm = tuple(int(d) for d in shape), tuple(int(p) for p in perm)
+    first = _row_block(shape, perm)
+    index = np.arange(int(np.prod(shape[:first])), dtype=np.int64).reshape(shape[:first])
+    index = index.transpose([p for p in perm if p < first]).ravel()
+    if inverse:
+        index = np.argsort(index)
+    return Tensor(index.astype(np.int32))
+
+
+class _RowGather(nn.Cell):
+    """``x [R, D]`` rows reordered by ``index``; backward: the gradient's rows gathered back by the
+    inverse index (two ``Gather`` kernels in all: no per-element table, no scatter)."""
+
+    def construct(self, x, index, inverse):
+        return ops.gather(x, index, 0)
+
+    def bprop(self, x, index, inverse, out, dout):
+        return ops.gather(dout, inverse, 0), ops.zeros_like(index), ops.zeros_like(inverse)
+
+
+_row_gather = _RowGather()
+
+
+def permute(x, perm):
+    """``ops.transpose(x, perm)``; on CPU outside the parallel planner without the Transpose kernel's
+    8-byte-per-element table (see above): a reshape where only size-1 axes move; where the trailing
+    axes stay (heads <-> tokens: ``[B, S, N, D] -> [B, N, S, D]``) one row ``Gather`` (backward: one
+    more); otherwise ``Unstack`` + ``Stack`` pairs, one per axis moved (backward: the same the other
+    way round). Kernel count matters too: the compile's host memory grows with the graph's nodes."""
+    plan = _permute_plan(x.shape, perm)
+    if plan is None:
+        return ops.transpose(x, perm)
+    kind, data, out_shape = plan
+    if kind == "reshape":
+        return ops.reshape(x, out_shape)
+    if kind == "rows":
+        rows = _row_gather(ops.reshape(x, data), _row_index(x.shape, perm, False), _row_index(x.shape, perm, True))
+        return ops.reshape(rows, out_shape)
+    reduced, moves = data
+    x = ops.reshape(x, reduced)
+    for src, dst in moves:
+        x = ops.stack(ops.unstack(x, src), dst)
+    return ops.reshape(x, out_shape)

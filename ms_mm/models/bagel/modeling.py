@@ -30,7 +30,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from ms_mm.ops import CoreAttention, Embedding, GatedMLP, LayerNorm, Linear, RMSNorm, apply_rotary, gelu
 from ms_mm.ops import Conv2d, GroupNorm, upsample_nearest
-from ms_mm.ops.functional import mul
+from ms_mm.ops.functional import mul, permute
 
 __all__ = ["Bagel", "BagelForTraining", "AutoEncoder", "LatentDecoder", "sincos_2d_table", "timestep_frequencies", "rope_inv_freq"]
 
@@ -129,13 +129,13 @@ class MoTAttention(nn.Cell):
         if self.freeze_und:     # the gen rows still attend to the und keys / values, as constants
             q_u, k_u = ops.stop_gradient(q_u), ops.stop_gradient(k_u)
         # [B, S, heads, hd] -> [B, heads, S, hd]
-        q = ops.transpose(ops.cat((q_u, q_g), 1), (0, 2, 1, 3))
-        k = ops.transpose(ops.cat((k_u, k_g), 1), (0, 2, 1, 3))
-        v = ops.transpose(ops.cat((v_u, v_g), 1), (0, 2, 1, 3))
+        q = permute(ops.cat((q_u, q_g), 1), (0, 2, 1, 3))
+        k = permute(ops.cat((k_u, k_g), 1), (0, 2, 1, 3))
+        v = permute(ops.cat((v_u, v_g), 1), (0, 2, 1, 3))
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         out = self.core_attention(q, k, v, mask)
-        out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (out.shape[0], -1, self.num_heads * self.head_dim))
+        out = ops.reshape(permute(out, (0, 2, 1, 3)), (out.shape[0], -1, self.num_heads * self.head_dim))
         return self.linear_proj(out[:, :n_und]), self.linear_proj_moe_gen(out[:, n_und:])
 
 
@@ -229,9 +229,9 @@ class VisionAttention(nn.Cell):
         """x [B, N, C] (each packed sequence's patches), mask [B or 1, 1, N, N]."""
         b, n = x.shape[0], x.shape[1]
         qkv = ops.reshape(self.linear_qkv(x), (b, n, self.num_heads, 3, self.head_dim))
-        qkv = ops.transpose(qkv, (0, 3, 2, 1, 4))  # [B, 3, heads, N, hd]: the sequence axis stays first
+        qkv = permute(qkv, (0, 3, 2, 1, 4))  # [B, 3, heads, N, hd]: the sequence axis stays first
         out = self.core_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], mask)
-        out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, n, self.num_heads * self.head_dim))
+        out = ops.reshape(permute(out, (0, 2, 1, 3)), (b, n, self.num_heads * self.head_dim))
         return self.linear_proj(out)
 
 
@@ -550,10 +550,10 @@ class AttnBlock(nn.Cell):
         n = self.norm(x)
 
         def tokens(t):  # b c h w -> b 1 (h w) c
-            return ops.expand_dims(ops.transpose(ops.reshape(t, (b, c, h * w)), (0, 2, 1)), 1)
+            return ops.expand_dims(permute(ops.reshape(t, (b, c, h * w)), (0, 2, 1)), 1)
 
         out = self.core_attention(tokens(self.q(n)), tokens(self.k(n)), tokens(self.v(n)))
-        out = ops.reshape(ops.transpose(out[:, 0], (0, 2, 1)), (b, c, h, w))
+        out = ops.reshape(permute(out[:, 0], (0, 2, 1)), (b, c, h, w))
         return x + self.proj_out(out)
 
 

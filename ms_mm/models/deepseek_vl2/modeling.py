@@ -27,7 +27,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from ms_mm.ops import CoreAttention, Embedding, LayerNorm, Linear, RMSNorm, cross_entropy_sum, gelu, rotate_half
-from ms_mm.ops.functional import add, expand_to, mul
+from ms_mm.ops.functional import add, expand_to, mul, permute
 from ms_mm.ops.switch import sharded
 from ms_mm.ops.layers import GatedMLP
 from ms_mm.ops.moe import RoutedExperts
@@ -62,7 +62,7 @@ class PatchEmbed(nn.Cell):
         n, c, h, w = x.shape
         p = self.patch_size
         gh, gw = h // p, w // p
-        patches = ops.transpose(x.reshape(n, c, gh, p, gw, p), (0, 2, 4, 1, 3, 5)).reshape(n * gh * gw, c * p * p)
+        patches = permute(x.reshape(n, c, gh, p, gw, p), (0, 2, 4, 1, 3, 5)).reshape(n * gh * gw, c * p * p)
         kernel = self.proj.weight.astype(x.dtype).reshape(self.width, c * p * p)
         out = self.proj.bias_add(self.matmul(patches, kernel), self.proj.bias.astype(x.dtype))
         return out.reshape(n, gh * gw, self.width)
@@ -92,10 +92,10 @@ class VisionAttention(nn.Cell):
 
     def construct(self, x):
         n, p, d = x.shape
-        qkv = ops.transpose(self.qkv(x).reshape(n, p, 3, self.heads, self.head_dim), (2, 0, 3, 1, 4))
+        qkv = permute(self.qkv(x).reshape(n, p, 3, self.heads, self.head_dim), (2, 0, 3, 1, 4))
         q, k, v = ops.unstack(qkv, 0)  # one Unstack: CPU StridedSlice is slow on these slices
         out = self.core_attention(q, k, v, None)  # [N, heads, P, hd]
-        return self.proj(ops.transpose(out, (0, 2, 1, 3)).reshape(n, p, d))
+        return self.proj(permute(out, (0, 2, 1, 3)).reshape(n, p, d))
 
 
 class VisionMlp(nn.Cell):
@@ -184,7 +184,7 @@ class DownsampleMlpProjector(nn.Cell):
             x = self.pad_grid(x)
         s = (g + self.pad) // r
         x = x.reshape(n, s, r, s, r, c)
-        x = ops.transpose(x, (0, 1, 3, 5, 2, 4)).reshape(n, s * s, c * r * r)  # (c, kh, kw) as F.unfold
+        x = permute(x, (0, 1, 3, 5, 2, 4)).reshape(n, s * s, c * r * r)  # (c, kh, kw) as F.unfold
         return self.layers(x)
 
 
@@ -245,7 +245,7 @@ class MLAttention(nn.Cell):
         # pairs (2i, 2i+1) -> halves [even dims | odd dims], as upstream's view(d/2, 2).transpose
         shape = x.shape
         x = x.reshape(shape[:-1] + (self.rope // 2, 2))
-        return ops.swapaxes(x, -1, -2).reshape(shape)
+        return permute(x, tuple(range(x.ndim - 2)) + (x.ndim - 1, x.ndim - 2)).reshape(shape)
 
     def construct(self, x, rope, attention_bias):
         b, s, _ = x.shape
@@ -253,10 +253,10 @@ class MLAttention(nn.Cell):
         if self.q_lora_rank is not None:
             q = self.linear_qb(self.q_layernorm(q))
 
-        q = ops.transpose(q.reshape(b, s, self.heads, self.q_head_dim), (0, 2, 1, 3))
+        q = permute(q.reshape(b, s, self.heads, self.q_head_dim), (0, 2, 1, 3))
         q_nope, q_pe = ops.split(q, (self.nope, self.rope), -1)
         kv = self.linear_kvb(self.k_layernorm(latent)).reshape(b, s, self.heads, self.nope + self.v_dim)
-        kv = ops.transpose(kv, (0, 2, 1, 3))
+        kv = permute(kv, (0, 2, 1, 3))
         k_nope, v = ops.split(kv, (self.nope, self.v_dim), -1)
         k_pe = ops.expand_dims(k_pe, 1)  # [B, 1, S, rope]
 
@@ -269,7 +269,7 @@ class MLAttention(nn.Cell):
         query = ops.cat((q_nope, q_pe), -1)
         key = ops.cat((k_nope, ops.broadcast_to(k_pe, (b, self.heads, s, self.rope))), -1)
         out = self.core_attention(query, key, v, attention_bias)  # [B, N, S, v]
-        return self.linear_proj(ops.transpose(out, (0, 2, 1, 3)).reshape(b, s, self.heads * self.v_dim))
+        return self.linear_proj(permute(out, (0, 2, 1, 3)).reshape(b, s, self.heads * self.v_dim))
 
 
 class MHAttention(nn.Cell):
@@ -293,7 +293,7 @@ class MHAttention(nn.Cell):
         qkv = self.linear_qkv(x).reshape(b, s, self.kv_heads, self.rep + 2, d)
         # one Transpose to [B, Nkv, rep+2, S, d], one Unstack and one Stack (of the q heads), instead
         # of three StridedSlices + three Transposes (a StridedSlice's backward is a full-size zero tensor)
-        parts = ops.unstack(ops.transpose(qkv, (0, 2, 3, 1, 4)), 2)
+        parts = ops.unstack(permute(qkv, (0, 2, 3, 1, 4)), 2)
         q = parts[0] if self.rep == 1 else ops.stack(parts[:self.rep], 2)
         q = q.reshape(b, self.heads, s, d)
         k, v = parts[self.rep], parts[self.rep + 1]
@@ -302,7 +302,7 @@ class MHAttention(nn.Cell):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         out = self.core_attention(q, k, v, attention_bias)
-        return self.linear_proj(ops.transpose(out, (0, 2, 1, 3)).reshape(b, s, self.heads * d))
+        return self.linear_proj(permute(out, (0, 2, 1, 3)).reshape(b, s, self.heads * d))
 
 
 class TopKRouter(nn.Cell):

@@ -23,7 +23,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import One, Zero, initializer
 
 from ms_mm.ops import CoreAttention, Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, logsumexp
-from ms_mm.ops.functional import add, expand_to, mul
+from ms_mm.ops.functional import add, expand_to, mul, permute
 from ms_mm.models.lumina_mgpt2.config import QK_NORM_EPS, LuminaMGPT2Config
 
 __all__ = ["LuminaMGPT2ForCausalLM", "LuminaDecoder", "GroupedHeadLayerNorm", "causal_lm_losses", "cache_step_inputs",
@@ -93,13 +93,13 @@ class LuminaAttention(nn.Cell):
         q = self.q_layernorm(qkv[..., :self.rep * d].reshape(b, s, self.heads, d))
         k = self.k_layernorm(qkv[..., self.rep * d:(self.rep + 1) * d])
         v = qkv[..., (self.rep + 1) * d:]
-        q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))
+        q, k, v = (permute(t, (0, 2, 1, 3)) for t in (q, k, v))
         cos, sin = _rope_cos_sin(position_ids, self.inv_freq)
         cos, sin = cos.astype(q.dtype), sin.astype(q.dtype)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def _out(self, out, b, s):
-        return self.linear_proj(ops.transpose(out, (0, 2, 1, 3)).reshape(b, s, self.heads * self.head_dim))
+        return self.linear_proj(permute(out, (0, 2, 1, 3)).reshape(b, s, self.heads * self.head_dim))
 
     def construct(self, x, position_ids, mask):
         q, k, v = self._qkv(x, position_ids)
@@ -113,7 +113,7 @@ class LuminaAttention(nn.Cell):
         q, k, v = self._qkv(x, position_ids)
         w = write.astype(k_cache.dtype)
         keep = (1.0 - w.sum(0)).reshape(1, 1, -1, 1)
-        w_t = ops.transpose(w, (1, 0))                                   # [L, S]
+        w_t = permute(w, (1, 0))                                   # [L, S]
         k_cache = k_cache * keep + ops.matmul(w_t, k.astype(k_cache.dtype))
         v_cache = v_cache * keep + ops.matmul(w_t, v.astype(v_cache.dtype))
         out = self.core_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)

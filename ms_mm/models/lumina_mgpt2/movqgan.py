@@ -14,6 +14,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ms_mm.ops import CoreAttention, Embedding
+from ms_mm.ops.functional import permute
 from ms_mm.ops import Conv2d, GroupNorm, resize_nearest, upsample_nearest
 from ms_mm.models.lumina_mgpt2.movqgan_config import (
     GROUP_NORM_EPS, GROUP_NORM_GROUPS, MoVQGANConfig, decoder_channels, encoder_channels,
@@ -89,13 +90,13 @@ class AttnBlock(nn.Cell):
     def _tokens(t):
         """[B, C, H, W] -> [B, 1, H*W, C] (one head)."""
         b, c, hh, ww = t.shape
-        return ops.transpose(t.reshape(b, c, hh * ww), (0, 2, 1)).reshape(b, 1, hh * ww, c)
+        return permute(t.reshape(b, c, hh * ww), (0, 2, 1)).reshape(b, 1, hh * ww, c)
 
     def construct(self, x, zq=None):
         h = self.norm(x, zq) if self.spatial else self.norm(x)
         b, c, hh, ww = h.shape
         out = self.core_attention(self._tokens(self.q(h)), self._tokens(self.k(h)), self._tokens(self.v(h)))
-        out = ops.transpose(out.reshape(b, hh * ww, c), (0, 2, 1)).reshape(b, c, hh, ww)
+        out = permute(out.reshape(b, hh * ww, c), (0, 2, 1)).reshape(b, c, hh, ww)
         return x + self.proj_out(out)
 
 
@@ -225,7 +226,7 @@ class VectorQuantizer(nn.Cell):
 
     def construct(self, z):
         b, e, h, w = z.shape
-        z_bhwc = ops.transpose(z, (0, 2, 3, 1))
+        z_bhwc = permute(z, (0, 2, 3, 1))
         flat = z_bhwc.reshape(-1, e)
         table = self.embedding.weight
         dist = (flat * flat).sum(1, keepdims=True) + (table * table).sum(1) - 2 * self.matmul(flat, table)
@@ -235,13 +236,13 @@ class VectorQuantizer(nn.Cell):
         codebook = ops.mean((z_q - ops.stop_gradient(z_bhwc)) ** 2)
         loss = commit + self.beta * codebook if self.legacy else self.beta * commit + codebook
         z_q = z_bhwc + ops.stop_gradient(z_q - z_bhwc)
-        return ops.transpose(z_q, (0, 3, 1, 2)), loss, codes.reshape(b, h * w)
+        return permute(z_q, (0, 3, 1, 2)), loss, codes.reshape(b, h * w)
 
     def lookup(self, codes, h, w):
         """codes [B, h*w] (or [B, h, w]) -> z_q [B, e, h, w]."""
         b = codes.shape[0]
         z_q = self.embedding(codes.reshape(b, h * w)).reshape(b, h, w, self.embed_dim)
-        return ops.transpose(z_q, (0, 3, 1, 2))
+        return permute(z_q, (0, 3, 1, 2))
 
 
 class MoVQGAN(nn.Cell):

@@ -14,6 +14,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from ms_mm.ops import (CoreAttention, Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, broadcast_pair, cross_entropy_sum,
                        gelu)
+from ms_mm.ops.functional import permute
 
 # Additive mask value: exp() of it underflows to exactly 0 in fp32, and adding it to a score
 # never overflows (unlike finfo.min + a negative score).
@@ -88,13 +89,13 @@ class VisionAttention(nn.Cell):
         n = x.shape[0]
         g = cos.shape[0]   # attention groups: [groups, 1, N/groups, hd] rotary tables
         qkv = ops.reshape(self.linear_qkv(x), (g, n // g, self.num_heads, 3, self.head_dim))
-        qkv = ops.transpose(qkv, (3, 0, 2, 1, 4))  # [3, groups, heads, N/groups, hd]
+        qkv = permute(qkv, (3, 0, 2, 1, 4))  # [3, groups, heads, N/groups, hd]
         q, k, v = ops.unstack(qkv, 0)  # one Unstack: CPU StridedSlice costs ~1 ms per [1, heads, N, hd] slice
         # upstream rotates the vision q/k in fp32 whatever the compute dtype
         q = ops.cast(apply_rotary(ops.cast(q, ms.float32), cos, sin), x.dtype)
         k = ops.cast(apply_rotary(ops.cast(k, ms.float32), cos, sin), x.dtype)
         out = self.core_attention(q, k, v, mask)  # [groups, heads, N/groups, hd]
-        out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (n, self.num_heads * self.head_dim))
+        out = ops.reshape(permute(out, (0, 2, 1, 3)), (n, self.num_heads * self.head_dim))
         return self.linear_proj(out)
 
 
@@ -223,13 +224,13 @@ class TextAttention(nn.Cell):
         qkv = ops.reshape(self.linear_qkv(x), (b, s, self.num_kv_heads, self.group + 2, self.head_dim))
         # one Transpose to [B, Nkv, group+2, S, hd], one Unstack and one Stack (of the q heads), instead
         # of three StridedSlices + three Transposes (a StridedSlice's backward is a full-size zero tensor)
-        parts = ops.unstack(ops.transpose(qkv, (0, 2, 3, 1, 4)), 2)
+        parts = ops.unstack(permute(qkv, (0, 2, 3, 1, 4)), 2)
         q = parts[0] if self.group == 1 else ops.stack(parts[:self.group], 2)
         q = apply_rotary(ops.reshape(q, (b, self.num_heads, s, self.head_dim)), cos, sin)
         k = apply_rotary(parts[self.group], cos, sin)
         v = parts[self.group + 1]
         out = self.core_attention(q, k, v, mask)  # [B, N, S, hd]
-        out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, s, self.num_heads * self.head_dim))
+        out = ops.reshape(permute(out, (0, 2, 1, 3)), (b, s, self.num_heads * self.head_dim))
         return self.linear_proj(out)
 
 
@@ -285,7 +286,7 @@ class TextDecoder(nn.Cell):
 
     def rotary(self, position_ids, dtype):
         """position_ids [3, B, S] -> cos, sin [B, 1, S, head_dim]."""
-        pos = ops.transpose(ops.cast(position_ids, ms.float32), (1, 2, 0))  # [B, S, 3]
+        pos = permute(ops.cast(position_ids, ms.float32), (1, 2, 0))  # [B, S, 3]
         freqs = ops.gather(pos, self.mrope_axis, 2) * self.inv_freq      # [B, S, head_dim/2]
         emb = ops.expand_dims(ops.cat((freqs, freqs), -1), 1)
         return ops.cast(ops.cos(emb), dtype), ops.cast(ops.sin(emb), dtype)
