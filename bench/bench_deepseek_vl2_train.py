@@ -28,6 +28,7 @@ best of PyTorch's and MindSpore's). Model FLOPs count the top-k routed experts a
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -249,6 +250,8 @@ def worker_torch(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"reference model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    del state      # the loaded copy: the trainer keeps only the parameters (peak RSS is the step's, not the loader's)
+    gc.collect()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
     base = rss_mb()
@@ -291,6 +294,8 @@ def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int, pieces: bool = 
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     config, state = load_hf_as_mm(str(ckpt), "deepseek_vl2")
     model = load_state_dict(DeepseekVL2ForCausalLM(config), state)
+    del state      # the loaded copy: the trainer keeps only the parameters (peak RSS is the step's, not the loader's)
+    gc.collect()
     model.set_train(True)
     opt = FusedAdamW(model.trainable_params(), learning_rate=LR, betas=BETAS, eps=EPS, weight_decay=WD)
     # the CE and aux losses (model outputs 2 and 3) come out of the train step itself, as in the trainer:

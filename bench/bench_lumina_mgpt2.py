@@ -33,6 +33,7 @@ before training: built tiny here and deleted before the optimizer; (d) HF masks 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -140,6 +141,8 @@ def worker_torch(ckpt: Path, batch: dict, steps: int, threads: int) -> dict:
     if missing or unexpected:
         raise SystemExit(f"checkpoint does not fit ChameleonForConditionalGeneration: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
+    del state      # the loaded copy: the trainer keeps only the parameters (peak RSS is the step's, not the loader's)
+    gc.collect()
     del model.model.vqmodel          # as Lumina's finetune_solver.py: never trained, not in the optimizer
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
@@ -194,6 +197,8 @@ def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int, pieces: bool = 
     config, state = load_hf_as_mm(str(ckpt), "lumina_mgpt2")
     model = LuminaMGPT2ForCausalLM(config)
     load_state_dict(model, state)   # checks every name and shape
+    del state      # the loaded copy: the trainer keeps only the parameters (peak RSS is the step's, not the loader's)
+    gc.collect()
     model.set_train(True)
     opt = FusedAdamW(model.trainable_params(), learning_rate=LR, betas=BETAS, eps=EPS, weight_decay=WD)
     step = TrainStep(model, opt, accum_steps=1, clip_grad=CLIP, extra_outputs=(2, 3),   # + (ce, z)

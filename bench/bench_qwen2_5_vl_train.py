@@ -25,6 +25,7 @@ Not part of the test suite: it needs torch, and timings belong in benchmarks, no
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -169,6 +170,8 @@ def worker_ms(ckpt: Path, batch: dict, steps: int, threads: int, pieces: bool = 
     config, state = load_hf_as_mm(str(ckpt), "qwen2_5_vl")
     model = Qwen2_5_VLForConditionalGeneration(config)
     load_state_dict(model, state)  # checks every name and shape before loading
+    del state      # the loaded copy: the trainer keeps only the parameters (peak RSS is the step's, not the loader's)
+    gc.collect()
     model.set_train(True)
     opt = FusedAdamW(model.trainable_params(), learning_rate=LR, betas=BETAS, eps=EPS, weight_decay=WD)
     step = TrainStep(model, opt, fuse_update=not pieces)

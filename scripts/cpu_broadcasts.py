@@ -15,8 +15,9 @@ are the estimate 16 x output elements.
 
 The same holds for two data-movement kernels, whatever their inputs: ``Transpose`` keeps one 8-byte
 source offset per output element (built with the graph) and ``StridedSliceGrad`` (the gradient of a
-slice, and of ``ops.split`` with unequal sizes) about 4 bytes. ``ms_mm.ops.functional.permute`` and
-``SplitSizes`` spell them without; they are listed below the broadcasts (``TABLE_BYTES``).
+slice, and of ``ops.split`` with unequal sizes) about 4 bytes. ``ms_mm.ops.functional.permute`` spells
+transposes without it; the split's gradient is kept (the two replacements tried cost more, see
+docs/performance.md). Both are listed below the broadcasts (``TABLE_BYTES``).
 """
 from __future__ import annotations
 

@@ -134,6 +134,33 @@ def test_activations():
         mo.gelu(_t(x), "fast")
 
 
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+def test_gelu_tanh_value_and_gradient(mode):
+    """The tanh GELU (spelled out on CPU, the GeLU kernel elsewhere) against its float64 formula and
+    derivative, in both modes."""
+    x = RNG.standard_normal((6, 40)).astype(np.float32) * 3
+    w = RNG.standard_normal((6, 40)).astype(np.float32)
+    x64, c = x.astype(np.float64), math.sqrt(2 / math.pi)
+    t = np.tanh(c * (x64 + 0.044715 * x64 ** 3))
+    want = 0.5 * x64 * (1 + t)
+    want_grad = w * (0.5 * (1 + t) + 0.5 * x64 * (1 - t ** 2) * c * (1 + 3 * 0.044715 * x64 ** 2))
+
+    def loss(v, weight):
+        return (mo.gelu(v, "tanh") * weight).sum()
+
+    previous = ms.get_context("mode")
+    ms.set_context(mode=mode)
+    try:
+        fn = ms.value_and_grad(loss)
+        if mode == ms.GRAPH_MODE:
+            fn = ms.jit(fn)
+        value, grad = fn(_t(x), _t(w))
+    finally:
+        ms.set_context(mode=previous)
+    np.testing.assert_allclose(float(value.asnumpy()), float((want * w).sum()), rtol=1e-5)
+    np.testing.assert_allclose(grad.asnumpy(), want_grad, rtol=1e-5, atol=1e-5)
+
+
 class _Block(nn.Cell):
     def __init__(self):
         super().__init__()
