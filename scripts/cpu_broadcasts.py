@@ -36,13 +36,14 @@ SHAPES = re.compile(r"<Tensor\[\w+\], \(([0-9, ]*)\)>")
 SOURCE = re.compile(r"# In file (\S*ms_mm/\S+?:\d+)")
 
 
-def scan(path: str):
-    """Yield (op, input shapes, output shape, ms_mm source line) of each broadcasting kernel."""
+def _nodes(path: str, ops, skip_training: bool = False):
+    """Yield (op, signature line, ms_mm source line) of each node of a saved graph whose op is in ``ops``
+    (``skip_training``: the source line is the model's, not the train step's that differentiated it)."""
     lines = open(path).read().splitlines()
     i = 0
     while i < len(lines):
         m = NODE.match(lines[i])
-        if not m or m.group(1) not in ELEMENTWISE:
+        if not m or m.group(1) not in ops:
             i += 1
             continue
         op, j, src = m.group(1), i + 1, None
@@ -50,40 +51,34 @@ def scan(path: str):
         j += 1
         while j < len(lines) and not NODE.match(lines[j]):
             s = SOURCE.search(lines[j])
-            if s:
+            if s and not (skip_training and "training/" in s.group(1)):
                 src = s.group(1).split("ms_mm/", 1)[1]
             j += 1
+        yield op, sig, src
+        i = j
+
+
+def _shapes(text: str):
+    return [tuple(int(v) for v in g.split(",") if v.strip()) for g in SHAPES.findall(text)]
+
+
+def scan(path: str):
+    """Yield (op, input shapes, output shape, ms_mm source line) of each broadcasting kernel."""
+    for op, sig, src in _nodes(path, ELEMENTWISE):
         if "->" in sig:
             ins, out = sig.split("->", 1)
-            shapes = [tuple(int(v) for v in g.split(",") if v.strip()) for g in SHAPES.findall(ins)]
-            outs = [tuple(int(v) for v in g.split(",") if v.strip()) for g in SHAPES.findall(out)]
+            shapes, outs = _shapes(ins), _shapes(out)
             sizes = [math.prod(s) for s in shapes]
             if len(shapes) >= 2 and outs and len(set(shapes)) > 1 and min(sizes) > 1:
                 yield op, shapes, outs[0], src
-        i = j
 
 
 def scan_tables(path: str):
     """Yield (op, output shape, ms_mm source line) of each ``TABLE_BYTES`` kernel."""
-    lines = open(path).read().splitlines()
-    i = 0
-    while i < len(lines):
-        m = NODE.match(lines[i])
-        if not m or m.group(1) not in TABLE_BYTES:
-            i += 1
-            continue
-        op, j, src = m.group(1), i + 1, None
-        sig = lines[j] if j < len(lines) else ""
-        j += 1
-        while j < len(lines) and not NODE.match(lines[j]):
-            s = SOURCE.search(lines[j])
-            if s and "training/" not in s.group(1):
-                src = s.group(1).split("ms_mm/", 1)[1]
-            j += 1
-        outs = [tuple(int(v) for v in g.split(",") if v.strip()) for g in SHAPES.findall(sig.split("->", 1)[-1])]
+    for op, sig, src in _nodes(path, TABLE_BYTES, skip_training=True):
+        outs = _shapes(sig.split("->", 1)[-1])
         if outs:
             yield op, outs[0], src
-        i = j
 
 
 def main(argv=None) -> int:
